@@ -1,0 +1,3 @@
+using UffdGrpc.Cli;
+
+return await CliCommands.Build().Parse(args).InvokeAsync().ConfigureAwait(false);

@@ -1,0 +1,328 @@
+using System.Diagnostics;
+
+namespace UffdGrpc.Mm;
+
+/// <summary>The kernel version whose behaviour the model follows (spec §0.3, §7).</summary>
+public enum KernelProfile
+{
+    /// <summary>The seed: Linux 5.7, uffd-wp for private anonymous memory only.</summary>
+    V5_7,
+    /// <summary>The reference machine's kernel, Linux 6.18 (default).</summary>
+    V6_18,
+}
+
+/// <summary>transparent_hugepage/enabled.</summary>
+public enum ThpMode
+{
+    Never,
+    Madvise,
+    Always,
+}
+
+/// <summary>
+/// Machine settings that are configuration rather than kernel logic (spec errata 8, 18).
+/// The defaults are the reference machine's.
+/// </summary>
+public sealed record MachineConfig
+{
+    /// <summary>A swap device is active (default: none).</summary>
+    public bool Swap { get; init; }
+    /// <summary>CONFIG_MEM_SOFT_DIRTY (default: off).</summary>
+    public bool SoftDirty { get; init; }
+    /// <summary>CONFIG_MEMORY_FAILURE (default: off; poison then raises BUS_ADRERR).</summary>
+    public bool MemoryFailure { get; init; }
+    /// <summary>transparent_hugepage/enabled (default: madvise).</summary>
+    public ThpMode Thp { get; init; } = ThpMode.Madvise;
+    /// <summary>transparent_hugepage/use_zero_page (default: 1).</summary>
+    public bool ThpUseZeroPage { get; init; } = true;
+    /// <summary>Frames the machine may allocate before ENOMEM.</summary>
+    public long MaxPages { get; init; } = 1L << 22;
+    /// <summary>Largest request payload (COPY length) accepted, in bytes.</summary>
+    public ulong MaxCopyBytes { get; init; } = 64UL << 20;
+}
+
+/// <summary>
+/// One simulated machine: frames, the swap device, address spaces, userfaultfd contexts and
+/// simulated threads, all protected by one lock.
+/// </summary>
+/// <remarks>
+/// Lock order: <see cref="Lock"/> is the only lock of the model. It stands for the mmap
+/// locks, page-table locks and uffd wait-queue locks of the real kernel together, so every
+/// operation is atomic with respect to every other one on the same machine. Operations
+/// never sleep while holding it: a thread that must wait (in handle_userfault or for a
+/// non-cooperative event to be read) parks its operation and releases the lock; a wake
+/// marks it runnable and it is retried from the top of its fault path when the waking
+/// operation ends (<see cref="RunPending"/>), as the kernel retries a fault after the
+/// waker drops the mmap lock. Callers outside the model take no other lock while holding
+/// this one, and completion callbacks run under it and must not block.
+/// </remarks>
+public sealed class Kernel
+{
+    public const ulong PageSize = 4096;
+    public const int PageShift = 12;
+    public const int PtrsPerTable = 512;
+    public const ulong PmdSize = 2UL << 20;
+    public const ulong PmdMask = ~(PmdSize - 1);
+    public const ulong TaskSize = 0x0000_7fff_ffff_f000;
+    public const ulong FirstPfn = 0x1000;
+
+    private readonly List<Page?> _frames = [];
+    private readonly Dictionary<ulong, SwapSlot> _swap = [];
+    private readonly Queue<SimThread> _runnable = new();
+    private readonly List<Mm> _mms = [];
+    private ulong _nextSwapSlot = 1;
+    private int _nextTid = 1000;
+    private int _nextFileId = 1;
+    private int _nextMmId = 1;
+    private int _nextCtxId = 1;
+    private readonly List<UserfaultfdCtx> _ctxs = [];
+    private int _depth;
+    private long _liveFrames;
+
+    public Kernel(KernelProfile profile = KernelProfile.V6_18, MachineConfig? config = null)
+    {
+        Profile = profile;
+        Config = config ?? new MachineConfig();
+        ZeroPage = NewFrame(PageKind.Zero);
+        HugeZeroFolio = NewFolio(PageKind.Zero, hugeZero: true);
+    }
+
+    /// <summary>The machine lock (see the type remarks for the lock order).</summary>
+    public object Lock { get; } = new();
+    public KernelProfile Profile { get; }
+    public MachineConfig Config { get; private set; }
+    public bool IsV6 => Profile == KernelProfile.V6_18;
+    public Page ZeroPage { get; }
+    public Folio HugeZeroFolio { get; }
+    public IReadOnlyList<Mm> Mms => _mms;
+
+    /// <summary>Frames currently allocated (anon, page cache), for accounting tests.</summary>
+    public long LiveFrames => Interlocked.Read(ref _liveFrames);
+    public int SwapSlotsInUse => _swap.Count;
+
+    /// <summary>Changes machine settings (swap, soft-dirty) before the first mapping exists.</summary>
+    public void Configure(Func<MachineConfig, MachineConfig> change)
+    {
+        using var _ = Enter();
+        Config = change(Config);
+    }
+
+    /// <summary>Creates a new, empty address space (a process).</summary>
+    public Mm CreateMm()
+    {
+        using var _ = Enter();
+        var mm = new Mm(this, _nextMmId++);
+        _mms.Add(mm);
+        return mm;
+    }
+
+    internal void RemoveMm(Mm mm) => _mms.Remove(mm);
+
+    /// <summary>Creates a simulated thread in <paramref name="mm"/>.</summary>
+    public SimThread CreateThread(Mm mm)
+    {
+        using var _ = Enter();
+        var t = new SimThread(this, mm, _nextTid++);
+        mm.Threads.Add(t);
+        return t;
+    }
+
+    internal int NextTid() => _nextTid++;
+
+    internal int NextCtxId() => _nextCtxId++;
+
+    internal void RegisterCtx(UserfaultfdCtx ctx) => _ctxs.Add(ctx);
+
+    /// <summary>Every context ever created on this machine (released ones included).</summary>
+    public IReadOnlyList<UserfaultfdCtx> Contexts => _ctxs;
+
+    /// <summary>
+    /// Models userfaultfd(2) (or ioctl(USERFAULTFD_IOC_NEW) on /dev/userfaultfd): flags other
+    /// than O_CLOEXEC, O_NONBLOCK and UFFD_USER_MODE_ONLY are EINVAL. The caller is
+    /// privileged (CAP_SYS_PTRACE), as the reference harness runs as root.
+    /// </summary>
+    public Errno Userfaultfd(Mm mm, int flags, out UserfaultfdCtx? ctx)
+    {
+        using var _ = Enter();
+        ctx = null;
+        if ((flags & ~(Uapi.OCloexec | Uapi.ONonblock | Uapi.UffdUserModeOnly)) != 0)
+            return Errno.EINVAL;
+        if ((flags & Uapi.UffdUserModeOnly) != 0 && Profile == KernelProfile.V5_7)
+            return Errno.EINVAL;
+        ctx = new UserfaultfdCtx(mm, _nextCtxId++, (flags & Uapi.ONonblock) != 0, (flags & Uapi.UffdUserModeOnly) != 0);
+        _ctxs.Add(ctx);
+        return Errno.OK;
+    }
+
+    /// <summary>memfd_create(2) + ftruncate, or an unlinked regular file (O_TMPFILE).</summary>
+    public MemFile CreateFile(string name, bool shmem, ulong size)
+    {
+        using var _ = Enter();
+        return new MemFile(_nextFileId++, name, shmem, size);
+    }
+
+    // ---------------------------------------------------------------- frames
+
+    public Page? PageOf(ulong pfn)
+    {
+        var i = (long)pfn - (long)FirstPfn;
+        return i >= 0 && i < _frames.Count ? _frames[(int)i] : null;
+    }
+
+    private Page NewFrame(PageKind kind)
+    {
+        var p = new Page(FirstPfn + (ulong)_frames.Count, kind);
+        _frames.Add(p);
+        return p;
+    }
+
+    private Folio NewFolio(PageKind kind, bool hugeZero)
+    {
+        // Keep THP frames naturally aligned, as the buddy allocator does.
+        while ((FirstPfn + (ulong)_frames.Count) % PtrsPerTable != 0)
+            _frames.Add(null);
+        var pages = new Page[PtrsPerTable];
+        for (var i = 0; i < pages.Length; i++)
+            pages[i] = NewFrame(kind);
+        var f = new Folio(pages, hugeZero);
+        foreach (var p in pages)
+            p.Folio = f;
+        return f;
+    }
+
+    /// <summary>Allocates a zero-filled small page (folio_alloc / vma_alloc_zeroed_movable_folio).</summary>
+    internal Page? AllocPage(PageKind kind)
+    {
+        if (_liveFrames >= Config.MaxPages)
+            return null;
+        _liveFrames++;
+        return NewFrame(kind);
+    }
+
+    /// <summary>Allocates a PMD-sized anonymous THP folio (vma_alloc_anon_folio_pmd).</summary>
+    internal Folio? AllocThp()
+    {
+        if (_liveFrames + PtrsPerTable > Config.MaxPages)
+            return null;
+        _liveFrames += PtrsPerTable;
+        return NewFolio(PageKind.Anon, hugeZero: false);
+    }
+
+    /// <summary>Frees <paramref name="page"/> once nothing maps or caches it.</summary>
+    internal void MaybeFree(Page page)
+    {
+        if (page.IsZeroPage || page.PreciseMapCount > 0 || page.Pins > 0)
+            return;
+        if (page.Kind == PageKind.File && page.Mapping is { } f && f.Cache.GetValueOrDefault(page.Index) == page)
+            return;
+        if (page.Folio is { } folio)
+        {
+            if (folio.Mapped)
+                return;
+            foreach (var sub in folio.Pages)
+            {
+                if (_frames[(int)(sub.Pfn - FirstPfn)] is not null)
+                {
+                    _frames[(int)(sub.Pfn - FirstPfn)] = null;
+                    _liveFrames--;
+                }
+            }
+            return;
+        }
+        if (_frames[(int)(page.Pfn - FirstPfn)] is null)
+            return;
+        _frames[(int)(page.Pfn - FirstPfn)] = null;
+        _liveFrames--;
+    }
+
+    // ---------------------------------------------------------------- swap
+
+    /// <summary>Writes <paramref name="page"/> to a new swap slot (add_to_swap + swap_writepage).</summary>
+    internal ulong SwapOut(Page page)
+    {
+        var slot = _nextSwapSlot++;
+        _swap[slot] = new SwapSlot { Data = page.Data is null ? null : (byte[])page.Data.Clone(), Count = 1 };
+        return slot;
+    }
+
+    internal SwapSlot SwapSlotOf(ulong slot) => _swap[slot];
+
+    /// <summary>swap_duplicate.</summary>
+    internal void SwapDup(ulong slot) => _swap[slot].Count++;
+
+    /// <summary>free_swap_and_cache: drops one reference to a swap slot.</summary>
+    internal void SwapFree(ulong slot)
+    {
+        if (_swap.TryGetValue(slot, out var s) && --s.Count <= 0)
+            _swap.Remove(slot);
+    }
+
+    // ---------------------------------------------------------------- scheduling
+
+    /// <summary>Enters the machine lock; the outermost exit runs woken threads.</summary>
+    internal Scope Enter()
+    {
+        Monitor.Enter(Lock);
+        _depth++;
+        return new Scope(this);
+    }
+
+    internal readonly struct Scope(Kernel kernel) : IDisposable
+    {
+        public void Dispose()
+        {
+            if (kernel._depth == 1)
+                kernel.RunPending();
+            kernel._depth--;
+            Monitor.Exit(kernel.Lock);
+        }
+    }
+
+    /// <summary>Marks a parked thread runnable: it retries when the current operation ends.</summary>
+    internal void MakeRunnable(SimThread t)
+    {
+        Debug.Assert(Monitor.IsEntered(Lock));
+        if (t.Op is null || t.Queued)
+            return;
+        t.Queued = true;
+        _runnable.Enqueue(t);
+    }
+
+    /// <summary>Runs every runnable thread until each completes or parks again.</summary>
+    private void RunPending()
+    {
+        while (_runnable.Count > 0)
+        {
+            var t = _runnable.Dequeue();
+            t.Queued = false;
+            t.RunOp();
+        }
+    }
+
+    /// <summary>Starts <paramref name="op"/> on <paramref name="thread"/> and runs it until it completes or parks.</summary>
+    public void Start(SimThread thread, SyscallOp op)
+    {
+        using var _ = Enter();
+        if (thread.Op is not null)
+            throw new InvalidOperationException($"thread {thread.Tid} is busy");
+        if (thread.State == ThreadState.Exited)
+            throw new InvalidOperationException($"thread {thread.Tid} has exited");
+        thread.Op = op;
+        op.Thread = thread;
+        thread.RunOp();
+    }
+
+    /// <summary>Runs <paramref name="fn"/> under the machine lock (woken threads run afterwards).</summary>
+    public T Locked<T>(Func<T> fn)
+    {
+        using var _ = Enter();
+        return fn();
+    }
+
+    /// <summary>Runs <paramref name="fn"/> under the machine lock (woken threads run afterwards).</summary>
+    public void Locked(Action fn)
+    {
+        using var _ = Enter();
+        fn();
+    }
+}

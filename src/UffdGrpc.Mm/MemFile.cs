@@ -1,0 +1,33 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>
+/// A file that can be mapped: a shmem (tmpfs/memfd) inode or a regular (ext4-like) file.
+/// Its page cache maps page index to page; shmem pages reclaimed to swap live in
+/// <see cref="Swapped"/>.
+/// </summary>
+/// <remarks>Protected by the owning <see cref="Kernel"/>'s lock.</remarks>
+public sealed class MemFile
+{
+    internal MemFile(int id, string name, bool shmem, ulong size)
+    {
+        Id = id;
+        Name = name;
+        IsShmem = shmem;
+        Size = size;
+    }
+
+    public int Id { get; }
+    public string Name { get; }
+    /// <summary>shmem (memfd, MAP_SHARED|MAP_ANONYMOUS) rather than a regular file.</summary>
+    public bool IsShmem { get; }
+    /// <summary>i_size in bytes.</summary>
+    public ulong Size { get; internal set; }
+    /// <summary>Contents of a regular file's blocks that were written back and evicted.</summary>
+    internal readonly Dictionary<ulong, byte[]?> Disk = [];
+    internal readonly Dictionary<ulong, Page> Cache = [];
+    internal readonly Dictionary<ulong, SwapSlot> Swapped = [];
+
+    public ulong SizePages => (Size + Kernel.PageSize - 1) / Kernel.PageSize;
+
+    public Page? FindCachePage(ulong index) => Cache.GetValueOrDefault(index);
+}

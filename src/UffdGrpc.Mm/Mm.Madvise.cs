@@ -1,0 +1,506 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>madvise(2) (mm/madvise.c), MADV_POPULATE (mm/gup.c) and reclaim (mm/vmscan.c, mm/rmap.c).</summary>
+public sealed partial class Mm
+{
+    internal static ulong PageAlignPublic(ulong len) => PageAlign(len);
+
+    /// <summary>The signal a user access gets for a fault result (mm_fault_error / do_sigbus).</summary>
+    internal SigCode SignalOf(FaultResult r) => r switch
+    {
+        FaultResult.SigSegvMaperr => SigCode.SegvMaperr,
+        FaultResult.SigSegvAccerr => SigCode.SegvAccerr,
+        FaultResult.HwPoison => Kernel.Config.MemoryFailure ? SigCode.BusMceerrAr : SigCode.BusAdrerr,
+        _ => SigCode.BusAdrerr,
+    };
+
+    internal static Errno PopulateErrno(FaultResult r) => r switch
+    {
+        FaultResult.HwPoison => Errno.EHWPOISON,
+        FaultResult.Oom => Errno.ENOMEM,
+        FaultResult.VmaInval => Errno.EINVAL,
+        _ => Errno.EFAULT,
+    };
+
+    /// <summary>do_madvise argument checks: unaligned start or a wrapping length is EINVAL.</summary>
+    internal static Errno MadviseValidate(ulong start, ulong lenIn, out ulong end)
+    {
+        end = start;
+        if (start % Kernel.PageSize != 0)
+            return Errno.EINVAL;
+        var len = PageAlign(lenIn);
+        if (lenIn != 0 && len == 0)
+            return Errno.EINVAL;
+        end = start + len;
+        if (end < start)
+            return Errno.EINVAL;
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// One page of faultin_page_range (MADV_POPULATE): the VMA checks of __get_user_pages
+    /// with FOLL_MADV_POPULATE, then follow_page or a kernel-origin fault until the page
+    /// is mapped with the access it needs.
+    /// </summary>
+    internal FaultResult PopulateOne(SimThread t, ulong addr, bool write)
+    {
+        var vma = VmaLookup(addr);
+        if (vma is null)
+            return FaultResult.Oom;
+        if (write ? (vma.Flags & VmFlags.Write) == 0 : (vma.Flags & VmFlags.Read) == 0)
+            return FaultResult.VmaInval;
+        for (var tries = 0; tries < 64; tries++)
+        {
+            if (GupFollow(addr, write))
+                return FaultResult.Ok;
+            var r = HandleMmFault(t, addr, write, AccessOrigin.Kernel);
+            if (r != FaultResult.Ok)
+                return r;
+        }
+        throw new InvalidOperationException("populate livelock");
+    }
+
+    /// <summary>follow_page_mask: a mapped page with the needed permission (FOLL_TOUCH marks it young).</summary>
+    internal bool GupFollow(ulong addr, bool write)
+    {
+        var pmdt = PageTable.PmdTableOf(addr, false);
+        if (pmdt is null)
+            return false;
+        var pi = PageTable.PmdIndex(addr);
+        var pmd = pmdt.Entries[pi];
+        if (pmd.TransHuge)
+        {
+            if (!pmd.HwPresent || (write && !pmd.Write))
+                return false;
+            pmdt.Entries[pi] = pmd.MkYoung();
+            return true;
+        }
+        var table = pmdt.Tables[pi];
+        if (table is null)
+            return false;
+        var i = PageTable.PteIndex(addr);
+        var pte = table.Entries[i];
+        if (!pte.HwPresent || (write && !pte.Write))
+            return false;
+        table.Entries[i] = pte.MkYoung();
+        return true;
+    }
+
+    internal static bool IsKnownAdvice(Madv a) => a is Madv.Normal or Madv.Random or Madv.Sequential or Madv.Willneed
+        or Madv.Dontneed or Madv.Free or Madv.Remove or Madv.Dontfork or Madv.Dofork or Madv.Hugepage
+        or Madv.Nohugepage or Madv.Wipeonfork or Madv.Keeponfork or Madv.Cold or Madv.Pageout
+        or Madv.PopulateRead or Madv.PopulateWrite or Madv.Collapse or Madv.Dontdump or Madv.Dodump;
+
+    /// <summary>
+    /// Models do_madvise → madvise_walk_vmas: each VMA piece of the range gets the advice;
+    /// holes are skipped and reported as ENOMEM at the end. DONTNEED, FREE and REMOVE first
+    /// raise a REMOVE event on a context with EVENT_REMOVE and sleep until it is read
+    /// (userfaultfd_remove), before anything is zapped.
+    /// </summary>
+    internal bool MadviseStep(MadviseOp op)
+    {
+        if (!op.Validated)
+        {
+            op.Validated = true;
+            if (!IsKnownAdvice(op.Advice))
+            {
+                op.Result = Errno.EINVAL;
+                return true;
+            }
+            op.Result = MadviseValidate(op.Start, op.Len, out op.End);
+            if (op.Result != Errno.OK || op.End == op.Start)
+                return true;
+            op.Cursor = op.Start;
+        }
+        while (op.Cursor < op.End)
+        {
+            var vma = FindVma(op.Cursor);
+            if (vma is null)
+            {
+                op.Result = Errno.ENOMEM;
+                return true;
+            }
+            if (op.Cursor < vma.Start)
+            {
+                op.UnmappedError = Errno.ENOMEM;
+                op.Cursor = vma.Start;
+                if (op.Cursor >= op.End)
+                    break;
+            }
+            var segEnd = Math.Min(op.End, vma.End);
+            if (op.Advice is Madv.Dontneed or Madv.Free or Madv.Remove && !op.RemoveEventDone)
+            {
+                var pre = op.Advice == Madv.Remove ? MadviseRemoveCheck(vma) : MadviseDontneedCheck(vma);
+                if (pre != Errno.OK)
+                {
+                    op.Result = pre;
+                    return true;
+                }
+                if (vma.UffdCtx is { } ctx && (ctx.Features & UffdFeatures.EventRemove) != 0 && !ctx.Released)
+                {
+                    op.RemoveEventDone = true;
+                    ctx.MmapChanging++;
+                    ctx.QueueEvent(op.Thread, new UffdMsg { Event = UffdEvent.Remove, From = op.Cursor, To = segEnd });
+                    return false;
+                }
+            }
+            if (op.RemoveEventDone)
+            {
+                vma = VmaLookup(op.Cursor);
+                if (vma is null)
+                {
+                    op.Result = Errno.ENOMEM;
+                    return true;
+                }
+                segEnd = Math.Min(segEnd, vma.End);
+            }
+            op.RemoveEventDone = false;
+            var err = MadviseVma(vma, op.Cursor, segEnd, op.Advice);
+            if (err != Errno.OK)
+            {
+                op.Result = err;
+                return true;
+            }
+            op.Cursor = segEnd;
+        }
+        op.Result = op.UnmappedError;
+        return true;
+    }
+
+    private static Errno MadviseDontneedCheck(Vma vma) =>
+        (vma.Flags & VmFlags.Locked) != 0 ? Errno.EINVAL : Errno.OK;
+
+    private static Errno MadviseRemoveCheck(Vma vma)
+    {
+        if ((vma.Flags & VmFlags.Locked) != 0 || vma.File is null)
+            return Errno.EINVAL;
+        if ((vma.Flags & (VmFlags.Shared | VmFlags.MayWrite)) != (VmFlags.Shared | VmFlags.MayWrite))
+            return Errno.EACCES;
+        return Errno.OK;
+    }
+
+    /// <summary>madvise_vma_behavior for one VMA piece [start, end).</summary>
+    private Errno MadviseVma(Vma vma, ulong start, ulong end, Madv advice)
+    {
+        switch (advice)
+        {
+            case Madv.Dontneed:
+                ZapRange(vma, start, end, new ZapDetails(DropMarkers: false, EvenCows: true, ReclaimPt: true));
+                return Errno.OK;
+            case Madv.Free:
+                return MadviseFree(vma, start, end);
+            case Madv.Remove:
+                return ShmemPunchHole(vma, start, end);
+            case Madv.Pageout:
+                return MadvisePageout(vma, start, end);
+            case Madv.Cold:
+            case Madv.Willneed:
+                return (vma.Flags & VmFlags.Locked) != 0 ? Errno.EINVAL : Errno.OK;
+            case Madv.Collapse:
+                return MadviseCollapse(vma, start, end);
+            case Madv.Normal:
+            case Madv.Random:
+            case Madv.Sequential:
+            case Madv.Dontdump:
+            case Madv.Dodump:
+                return Errno.OK;
+            case Madv.Hugepage:
+                return UpdateVmaFlags(vma, start, end, (vma.Flags | VmFlags.HugePage) & ~VmFlags.NoHugePage);
+            case Madv.Nohugepage:
+                return UpdateVmaFlags(vma, start, end, (vma.Flags | VmFlags.NoHugePage) & ~VmFlags.HugePage);
+            case Madv.Dontfork:
+                return UpdateVmaFlags(vma, start, end, vma.Flags | VmFlags.DontCopy);
+            case Madv.Dofork:
+                return UpdateVmaFlags(vma, start, end, vma.Flags & ~VmFlags.DontCopy);
+            case Madv.Wipeonfork:
+                if (vma.File is not null || vma.IsShared)
+                    return Errno.EINVAL;
+                return UpdateVmaFlags(vma, start, end, vma.Flags | VmFlags.WipeOnFork);
+            case Madv.Keeponfork:
+                return UpdateVmaFlags(vma, start, end, vma.Flags & ~VmFlags.WipeOnFork);
+            default:
+                return Errno.EINVAL;
+        }
+    }
+
+    /// <summary>madvise_update_vma: split/merge only when the flags change.</summary>
+    private Errno UpdateVmaFlags(Vma vma, ulong start, ulong end, VmFlags newFlags)
+    {
+        if (newFlags == vma.Flags)
+            return Errno.OK;
+        vma = IsolateRange(vma, start, end);
+        vma.Flags = newFlags;
+        MergeVma(vma);
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// madvise_free_single_vma / madvise_free_pte_range: anon only. Exclusively mapped
+    /// present pages are made clean and old and marked lazily freeable; swap entries and
+    /// poison markers are dropped; uffd-wp PTEs and markers stay.
+    /// </summary>
+    private Errno MadviseFree(Vma vma, ulong start, ulong end)
+    {
+        if (!vma.IsAnonymous)
+            return Errno.EINVAL;
+        for (var a = start; a < end;)
+        {
+            var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, end);
+            var pmdt = PageTable.PmdTableOf(a, false);
+            if (pmdt is null)
+            {
+                a = next;
+                continue;
+            }
+            var pi = PageTable.PmdIndex(a);
+            if (pmdt.Entries[pi].TransHuge)
+                SplitHugePmd(vma, pmdt, pi, a & Kernel.PmdMask);
+            var table = pmdt.Tables[pi];
+            for (; table is not null && a < next; a += Kernel.PageSize)
+            {
+                var i = PageTable.PteIndex(a);
+                var pte = table.Entries[i];
+                if (pte.IsSwap)
+                {
+                    Kernel.SwapFree(pte.SwapSlot);
+                    table.Entries[i] = Pte.None;
+                }
+                else if (pte.IsPoisonMarker)
+                {
+                    table.Entries[i] = Pte.None;
+                }
+                else if (pte.Present && NormalPage(pte) is { IsAnon: true } page && page.PreciseMapCount == 1)
+                {
+                    table.Entries[i] = pte.MkOld().MkClean();
+                    page.Dirty = false;
+                    page.LazyFree = true;
+                }
+            }
+            a = next;
+        }
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// madvise_pageout → reclaim_pages → shrink_folio_list. Anon pages mapped once go to
+    /// swap (a swap entry keeping soft-dirty and uffd-wp) when a swap device is active; a
+    /// clean lazily freed page is discarded even without swap. Page-cache pages mapped once
+    /// are unmapped everywhere (a uffd-wp PTE leaves a marker); shmem pages then go to swap
+    /// when there is swap, otherwise stay in the page cache.
+    /// </summary>
+    private Errno MadvisePageout(Vma vma, ulong start, ulong end)
+    {
+        if ((vma.Flags & VmFlags.Locked) != 0)
+            return Errno.EINVAL;
+        for (var a = start; a < end;)
+        {
+            var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, end);
+            var pmdt = PageTable.PmdTableOf(a, false);
+            if (pmdt is null)
+            {
+                a = next;
+                continue;
+            }
+            var pi = PageTable.PmdIndex(a);
+            if (pmdt.Entries[pi].TransHuge)
+            {
+                var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
+                if (folio.IsHugeZero || !Kernel.Config.Swap || folio.EntireMapCount > 1)
+                {
+                    a = next;
+                    continue;
+                }
+                SplitHugePmd(vma, pmdt, pi, a & Kernel.PmdMask);
+            }
+            var table = pmdt.Tables[pi];
+            for (; table is not null && a < next; a += Kernel.PageSize)
+            {
+                var pte = table.Entries[PageTable.PteIndex(a)];
+                if (!pte.Present || NormalPage(pte) is not { } page || page.PreciseMapCount != 1)
+                    continue;
+                ReclaimPage(page, vma, table, PageTable.PteIndex(a), pte);
+            }
+            a = next;
+        }
+        return Errno.OK;
+    }
+
+    /// <summary>shrink_folio_list for one page mapped by exactly one PTE.</summary>
+    private void ReclaimPage(Page page, Vma vma, PteTable table, int i, Pte pte)
+    {
+        if (page.IsAnon)
+        {
+            if (page.LazyFree && !pte.Dirty && !page.Dirty)
+            {
+                table.Entries[i] = Pte.None;
+                RemoveRmap(page);
+                return;
+            }
+            if (!Kernel.Config.Swap)
+                return;
+            var slot = Kernel.SwapOut(page);
+            var swp = Pte.SwapEntry(slot);
+            if (pte.SoftDirty)
+                swp = swp.SwpMkSoftDirty();
+            if (pte.UffdWp)
+                swp = swp.SwpMkUffdWp();
+            if (page.AnonExclusive)
+                swp = swp.SwpMkExclusive();
+            table.Entries[i] = swp;
+            RemoveRmap(page);
+            return;
+        }
+        var file = page.Mapping!;
+        if (pte.Dirty)
+            page.Dirty = true;
+        table.Entries[i] = Pte.None;
+        InstallUffdWpIfNeeded(vma, table, i, pte);
+        page.MapCount--;
+        if (file.IsShmem && Kernel.Config.Swap)
+        {
+            file.Cache.Remove(page.Index);
+            file.Swapped[page.Index] = new SwapSlot { Data = page.Data, Count = 1 };
+            Kernel.MaybeFree(page);
+        }
+        else if (!file.IsShmem && !page.Dirty)
+        {
+            file.Disk[page.Index] = page.Data;
+            file.Cache.Remove(page.Index);
+            Kernel.MaybeFree(page);
+        }
+    }
+
+    /// <summary>
+    /// madvise_remove → shmem_fallocate(PUNCH_HOLE): every mapping of the file is unmapped in
+    /// the range (unmap_mapping_range, private COW copies kept; uffd-wp entries leave
+    /// markers, poison markers stay), then the page-cache pages and swap are freed.
+    /// </summary>
+    private Errno ShmemPunchHole(Vma vma, ulong start, ulong end)
+    {
+        var file = vma.File!;
+        var first = vma.LinearPageIndex(start);
+        var last = vma.LinearPageIndex(end);
+        foreach (var mm in Kernel.Mms)
+        {
+            foreach (var v in mm.Vmas.Where(v => v.File == file).ToList())
+            {
+                var vFirst = Math.Max(first, v.PgOff);
+                var vLast = Math.Min(last, v.PgOff + v.Pages);
+                if (vFirst >= vLast)
+                    continue;
+                var s = v.Start + ((vFirst - v.PgOff) * Kernel.PageSize);
+                var e = v.Start + ((vLast - v.PgOff) * Kernel.PageSize);
+                mm.ZapRange(v, s, e, new ZapDetails(DropMarkers: false, EvenCows: false, ReclaimPt: false));
+            }
+        }
+        for (var idx = first; idx < last; idx++)
+        {
+            if (file.Cache.Remove(idx, out var page))
+                Kernel.MaybeFree(page);
+            file.Swapped.Remove(idx);
+            file.Disk.Remove(idx);
+        }
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// madvise_collapse (mm/khugepaged.c) for anon memory: every 2 MiB-aligned range fully
+    /// inside the request is collapsed into a new PMD-mapped THP. A range holding a
+    /// uffd-wp entry fails (SCAN_PTE_UFFD_WP: EINVAL); an empty slot in a uffd-armed VMA
+    /// fails (SCAN_EXCEED_NONE_PTE: EBUSY); no PTE table at all is SCAN_PMD_NULL (EINVAL).
+    /// </summary>
+    private Errno MadviseCollapse(Vma vma, ulong start, ulong end)
+    {
+        if ((vma.Flags & VmFlags.NoHugePage) != 0 || Kernel.Config.Thp == ThpMode.Never || !vma.IsAnonymous)
+            return Errno.EINVAL;
+        var hstart = (start + Kernel.PmdSize - 1) & Kernel.PmdMask;
+        var hend = end & Kernel.PmdMask;
+        var last = Errno.OK;
+        var thps = 0;
+        var total = 0;
+        for (var h = hstart; h < hend; h += Kernel.PmdSize)
+        {
+            total++;
+            if (h < vma.Start || h + Kernel.PmdSize > vma.End)
+            {
+                last = Errno.EINVAL;
+                continue;
+            }
+            var r = CollapseOne(vma, h);
+            if (r == Errno.OK)
+                thps++;
+            else
+                last = r;
+        }
+        return thps == total ? Errno.OK : last;
+    }
+
+    private Errno CollapseOne(Vma vma, ulong haddr)
+    {
+        var pmdt = PageTable.PmdTableOf(haddr, false);
+        var pi = PageTable.PmdIndex(haddr);
+        if (pmdt is not null && pmdt.Entries[pi].TransHuge)
+            return Errno.OK;
+        var table = pmdt?.Tables[pi];
+        if (table is null)
+            return Errno.EINVAL;
+        var writable = false;
+        for (var i = 0; i < Kernel.PtrsPerTable; i++)
+        {
+            var pte = table.Entries[i];
+            if (pte.IsNone || (pte.Present && pte.Special))
+            {
+                if (vma.UserfaultfdArmed)
+                    return Errno.EBUSY;
+                continue;
+            }
+            if (!pte.Present)
+                return pte.IsUffdWpMarker ? Errno.EINVAL : Errno.EINVAL;
+            if (pte.UffdWp)
+                return Errno.EINVAL;
+            var page = NormalPage(pte)!;
+            if (!page.IsAnon || page.PreciseMapCount != 1)
+                return Errno.EINVAL;
+            writable |= pte.Write;
+        }
+        if (!writable)
+            return Errno.EINVAL;
+        var folio = Kernel.AllocThp();
+        if (folio is null)
+            return Errno.ENOMEM;
+        var dirty = false;
+        for (var i = 0; i < Kernel.PtrsPerTable; i++)
+        {
+            var pte = table.Entries[i];
+            if (pte.Present && !pte.Special)
+            {
+                var page = NormalPage(pte)!;
+                folio.Pages[i].CopyFrom(page);
+                dirty |= pte.Dirty;
+                RemoveRmap(page);
+            }
+        }
+        pmdt!.Tables[pi] = null;
+        MapNewThp(vma, pmdt, pi, folio);
+        if (!dirty)
+            pmdt.Entries[pi] = new Pmd(pmdt.Entries[pi].Value & ~PteBits.PageDirty);
+        return Errno.OK;
+    }
+
+    /// <summary>userfaultfd_unmap_complete: sends the collected UNMAP events one by one.</summary>
+    internal static bool SendUnmapEvents(SimThread t, List<(UserfaultfdCtx Ctx, ulong Start, ulong End)> events, ref int next)
+    {
+        while (next < events.Count)
+        {
+            var (ctx, s, e) = events[next++];
+            if (ctx.Released)
+            {
+                ctx.MmapChanging--;
+                continue;
+            }
+            ctx.QueueEvent(t, new UffdMsg { Event = UffdEvent.Unmap, From = s, To = e });
+            return false;
+        }
+        return true;
+    }
+}

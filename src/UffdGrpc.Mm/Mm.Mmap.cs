@@ -1,0 +1,224 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>Zap options (struct zap_details).</summary>
+internal readonly record struct ZapDetails(bool DropMarkers, bool EvenCows, bool ReclaimPt);
+
+/// <summary>mmap, munmap, exit and the zap machinery (mm/mmap.c, mm/vma.c, mm/memory.c).</summary>
+public sealed partial class Mm
+{
+    /// <summary>
+    /// Implements the semantics of mmap(2) at a fixed address with MAP_FIXED_NOREPLACE:
+    /// creates a VMA (lazily populated unless <paramref name="populate"/>). A
+    /// <paramref name="shared"/> mapping of no file is shmem (shmem_zero_setup). A
+    /// read-only file descriptor clears VM_MAYWRITE (and VM_SHARED) from a shared mapping.
+    /// </summary>
+    public Errno Mmap(ulong addr, ulong len, Prot prot, bool shared, MemFile? file, ulong offset, bool readOnlyFd = false, bool populate = false)
+    {
+        using var _ = Kernel.Enter();
+        if (Exited)
+            return Errno.ENOMEM;
+        if (len == 0 || addr % Kernel.PageSize != 0 || offset % Kernel.PageSize != 0)
+            return Errno.EINVAL;
+        len = PageAlign(len);
+        if (addr + len < addr || addr + len > Kernel.TaskSize)
+            return Errno.ENOMEM;
+        if (VmasIn(addr, addr + len).Count > 0)
+            return Errno.EEXIST;
+        if (shared && file is null)
+            file = Kernel.CreateFile("dev/zero", shmem: true, len);
+        var flags = (VmFlags)(int)prot | VmFlags.MayRead | VmFlags.MayWrite | VmFlags.MayExec;
+        if (shared)
+        {
+            flags |= VmFlags.Shared | VmFlags.MayShare;
+            if (readOnlyFd)
+            {
+                if ((prot & Prot.Write) != 0)
+                    return Errno.EACCES;
+                flags &= ~(VmFlags.MayWrite | VmFlags.Shared);
+            }
+        }
+        if (Kernel.Config.SoftDirty)
+            flags |= VmFlags.SoftDirty;
+        var vma = new Vma(this, addr, addr + len, flags, file, file is null ? addr / Kernel.PageSize : offset / Kernel.PageSize);
+        InsertVma(vma);
+        if (populate && (flags & VmFlags.AccessFlags) != 0)
+            PopulateVmaPageRange(vma);
+        return Errno.OK;
+    }
+
+    internal static ulong PageAlign(ulong len) => (len + Kernel.PageSize - 1) & ~(Kernel.PageSize - 1);
+
+    /// <summary>populate_vma_page_range for MAP_POPULATE: write faults for private writable VMAs, read faults otherwise.</summary>
+    private void PopulateVmaPageRange(Vma vma)
+    {
+        var write = (vma.Flags & (VmFlags.Write | VmFlags.Shared)) == VmFlags.Write;
+        var t = new SimThread(Kernel, this, 0);
+        for (var a = vma.Start; a < vma.End; a += Kernel.PageSize)
+        {
+            if (GupFollow(a, write))
+                continue;
+            HandleMmFault(t, a, write, AccessOrigin.Kernel);
+        }
+    }
+
+    /// <summary>
+    /// The part of munmap(2) that runs under the mmap lock (do_vmi_munmap): splits the VMAs
+    /// at the edges, collects UNMAP events (userfaultfd_unmap_prep, one per context with
+    /// EVENT_UNMAP, for the whole range), zaps everything including markers, removes the
+    /// VMAs and frees page tables no VMA uses any more.
+    /// </summary>
+    internal Errno DoMunmap(ulong start, ulong len, List<(UserfaultfdCtx Ctx, ulong Start, ulong End)>? unmapEvents)
+    {
+        if (start % Kernel.PageSize != 0 || len == 0 || start >= Kernel.TaskSize)
+            return Errno.EINVAL;
+        len = PageAlign(len);
+        var end = start + len;
+        if (end < start || len > Kernel.TaskSize - start)
+            return Errno.EINVAL;
+        var vmas = VmasIn(start, end);
+        if (vmas.Count == 0)
+            return Errno.OK;
+        foreach (var v in vmas)
+        {
+            if (unmapEvents is not null && v.UffdCtx is { } ctx && (ctx.Features & UffdFeatures.EventUnmap) != 0
+                && !unmapEvents.Exists(e => e.Ctx == ctx && e.Start == start && e.End == end))
+            {
+                ctx.MmapChanging++;
+                unmapEvents.Add((ctx, start, end));
+            }
+        }
+        foreach (var v0 in vmas)
+        {
+            var v = IsolateRange(v0, Math.Max(start, v0.Start), Math.Min(end, v0.End));
+            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true, ReclaimPt: false));
+            RemoveVma(v);
+        }
+        FreePgtables(start, end);
+        return Errno.OK;
+    }
+
+    /// <summary>free_pgtables: drops PTE tables in [start, end) that no VMA overlaps any more.</summary>
+    private void FreePgtables(ulong start, ulong end)
+    {
+        for (var a = start & Kernel.PmdMask; a < end; a += Kernel.PmdSize)
+        {
+            if (VmasIn(a, a + Kernel.PmdSize).Count == 0)
+                PageTable.FreePteTable(a);
+        }
+    }
+
+    /// <summary>exit_mmap: every VMA is unmapped (markers dropped); contexts on this mm stay but fail.</summary>
+    internal void ExitMmap()
+    {
+        foreach (var v in _vmas.ToList())
+        {
+            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true, ReclaimPt: false));
+            RemoveVma(v);
+        }
+        Exited = true;
+        Kernel.RemoveMm(this);
+    }
+
+    /// <summary>
+    /// zap_page_range / unmap_page_range over [start, end) of <paramref name="vma"/>: present
+    /// pages are unmapped, swap entries freed, markers dropped in anon VMAs (and with
+    /// DropMarkers). In file VMAs a zapped entry that carried uffd-wp leaves a uffd-wp
+    /// marker (zap_install_uffd_wp_if_needed). Huge PMDs partly covered are split first.
+    /// With ReclaimPt an emptied PTE table is freed (MADV_DONTNEED, CONFIG_PT_RECLAIM).
+    /// </summary>
+    internal void ZapRange(Vma vma, ulong start, ulong end, ZapDetails details)
+    {
+        for (var addr = start; addr < end;)
+        {
+            var next = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
+            var pmdt = PageTable.PmdTableOf(addr, false);
+            if (pmdt is null)
+            {
+                addr = next;
+                continue;
+            }
+            var pi = PageTable.PmdIndex(addr);
+            if (pmdt.Entries[pi].TransHuge)
+            {
+                if (next - addr == Kernel.PmdSize)
+                {
+                    ZapHugePmd(pmdt, pi);
+                    addr = next;
+                    continue;
+                }
+                SplitHugePmd(vma, pmdt, pi, addr & Kernel.PmdMask);
+            }
+            var table = pmdt.Tables[pi];
+            if (table is not null)
+            {
+                for (var a = addr; a < next; a += Kernel.PageSize)
+                    ZapPte(vma, table, PageTable.PteIndex(a), details);
+                if (details.ReclaimPt && table.AllNone())
+                    pmdt.Tables[pi] = null;
+            }
+            addr = next;
+        }
+    }
+
+    private void ZapHugePmd(PmdTable pmdt, int pi)
+    {
+        var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
+        pmdt.Entries[pi] = default;
+        if (folio.IsHugeZero)
+            return;
+        folio.EntireMapCount--;
+        Kernel.MaybeFree(folio.Head);
+    }
+
+    private void ZapPte(Vma vma, PteTable table, int i, ZapDetails details)
+    {
+        var pte = table.Entries[i];
+        if (pte.IsNone)
+            return;
+        if (pte.Present)
+        {
+            var page = NormalPage(pte);
+            if (page is not null && !details.EvenCows && page.IsAnon)
+                return;
+            table.Entries[i] = Pte.None;
+            if (page is not null)
+            {
+                if (page.Kind == PageKind.File && pte.Dirty)
+                    page.Dirty = true;
+                RemoveRmap(page);
+            }
+        }
+        else if (pte.IsSwap)
+        {
+            if (!details.EvenCows)
+                return;
+            table.Entries[i] = Pte.None;
+            Kernel.SwapFree(pte.SwapSlot);
+        }
+        else
+        {
+            if (!vma.IsAnonymous && !details.DropMarkers && pte.IsUffdWpMarker && !pte.IsPoisonMarker)
+                return;
+            if (pte.IsGuardMarker && !details.DropMarkers)
+                return;
+            if (!vma.IsAnonymous && !details.DropMarkers && pte.IsPoisonMarker && !details.EvenCows)
+                return;
+            table.Entries[i] = Pte.None;
+        }
+        if (!details.DropMarkers)
+            InstallUffdWpIfNeeded(vma, table, i, pte);
+    }
+
+    /// <summary>
+    /// pte_install_uffd_wp_if_needed: in a WP-registered file VMA, a zapped entry that
+    /// carried uffd-wp (present, swap or marker) is replaced by a uffd-wp marker, so the
+    /// protection survives the zap.
+    /// </summary>
+    internal static void InstallUffdWpIfNeeded(Vma vma, PteTable table, int i, Pte old)
+    {
+        if (vma.IsAnonymous || !vma.UserfaultfdWp)
+            return;
+        if (old.UffdWp || old.SwpUffdWpAny)
+            table.Entries[i] = Pte.Marker(PteMarker.UffdWp);
+    }
+}

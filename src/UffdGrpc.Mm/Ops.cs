@@ -1,0 +1,199 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>
+/// A user access (the worker's <c>read</c>/<c>write</c>) or a kernel-origin access
+/// (copy_to_user/copy_from_user: <c>kwrite</c>/<c>kread</c>) of byte 0 (or an offset)
+/// of <see cref="Count"/> consecutive pages. Stops at the first signal; a kernel access
+/// turns any signal into EFAULT.
+/// </summary>
+public sealed class AccessOp(ulong addr, bool write, byte value, int count, AccessOrigin origin) : SyscallOp
+{
+    public ulong Addr { get; } = addr;
+    public bool Write { get; } = write;
+    public byte Value { get; } = value;
+    public int Count { get; } = count;
+    public AccessOrigin Origin { get; } = origin;
+    /// <summary>Pages completed so far.</summary>
+    public int Done { get; private set; }
+    /// <summary>Bytes read, one per page.</summary>
+    public byte[] Values { get; } = new byte[count];
+    /// <summary>The signal that ended a user access, or None.</summary>
+    public SigCode Signal { get; private set; }
+    /// <summary>EFAULT for a failed kernel access.</summary>
+    public Errno Errno { get; private set; }
+
+    protected internal override bool Step()
+    {
+        while (Done < Count)
+        {
+            var a = Addr + ((ulong)Done * Kernel.PageSize);
+            var r = Mm.AccessByte(Thread, a, Write, Origin, Value, out var v);
+            switch (r)
+            {
+                case FaultResult.Ok:
+                    Values[Done++] = v;
+                    continue;
+                case FaultResult.Blocked:
+                    return false;
+                default:
+                    if (Origin == AccessOrigin.Kernel)
+                        Errno = Errno.EFAULT;
+                    else
+                        Signal = Mm.SignalOf(r);
+                    return true;
+            }
+        }
+        return true;
+    }
+}
+
+/// <summary>
+/// MADV_POPULATE_READ/WRITE (madvise_populate → faultin_page_range): kernel-origin faults
+/// over the range. A hole gives ENOMEM, a VMA that does not allow the access EINVAL,
+/// SIGBUS/SIGSEGV EFAULT, a poison marker EHWPOISON.
+/// </summary>
+public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
+{
+    private ulong _cursor = start;
+
+    public ulong Start { get; } = start;
+    public ulong Len { get; } = len;
+    public bool Write { get; } = write;
+    public Errno Result { get; private set; }
+
+    protected internal override bool Step()
+    {
+        if (_cursor == Start)
+        {
+            var v = Mm.MadviseValidate(Start, Len, out var end);
+            if (v != Errno.OK || end == Start)
+            {
+                Result = v;
+                return true;
+            }
+        }
+        var stop = Start + Mm.PageAlignPublic(Len);
+        while (_cursor < stop)
+        {
+            var r = Mm.PopulateOne(Thread, _cursor, Write);
+            if (r == FaultResult.Blocked)
+                return false;
+            if (r != FaultResult.Ok)
+            {
+                Result = Mm.PopulateErrno(r);
+                return true;
+            }
+            _cursor += Kernel.PageSize;
+        }
+        return true;
+    }
+}
+
+/// <summary>madvise(2): see <see cref="Mm.MadviseStep"/>.</summary>
+public sealed class MadviseOp(ulong start, ulong len, Madv advice) : SyscallOp
+{
+    public ulong Start { get; } = start;
+    public ulong Len { get; } = len;
+    public Madv Advice { get; } = advice;
+    public Errno Result { get; internal set; }
+    internal ulong Cursor;
+    internal ulong End;
+    internal bool Validated;
+    internal Errno UnmappedError;
+    /// <summary>The REMOVE event for the segment at <see cref="Cursor"/> was read.</summary>
+    internal bool RemoveEventDone;
+
+    protected internal override bool Step() => Mm.MadviseStep(this);
+}
+
+/// <summary>munmap(2): the unmap, then one UNMAP event per context, each waiting to be read.</summary>
+public sealed class MunmapOp(ulong start, ulong len) : SyscallOp
+{
+    private List<(UserfaultfdCtx Ctx, ulong Start, ulong End)>? _events;
+    private int _next;
+
+    public ulong Start { get; } = start;
+    public ulong Len { get; } = len;
+    public Errno Result { get; private set; }
+
+    protected internal override bool Step()
+    {
+        if (_events is null)
+        {
+            _events = [];
+            Result = Mm.DoMunmap(Start, Len, _events);
+        }
+        return Mm.SendUnmapEvents(Thread, _events, ref _next);
+    }
+}
+
+/// <summary>
+/// mremap(2) with MREMAP_MAYMOVE|MREMAP_FIXED and an unchanged length: the move, then the
+/// REMAP event and the UNMAP events of the old range, each waiting to be read.
+/// </summary>
+public sealed class MremapOp(ulong oldAddr, ulong len, ulong newAddr) : SyscallOp
+{
+    private List<(UserfaultfdCtx Ctx, ulong Start, ulong End)>? _unmaps;
+    private UserfaultfdCtx? _remapCtx;
+    private int _next;
+
+    public ulong OldAddr { get; } = oldAddr;
+    public ulong Len { get; } = len;
+    public ulong NewAddr { get; } = newAddr;
+    public Errno Result { get; private set; }
+
+    protected internal override bool Step()
+    {
+        if (_unmaps is null)
+        {
+            _unmaps = [];
+            Result = Mm.MremapMove(OldAddr, Len, NewAddr, _unmaps, out _remapCtx);
+        }
+        if (_remapCtx is { } ctx)
+        {
+            _remapCtx = null;
+            if (!ctx.Released)
+            {
+                ctx.QueueEvent(Thread, new UffdMsg { Event = UffdEvent.Remap, From = OldAddr, To = NewAddr, Len = Len });
+                return false;
+            }
+            ctx.MmapChanging--;
+        }
+        return Mm.SendUnmapEvents(Thread, _unmaps, ref _next);
+    }
+}
+
+/// <summary>fork(2): dup_mmap, then one FORK event per context with EVENT_FORK, each waiting to be read.</summary>
+public sealed class ForkOp : SyscallOp
+{
+    private List<(UserfaultfdCtx Parent, UserfaultfdCtx Child)>? _forks;
+    private int _next;
+
+    /// <summary>The child's address space.</summary>
+    public Mm? Child { get; private set; }
+    /// <summary>The child's first thread.</summary>
+    public SimThread? ChildThread { get; private set; }
+
+    protected internal override bool Step()
+    {
+        if (_forks is null)
+        {
+            _forks = [];
+            Child = Mm.DupMmap(_forks);
+            ChildThread = Mm.Kernel.CreateThread(Child);
+        }
+        while (_next < _forks.Count)
+        {
+            var (parent, child) = _forks[_next++];
+            if (parent.Released)
+            {
+                parent.MmapChanging--;
+                child.Release();
+                continue;
+            }
+            parent.QueueEvent(Thread, new UffdMsg { Event = UffdEvent.Fork, ForkCtx = child });
+            return false;
+        }
+        return true;
+    }
+}

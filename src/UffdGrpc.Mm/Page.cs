@@ -1,0 +1,132 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>What a page frame belongs to.</summary>
+public enum PageKind
+{
+    /// <summary>Anonymous memory (PageAnon).</summary>
+    Anon,
+    /// <summary>A page-cache page of a shmem or regular file.</summary>
+    File,
+    /// <summary>The shared zero page or a subpage of the huge zero page.</summary>
+    Zero,
+}
+
+/// <summary>
+/// A page frame (struct page / small folio). Contents are allocated on first write; a
+/// frame with no contents reads as zeros.
+/// </summary>
+/// <remarks>Protected by the owning <see cref="Kernel"/>'s lock.</remarks>
+public sealed class Page
+{
+    internal Page(ulong pfn, PageKind kind)
+    {
+        Pfn = pfn;
+        Kind = kind;
+    }
+
+    /// <summary>The frame number (its identity; the trace's <c>pageid</c>).</summary>
+    public ulong Pfn { get; }
+    public PageKind Kind { get; internal set; }
+    /// <summary>For page-cache pages: the file and page index.</summary>
+    public MemFile? Mapping { get; internal set; }
+    public ulong Index { get; internal set; }
+    /// <summary>Number of PTEs mapping this page (_mapcount + 1).</summary>
+    public int MapCount { get; internal set; }
+    /// <summary>PageAnonExclusive.</summary>
+    public bool AnonExclusive { get; internal set; }
+    /// <summary>The THP folio this page is a subpage of, or null for a small folio.</summary>
+    public Folio? Folio { get; internal set; }
+    /// <summary>Long-term pins (GUP FOLL_PIN); never set by the scenario language.</summary>
+    public int Pins { get; internal set; }
+    /// <summary>PG_dirty: the page-cache or lazily freed anon page holds unsaved data.</summary>
+    public bool Dirty { get; internal set; }
+    /// <summary>MADV_FREE marked this anon page lazily freeable (folio_mark_lazyfree).</summary>
+    public bool LazyFree { get; internal set; }
+
+    internal byte[]? Data;
+
+    public bool IsZeroPage => Kind == PageKind.Zero;
+    public bool IsAnon => Kind == PageKind.Anon;
+
+    /// <summary>folio_precise_page_mapcount: PTE mappings plus PMD mappings of the folio.</summary>
+    public int PreciseMapCount => MapCount + (Folio?.EntireMapCount ?? 0);
+
+    /// <summary>folio_ref_count approximated as mappings plus pins.</summary>
+    public int RefCount => Folio is null ? MapCount + Pins : Folio.RefCount;
+
+    public byte ReadByte(int offset) => Data is null ? (byte)0 : Data[offset];
+
+    internal void WriteByte(int offset, byte value)
+    {
+        Data ??= new byte[(int)Kernel.PageSize];
+        Data[offset] = value;
+    }
+
+    internal void CopyFrom(Page src)
+    {
+        if (src.Data is null)
+        {
+            Data = null;
+            return;
+        }
+        Data ??= new byte[(int)Kernel.PageSize];
+        Buffer.BlockCopy(src.Data, 0, Data, 0, (int)Kernel.PageSize);
+    }
+
+    internal void Fill(byte value)
+    {
+        if (value == 0)
+        {
+            Data = null;
+            return;
+        }
+        Data ??= new byte[(int)Kernel.PageSize];
+        Array.Fill(Data, value);
+    }
+
+    internal void Fill(ReadOnlySpan<byte> contents)
+    {
+        Data ??= new byte[(int)Kernel.PageSize];
+        contents.CopyTo(Data);
+    }
+
+    public ReadOnlySpan<byte> Contents => Data is null ? new byte[(int)Kernel.PageSize] : Data;
+}
+
+/// <summary>A PMD-sized (2 MiB) large folio: an anon THP or the huge zero page.</summary>
+public sealed class Folio
+{
+    internal Folio(Page[] pages, bool hugeZero)
+    {
+        Pages = pages;
+        IsHugeZero = hugeZero;
+    }
+
+    public Page[] Pages { get; }
+    public Page Head => Pages[0];
+    public bool IsHugeZero { get; }
+    /// <summary>Number of PMDs mapping the whole folio (folio->_entire_mapcount + 1).</summary>
+    public int EntireMapCount { get; internal set; }
+
+    internal int RefCount
+    {
+        get
+        {
+            var n = EntireMapCount;
+            foreach (var p in Pages)
+                n += p.MapCount + p.Pins;
+            return n;
+        }
+    }
+
+    /// <summary>True while any subpage is mapped.</summary>
+    public bool Mapped => EntireMapCount > 0 || Array.Exists(Pages, p => p.MapCount > 0);
+}
+
+/// <summary>A slot of the simulated swap device.</summary>
+internal sealed class SwapSlot
+{
+    public byte[]? Data;
+    /// <summary>swap_map count: the number of swap entries referencing the slot.</summary>
+    public int Count;
+}

@@ -1,0 +1,107 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>The lowest level: 512 PTEs covering 2 MiB.</summary>
+public sealed class PteTable
+{
+    public readonly Pte[] Entries = new Pte[Kernel.PtrsPerTable];
+
+    /// <summary>True when every entry is pte_none (the table may be reclaimed).</summary>
+    public bool AllNone()
+    {
+        foreach (var e in Entries)
+        {
+            if (!e.IsNone)
+                return false;
+        }
+        return true;
+    }
+}
+
+/// <summary>
+/// A PMD table: 512 slots of 2 MiB, each empty, a huge PMD (<see cref="Entries"/>) or a
+/// pointer to a <see cref="PteTable"/> (<see cref="Tables"/>).
+/// </summary>
+public sealed class PmdTable
+{
+    public readonly Pmd[] Entries = new Pmd[Kernel.PtrsPerTable];
+    public readonly PteTable?[] Tables = new PteTable?[Kernel.PtrsPerTable];
+}
+
+/// <summary>
+/// x86-64 4-level page table (pgd → pud → pmd → pte). Levels are allocated on first use,
+/// so a sparse address space costs nothing until touched, and a walk allocates nothing.
+/// </summary>
+public sealed class PageTable
+{
+    private readonly PmdTable?[]?[] _pgd = new PmdTable?[]?[Kernel.PtrsPerTable];
+
+    private static int PgdIndex(ulong addr) => (int)((addr >> 39) & 511);
+    private static int PudIndex(ulong addr) => (int)((addr >> 30) & 511);
+    public static int PmdIndex(ulong addr) => (int)((addr >> 21) & 511);
+    public static int PteIndex(ulong addr) => (int)((addr >> 12) & 511);
+
+    /// <summary>pmd_offset after pud_alloc when <paramref name="alloc"/> is set.</summary>
+    public PmdTable? PmdTableOf(ulong addr, bool alloc)
+    {
+        var pud = _pgd[PgdIndex(addr)];
+        if (pud is null)
+        {
+            if (!alloc)
+                return null;
+            pud = _pgd[PgdIndex(addr)] = new PmdTable?[Kernel.PtrsPerTable];
+        }
+        var pmd = pud[PudIndex(addr)];
+        if (pmd is null && alloc)
+            pmd = pud[PudIndex(addr)] = new PmdTable();
+        return pmd;
+    }
+
+    /// <summary>The PTE table of <paramref name="addr"/>, if one exists.</summary>
+    public PteTable? PteTableOf(ulong addr) => PmdTableOf(addr, false)?.Tables[PmdIndex(addr)];
+
+    /// <summary>The huge PMD of <paramref name="addr"/>, or none.</summary>
+    public Pmd HugePmdOf(ulong addr) => PmdTableOf(addr, false)?.Entries[PmdIndex(addr)] ?? default;
+
+    /// <summary>Models pte_alloc: the PTE table of <paramref name="addr"/>, allocated if the PMD is none.
+    /// Returns null when the slot holds a huge PMD.</summary>
+    public PteTable? PteAlloc(ulong addr)
+    {
+        var pmdt = PmdTableOf(addr, true)!;
+        var i = PmdIndex(addr);
+        if (!pmdt.Entries[i].IsNone)
+            return null;
+        return pmdt.Tables[i] ??= new PteTable();
+    }
+
+    public Pte GetPte(ulong addr) => PteTableOf(addr)?.Entries[PteIndex(addr)] ?? Pte.None;
+
+    /// <summary>Frees the PTE table of the 2 MiB slot at <paramref name="addr"/> (free_pte_range).</summary>
+    public void FreePteTable(ulong addr)
+    {
+        var pmdt = PmdTableOf(addr, false);
+        if (pmdt is not null)
+            pmdt.Tables[PmdIndex(addr)] = null;
+    }
+
+    /// <summary>Enumerates the 2 MiB slots that have a PTE table or a huge PMD.</summary>
+    public IEnumerable<ulong> PopulatedSlots()
+    {
+        for (var g = 0; g < Kernel.PtrsPerTable; g++)
+        {
+            var pud = _pgd[g];
+            if (pud is null)
+                continue;
+            for (var u = 0; u < Kernel.PtrsPerTable; u++)
+            {
+                var pmdt = pud[u];
+                if (pmdt is null)
+                    continue;
+                for (var m = 0; m < Kernel.PtrsPerTable; m++)
+                {
+                    if (pmdt.Tables[m] is not null || !pmdt.Entries[m].IsNone)
+                        yield return ((ulong)g << 39) | ((ulong)u << 30) | ((ulong)m << 21);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+using System.Diagnostics;
+
+namespace UffdGrpc.Mm;
+
+/// <summary>What a simulated thread is doing.</summary>
+public enum ThreadState
+{
+    /// <summary>No operation, or running one.</summary>
+    Running,
+    /// <summary>Asleep in handle_userfault.</summary>
+    BlockedInUserfault,
+    /// <summary>Asleep until a non-cooperative event it raised is read.</summary>
+    BlockedOnEvent,
+    /// <summary>The thread's process exited or was killed.</summary>
+    Exited,
+}
+
+/// <summary>
+/// A simulated thread (task_struct). It runs one <see cref="SyscallOp"/> at a time; an
+/// operation that must wait parks and is retried from the top when woken.
+/// </summary>
+/// <remarks>Protected by <see cref="Kernel.Lock"/>.</remarks>
+public sealed class SimThread
+{
+    internal SimThread(Kernel kernel, Mm mm, int tid)
+    {
+        Kernel = kernel;
+        Mm = mm;
+        Tid = tid;
+    }
+
+    public Kernel Kernel { get; }
+    public Mm Mm { get; internal set; }
+    public int Tid { get; }
+    public ThreadState State { get; private set; }
+    /// <summary>The operation in progress, if any.</summary>
+    public SyscallOp? Op { get; internal set; }
+    /// <summary>The context the thread sleeps on, while blocked.</summary>
+    public UserfaultfdCtx? BlockedOn { get; private set; }
+    internal bool Queued;
+    private UffdWaiter? _waiter;
+
+    public bool IsBlocked => State is ThreadState.BlockedInUserfault or ThreadState.BlockedOnEvent;
+
+    internal void Park(UserfaultfdCtx ctx, UffdWaiter w, ThreadState state)
+    {
+        Debug.Assert(Op is not null);
+        BlockedOn = ctx;
+        _waiter = w;
+        State = state;
+    }
+
+    /// <summary>Wakes the thread; its operation retries when the waker's operation ends.</summary>
+    internal void Unpark()
+    {
+        if (!IsBlocked)
+            return;
+        State = ThreadState.Running;
+        BlockedOn = null;
+        _waiter = null;
+        Kernel.MakeRunnable(this);
+    }
+
+    /// <summary>Runs the operation until it completes or parks.</summary>
+    internal void RunOp()
+    {
+        if (Op is null || IsBlocked || State == ThreadState.Exited)
+            return;
+        if (Op.Step())
+        {
+            var op = Op;
+            Op = null;
+            op.Finish();
+        }
+    }
+
+    /// <summary>The thread dies (SIGKILL or process exit): its sleep ends and its operation is dropped.</summary>
+    internal void Exit()
+    {
+        BlockedOn?.ForgetThread(this);
+        BlockedOn = null;
+        _waiter = null;
+        var op = Op;
+        Op = null;
+        State = ThreadState.Exited;
+        op?.Abort();
+    }
+
+    public override string ToString() => $"tid {Tid} ({State})";
+}
+
+/// <summary>
+/// A system call or access in progress on a <see cref="SimThread"/>. <see cref="Step"/>
+/// runs until the call completes (true) or the thread parks (false); a woken thread calls
+/// it again, which retries from the last completed step, like a restarted fault.
+/// </summary>
+public abstract class SyscallOp
+{
+    public SimThread Thread { get; internal set; } = null!;
+    public bool IsCompleted { get; private set; }
+    /// <summary>The thread died before the call completed.</summary>
+    public bool Aborted { get; private set; }
+    /// <summary>Called under the machine lock when the operation completes or is aborted; must not block.</summary>
+    public Action<SyscallOp>? Completed { get; set; }
+
+    protected Mm Mm => Thread.Mm;
+
+    protected internal abstract bool Step();
+
+    internal void Finish()
+    {
+        IsCompleted = true;
+        Completed?.Invoke(this);
+    }
+
+    internal void Abort()
+    {
+        Aborted = true;
+        IsCompleted = true;
+        Completed?.Invoke(this);
+    }
+}

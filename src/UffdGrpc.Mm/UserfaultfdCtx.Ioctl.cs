@@ -1,0 +1,338 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>The ioctls of a userfaultfd (fs/userfaultfd.c: userfaultfd_ioctl and its handlers).</summary>
+public sealed partial class UserfaultfdCtx
+{
+    private bool IsV6 => Kernel.IsV6;
+
+    /// <summary>
+    /// Models validate_range (and validate_unaligned_range when <paramref name="allowUnaligned"/>):
+    /// start and len page aligned, len non-zero, the range below TASK_SIZE.
+    /// </summary>
+    internal static Errno ValidateRange(ulong start, ulong len, bool allowUnaligned = false)
+    {
+        if (!allowUnaligned && (start % Kernel.PageSize != 0 || len % Kernel.PageSize != 0))
+            return Errno.EINVAL;
+        if (len == 0)
+            return Errno.EINVAL;
+        if (start >= Kernel.TaskSize)
+            return Errno.EINVAL;
+        if (len > Kernel.TaskSize - start)
+            return Errno.EINVAL;
+        return Errno.OK;
+    }
+
+    private Errno CheckState() => Released ? Errno.EBADF : State == UffdState.WaitApi ? Errno.EINVAL : Errno.OK;
+
+    /// <summary>
+    /// Models userfaultfd_api: api must be 0xAA; WP_ASYNC implies WP_UNPOPULATED; unknown
+    /// features and a second call give EINVAL. On success the kernel reports every
+    /// available feature and REGISTER|UNREGISTER|API; on failure it zeroes the struct.
+    /// </summary>
+    public Errno Api(ulong api, ulong requested, out ulong features, out ulong ioctls)
+    {
+        using var _ = Kernel.Enter();
+        features = 0;
+        ioctls = 0;
+        if (Released)
+            return Errno.EBADF;
+        if (api != Uapi.UffdApi)
+            return Errno.EINVAL;
+        var req = (UffdFeatures)requested;
+        if ((req & UffdFeatures.WpAsync) != 0)
+            req |= UffdFeatures.WpUnpopulated;
+        var available = AvailableFeatures(Kernel.Profile);
+        if ((req & ~available) != 0)
+            return Errno.EINVAL;
+        if (State != UffdState.WaitApi)
+            return Errno.EINVAL;
+        State = UffdState.Running;
+        Features = req;
+        features = (ulong)available;
+        ioctls = Uapi.ApiIoctls;
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// Models userfaultfd_register: mode checks, validate_range, at least one VMA in the
+    /// range (holes allowed), every VMA eligible (EINVAL), writable-capable (EPERM) and not
+    /// owned by another context (EBUSY) before anything changes; then the VMAs are split
+    /// and flagged. Returns the range ioctls the registration guarantees.
+    /// </summary>
+    public Errno Register(ulong start, ulong len, ulong mode, out ulong ioctls)
+    {
+        using var _ = Kernel.Enter();
+        ioctls = 0;
+        var st = CheckState();
+        if (st != Errno.OK)
+            return st;
+        var known = IsV6 ? Uapi.RegisterModeMissing | Uapi.RegisterModeWp | Uapi.RegisterModeMinor
+                         : Uapi.RegisterModeMissing | Uapi.RegisterModeWp;
+        if (mode == 0 || (mode & ~known) != 0)
+            return Errno.EINVAL;
+        var vmFlags = VmFlags.None;
+        if ((mode & Uapi.RegisterModeMissing) != 0)
+            vmFlags |= VmFlags.UffdMissing;
+        if ((mode & Uapi.RegisterModeWp) != 0)
+            vmFlags |= VmFlags.UffdWp;
+        if ((mode & Uapi.RegisterModeMinor) != 0)
+            vmFlags |= VmFlags.UffdMinor;
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return r;
+        if (Mm.Exited)
+            return Errno.ENOMEM;
+        var end = start + len;
+        var vmas = Mm.VmasIn(start, end);
+        if (vmas.Count == 0)
+            return Errno.EINVAL;
+        foreach (var v in vmas)
+        {
+            if (!Mm.VmaCanUserfault(v, vmFlags, WpAsync, IsV6))
+                return Errno.EINVAL;
+            if ((v.Flags & VmFlags.MayWrite) == 0)
+                return Errno.EPERM;
+            if (v.UffdCtx is not null && v.UffdCtx != this)
+                return Errno.EBUSY;
+        }
+        Mm.UserfaultfdRegisterRange(this, vmFlags, start, end);
+        ioctls = IsV6 ? Uapi.RangeIoctls : Uapi.RangeIoctlsV57;
+        if ((mode & Uapi.RegisterModeWp) == 0)
+            ioctls &= ~(1UL << Uapi.UffdioWriteprotect);
+        if ((mode & Uapi.RegisterModeMinor) == 0)
+            ioctls &= ~(1UL << Uapi.UffdioContinue);
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// Models userfaultfd_unregister: EINVAL when no VMA intersects, when a VMA belongs to
+    /// another context or could not be registered at all. For each registered VMA piece a
+    /// MISSING registration wakes its waiters (WP and MINOR do not), 6.x resolves uffd-wp,
+    /// and the registration is dropped.
+    /// </summary>
+    public Errno Unregister(ulong start, ulong len)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return st;
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return r;
+        if (Mm.Exited)
+            return Errno.ENOMEM;
+        var end = start + len;
+        var vmas = Mm.VmasIn(start, end);
+        if (vmas.Count == 0)
+            return Errno.EINVAL;
+        foreach (var v in vmas)
+        {
+            if (v.UffdCtx is not null && v.UffdCtx != this)
+                return Errno.EINVAL;
+            if (!Mm.VmaCanUserfault(v, v.Flags, WpAsync, IsV6))
+                return Errno.EINVAL;
+        }
+        foreach (var v in vmas)
+        {
+            if (v.UffdCtx is null)
+                continue;
+            var s = Math.Max(start, v.Start);
+            var e = Math.Min(end, v.End);
+            if (v.UserfaultfdMissing)
+                WakeUserfault(s, e - s);
+            Mm.UserfaultfdClearVma(v, s, e);
+        }
+        return Errno.OK;
+    }
+
+    /// <summary>Models userfaultfd_wake: wakes blocked faults in the range; no VMA checks.</summary>
+    public Errno Wake(ulong start, ulong len)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return st;
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return r;
+        WakeUserfault(start, len);
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// Models userfaultfd_writeprotect: mmap_changing first (EAGAIN), then the range and
+    /// mode checks (WP|DONTWAKE is EINVAL), then mwriteprotect_range. Mode 0 without
+    /// DONTWAKE wakes the range; mode WP never wakes.
+    /// </summary>
+    public Errno Writeprotect(ulong start, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return st;
+        if (MmapChanging > 0)
+            return Errno.EAGAIN;
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return r;
+        if ((mode & ~(Uapi.WriteprotectModeWp | Uapi.WriteprotectModeDontwake)) != 0)
+            return Errno.EINVAL;
+        var wp = (mode & Uapi.WriteprotectModeWp) != 0;
+        var dontwake = (mode & Uapi.WriteprotectModeDontwake) != 0;
+        if (wp && dontwake)
+            return Errno.EINVAL;
+        if (Mm.Exited)
+            return Errno.ESRCH;
+        r = Mm.MwriteprotectRange(this, start, len, wp);
+        if (r != Errno.OK)
+            return r;
+        if (!wp && !dontwake)
+            WakeUserfault(start, len);
+        return Errno.OK;
+    }
+
+    /// <summary>
+    /// Models userfaultfd_copy: mmap_changing (field = -EAGAIN), source and destination
+    /// ranges (the source may be unaligned), mode bits; then mfill_atomic_copy. The field
+    /// gets bytes copied or -errno; a partial copy fails with EAGAIN; the copied range is
+    /// woken unless DONTWAKE.
+    /// </summary>
+    public FillResult Copy(ulong dst, ReadOnlySpan<byte> src, ulong srcAddr, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return FillResult.Untouched(st);
+        if (MmapChanging > 0)
+            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+        var r = ValidateRange(srcAddr, len, allowUnaligned: true);
+        if (r == Errno.OK)
+            r = ValidateRange(dst, len);
+        if (r != Errno.OK)
+            return FillResult.Untouched(r);
+        if ((mode & ~(Uapi.CopyModeDontwake | Uapi.CopyModeWp)) != 0)
+            return FillResult.Untouched(Errno.EINVAL);
+        if ((ulong)src.Length < len)
+            return FillResult.Untouched(Errno.EFAULT);
+        if (Mm.Exited)
+            return FillResult.Untouched(Errno.ESRCH);
+        var ret = Mm.MfillAtomic(this, dst, src, len, MfillMode.Copy, (mode & Uapi.CopyModeWp) != 0);
+        return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
+    }
+
+    /// <summary>Models userfaultfd_zeropage (mode DONTWAKE only).</summary>
+    public FillResult Zeropage(ulong start, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return FillResult.Untouched(st);
+        if (MmapChanging > 0)
+            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return FillResult.Untouched(r);
+        if ((mode & ~Uapi.ZeropageModeDontwake) != 0)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (Mm.Exited)
+            return FillResult.Untouched(Errno.ESRCH);
+        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Zeropage, false);
+        return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0);
+    }
+
+    /// <summary>Models userfaultfd_continue (modes DONTWAKE, WP).</summary>
+    public FillResult Continue(ulong start, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return FillResult.Untouched(st);
+        if (!IsV6)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (MmapChanging > 0)
+            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return FillResult.Untouched(r);
+        if ((mode & ~(Uapi.ContinueModeDontwake | Uapi.ContinueModeWp)) != 0)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (Mm.Exited)
+            return FillResult.Untouched(Errno.ESRCH);
+        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
+        return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0);
+    }
+
+    /// <summary>Models userfaultfd_poison (mode DONTWAKE only).</summary>
+    public FillResult Poison(ulong start, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return FillResult.Untouched(st);
+        if (!IsV6)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (MmapChanging > 0)
+            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+        var r = ValidateRange(start, len);
+        if (r != Errno.OK)
+            return FillResult.Untouched(r);
+        if ((mode & ~Uapi.PoisonModeDontwake) != 0)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (Mm.Exited)
+            return FillResult.Untouched(Errno.ESRCH);
+        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Poison, false);
+        return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0);
+    }
+
+    /// <summary>
+    /// Models userfaultfd_move: only a thread of the context's own process may move
+    /// (EINVAL otherwise, field untouched); both ranges page aligned; then move_pages.
+    /// </summary>
+    public FillResult Move(Mm caller, ulong dst, ulong src, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        var st = CheckState();
+        if (st != Errno.OK)
+            return FillResult.Untouched(st);
+        if (!IsV6)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (MmapChanging > 0)
+            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+        if (caller != Mm)
+            return FillResult.Untouched(Errno.EINVAL);
+        var r = ValidateRange(dst, len);
+        if (r == Errno.OK)
+            r = ValidateRange(src, len);
+        if (r != Errno.OK)
+            return FillResult.Untouched(r);
+        if ((mode & ~(Uapi.MoveModeDontwake | Uapi.MoveModeAllowSrcHoles)) != 0)
+            return FillResult.Untouched(Errno.EINVAL);
+        if (Mm.Exited)
+            return FillResult.Untouched(Errno.ESRCH);
+        var ret = Mm.MovePages(this, dst, src, len, (mode & Uapi.MoveModeAllowSrcHoles) != 0);
+        return FinishFill(dst, len, ret, (mode & Uapi.MoveModeDontwake) != 0);
+    }
+
+    /// <summary>The §3.10 convention: field = bytes done or -errno; partial → EAGAIN; wake the done range.</summary>
+    private FillResult FinishFill(ulong start, ulong len, long ret, bool dontwake)
+    {
+        if (ret < 0)
+            return new((Errno)(-ret), ret);
+        if (!dontwake)
+            WakeUserfault(start, (ulong)ret);
+        return new((ulong)ret == len ? Errno.OK : Errno.EAGAIN, ret);
+    }
+
+    /// <summary>dup_userfaultfd: the child context of a fork (same features; fd created when the FORK event is read).</summary>
+    internal UserfaultfdCtx ForkChild(Mm child)
+    {
+        var c = new UserfaultfdCtx(child, Kernel.NextCtxId(), NonBlocking, UserModeOnly)
+        {
+            State = UffdState.Running,
+            Features = Features,
+            Installed = false,
+        };
+        Kernel.RegisterCtx(c);
+        return c;
+    }
+}

@@ -213,6 +213,12 @@ public sealed class Kernel
     {
         if (page.IsZeroPage || page.PreciseMapCount > 0 || page.Pins > 0)
             return;
+        if (page.SwapCacheSlot != 0)
+        {
+            if (_swap.TryGetValue(page.SwapCacheSlot, out var sc) && sc.Count > 0)
+                return;
+            SwapCacheDelete(page);
+        }
         if (page.Kind == PageKind.File && page.Mapping is { } f && f.Cache.GetValueOrDefault(page.Index) == page)
             return;
         if (page.Folio is { } folio)
@@ -250,11 +256,37 @@ public sealed class Kernel
     /// <summary>swap_duplicate.</summary>
     internal void SwapDup(ulong slot) => _swap[slot].Count++;
 
-    /// <summary>free_swap_and_cache: drops one reference to a swap slot.</summary>
+    /// <summary>swap_free / free_swap_and_cache: drops one reference to a swap slot.</summary>
     internal void SwapFree(ulong slot)
     {
-        if (_swap.TryGetValue(slot, out var s) && --s.Count <= 0)
+        if (!_swap.TryGetValue(slot, out var s))
+            return;
+        s.Count--;
+        if (s.Count > 0)
+            return;
+        if (s.Cache is { } page && page.PreciseMapCount == 0)
+        {
+            SwapCacheDelete(page);
+            MaybeFree(page);
+            return;
+        }
+        if (s.Cache is null)
             _swap.Remove(slot);
+    }
+
+    /// <summary>delete_from_swap_cache / folio_free_swap: the page leaves the swap cache; a slot nobody references is freed.</summary>
+    internal void SwapCacheDelete(Page page)
+    {
+        if (page.SwapCacheSlot == 0)
+            return;
+        var id = page.SwapCacheSlot;
+        page.SwapCacheSlot = 0;
+        if (_swap.TryGetValue(id, out var s))
+        {
+            s.Cache = null;
+            if (s.Count <= 0)
+                _swap.Remove(id);
+        }
     }
 
     // ---------------------------------------------------------------- scheduling

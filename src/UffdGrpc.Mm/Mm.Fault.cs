@@ -255,7 +255,7 @@ public sealed partial class Mm
         if (!write && !uffdWp && !vma.UserfaultfdWp && !vma.UserfaultfdMinor)
             FaultAround(vma, table, addr);
         table.Entries[i] = FileFaultPte(vma, page!, write, uffdWp);
-        page!.MapCount++;
+        AddRmap(page!);
         return FaultResult.Ok;
     }
 
@@ -301,7 +301,7 @@ public sealed partial class Mm
             if (page is null)
                 continue;
             table.Entries[i] = FileFaultPte(vma, page, write: false, uffdWp: false).MkOld();
-            page.MapCount++;
+            AddRmap(page);
         }
     }
 
@@ -369,31 +369,40 @@ public sealed partial class Mm
     {
         var i = PageTable.PteIndex(addr);
         var entry = table.Entries[i];
-        var slot = Kernel.SwapSlotOf(entry.SwapSlot);
-        var page = Kernel.AllocPage(PageKind.Anon);
+        var slotId = entry.SwapSlot;
+        var slot = Kernel.SwapSlotOf(slotId);
+        var page = slot.Cache;
         if (page is null)
-            return FaultResult.Oom;
-        page.Data = slot.Data is null ? null : (byte[])slot.Data.Clone();
+        {
+            // swapin_readahead: a new folio enters the swap cache.
+            page = Kernel.AllocPage(PageKind.Anon);
+            if (page is null)
+                return FaultResult.Oom;
+            page.Data = slot.Data is null ? null : (byte[])slot.Data.Clone();
+            slot.Cache = page;
+            page.SwapCacheSlot = slotId;
+        }
+        page.Kind = PageKind.Anon;
         var exclusive = entry.SwpExclusive;
-        var shared = slot.Count > 1;
         var pte = MkPte(page, vma).MkYoung();
         if (entry.SwpSoftDirty)
             pte = pte.MkSoftDirty();
         if (entry.SwpUffdWp)
             pte = pte.MkUffdWp();
-        Kernel.SwapFree(entry.SwapSlot);
-        page.Kind = PageKind.Anon;
-        page.MapCount = 1;
-        if (exclusive || !shared)
+        var othersMapped = page.MapCount > 0;
+        AddRmap(page);
+        Kernel.SwapFree(slotId);
+        // should_try_to_free_swap: a write fault by the only user drops the swap cache.
+        if (write && !othersMapped && page.Pins == 0)
+            Kernel.SwapCacheDelete(page);
+        var refOne = page.SwapCacheSlot == 0 && !othersMapped && page.Pins == 0;
+        if (exclusive || refOne)
         {
-            if (IsV6 || write)
+            if ((IsV6 || write) && (vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
             {
-                if ((vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
-                {
-                    pte = pte.MkWrite();
-                    if (write)
-                        pte = pte.MkDirty();
-                }
+                pte = pte.MkWrite();
+                if (write)
+                    pte = pte.MkDirty();
             }
             page.AnonExclusive = true;
         }
@@ -449,7 +458,11 @@ public sealed partial class Mm
         if (!IsV6)
             return page.PreciseMapCount == 1;
         if (page.Folio is { } folio)
-            return Array.TrueForAll(folio.Pages, p => p.PreciseMapCount <= 1 && p.Pins == 0);
+        {
+            // __wp_can_reuse_large_anon_folio: mapped by this mm only, more than one page mapped, no extra references.
+            return folio.LargeMapCount > 1 && !folio.MaybeMappedShared && folio.MmMaps.ContainsKey(this)
+                && Array.TrueForAll(folio.Pages, p => p.Pins == 0);
+        }
         return page.RefCount == 1;
     }
 
@@ -530,6 +543,7 @@ public sealed partial class Mm
             p.AnonExclusive = true;
         }
         folio.EntireMapCount = 1;
+        folio.Track(this, 1);
         var pmd = new Pmd(Pmd.Huge(folio.Head.Pfn).Value | PageProt(vma)).MkDirty();
         pmdt.Entries[pi] = (vma.Flags & VmFlags.Write) != 0 ? pmd.MkWrite() : pmd;
     }
@@ -619,6 +633,7 @@ public sealed partial class Mm
                 if (pmd.Dirty)
                     e = new Pte(e.Value | PteBits.PageDirty);
                 sub.MapCount++;
+                folio.Track(this, 1);
             }
             e = pmd.Young ? e.MkYoung() : e.MkOld();
             if (pmd.SoftDirty)
@@ -630,7 +645,10 @@ public sealed partial class Mm
             table.Entries[i] = e;
         }
         if (!folio.IsHugeZero)
+        {
             folio.EntireMapCount--;
+            folio.Track(this, -1);
+        }
         pmdt.Entries[pi] = default;
         pmdt.Tables[pi] = table;
     }

@@ -85,7 +85,7 @@ public sealed partial class Mm
                 if (pte.IsNone)
                     continue;
                 if (pte.Present)
-                    ctable.Entries[i] = CopyPresentPte(src, table, i, pte, childWp);
+                    ctable.Entries[i] = CopyPresentPte(child, src, table, i, pte, childWp);
                 else
                     ctable.Entries[i] = CopyNonpresentPte(table, i, pte, childWp);
             }
@@ -99,12 +99,12 @@ public sealed partial class Mm
     /// entry is old, clean for shared mappings, and keeps uffd-wp only if the child VMA is
     /// uffd-wp (6.x; v5.7 looked at the parent VMA).
     /// </summary>
-    private Pte CopyPresentPte(Vma src, PteTable table, int i, Pte pte, bool childWp)
+    private Pte CopyPresentPte(Mm child, Vma src, PteTable table, int i, Pte pte, bool childWp)
     {
         var page = NormalPage(pte);
         if (page is not null)
         {
-            page.MapCount++;
+            child.AddRmap(page);
             if (page.IsAnon)
                 page.AnonExclusive = false;
         }
@@ -148,6 +148,7 @@ public sealed partial class Mm
         if (!folio.IsHugeZero)
         {
             folio.EntireMapCount++;
+            folio.Track(child, 1);
             foreach (var p in folio.Pages)
                 p.AnonExclusive = false;
             if (src.IsCowMapping)

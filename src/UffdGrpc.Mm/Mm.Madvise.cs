@@ -355,7 +355,7 @@ public sealed partial class Mm
             page.Dirty = true;
         table.Entries[i] = Pte.None;
         InstallUffdWpIfNeeded(vma, table, i, pte);
-        page.MapCount--;
+        RemoveRmap(page);
         if (file.IsShmem && Kernel.Config.Swap)
         {
             file.Cache.Remove(page.Index);
@@ -412,6 +412,9 @@ public sealed partial class Mm
     private Errno MadviseCollapse(Vma vma, ulong start, ulong end)
     {
         if ((vma.Flags & VmFlags.NoHugePage) != 0 || Kernel.Config.Thp == ThpMode.Never || !vma.IsAnonymous)
+            return Errno.EINVAL;
+        // thp_vma_allowable_order: the VMA must be able to hold an aligned PMD at all.
+        if (((vma.Start + Kernel.PmdSize - 1) & Kernel.PmdMask) + Kernel.PmdSize > vma.End)
             return Errno.EINVAL;
         var hstart = (start + Kernel.PmdSize - 1) & Kernel.PmdMask;
         var hend = end & Kernel.PmdMask;

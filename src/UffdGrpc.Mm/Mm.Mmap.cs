@@ -167,6 +167,7 @@ public sealed partial class Mm
         if (folio.IsHugeZero)
             return;
         folio.EntireMapCount--;
+        folio.Track(this, -1);
         Kernel.MaybeFree(folio.Head);
     }
 

@@ -57,7 +57,7 @@ public sealed partial class Mm
                 flags |= Uapi.PmUffdWp;
             if (!head.IsAnon)
                 flags |= Uapi.PmFile;
-            if (!head.Folio.IsHugeZero && sub.PreciseMapCount == 1)
+            if (!head.Folio.IsHugeZero && sub.PreciseMapCount >= 1 && !head.Folio.MaybeMappedShared)
                 flags |= Uapi.PmMmapExclusive;
             return flags;
         }
@@ -88,7 +88,7 @@ public sealed partial class Mm
         {
             if (!page.IsAnon)
                 flags |= Uapi.PmFile;
-            if (page.PreciseMapCount == 1)
+            if (page.Folio is { } folio ? !folio.MaybeMappedShared : page.PreciseMapCount == 1)
                 flags |= Uapi.PmMmapExclusive;
         }
         return flags;

@@ -269,7 +269,7 @@ public sealed partial class Mm
         if (!cur.IsNone && !(cur.IsMarker && !cur.IsGuardMarker))
             return Errno.EEXIST;
         if (pageInCache)
-            page.MapCount++;
+            AddRmap(page);
         else
             AddNewAnonRmap(page);
         table.Entries[i] = pte;

@@ -235,11 +235,21 @@ public sealed partial class Mm
         page.AnonExclusive = true;
     }
 
+    /// <summary>Adds one PTE mapping of <paramref name="page"/> in this mm (folio_add_*_rmap_pte / folio_dup_*_rmap_pte).</summary>
+    internal void AddRmap(Page page)
+    {
+        if (page.IsZeroPage)
+            return;
+        page.MapCount++;
+        page.Folio?.Track(this, 1);
+    }
+
     /// <summary>Drops one PTE mapping of <paramref name="page"/> (folio_remove_rmap_pte) and frees it when unused.</summary>
     internal void RemoveRmap(Page page)
     {
         if (page.IsZeroPage)
             return;
+        page.Folio?.Track(this, -1);
         page.MapCount--;
         Debug.Assert(page.MapCount >= 0);
         Kernel.MaybeFree(page);

@@ -92,6 +92,14 @@ public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
 /// <summary>madvise(2): see <see cref="Mm.MadviseStep"/>.</summary>
 public sealed class MadviseOp(ulong start, ulong len, Madv advice) : SyscallOp
 {
+    /// <summary>The operation madvise(2) runs: MADV_POPULATE_* go through GUP (<see cref="PopulateOp"/>).</summary>
+    public static SyscallOp Create(ulong start, ulong len, Madv advice) => advice switch
+    {
+        Madv.PopulateRead => new PopulateOp(start, len, write: false),
+        Madv.PopulateWrite => new PopulateOp(start, len, write: true),
+        _ => new MadviseOp(start, len, advice),
+    };
+
     public ulong Start { get; } = start;
     public ulong Len { get; } = len;
     public Madv Advice { get; } = advice;

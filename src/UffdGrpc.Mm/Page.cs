@@ -42,6 +42,8 @@ public sealed class Page
     public bool Dirty { get; internal set; }
     /// <summary>MADV_FREE marked this anon page lazily freeable (folio_mark_lazyfree).</summary>
     public bool LazyFree { get; internal set; }
+    /// <summary>The swap slot whose swap cache holds this page (0: not in the swap cache).</summary>
+    internal ulong SwapCacheSlot;
 
     internal byte[]? Data;
 
@@ -108,6 +110,24 @@ public sealed class Folio
     /// <summary>Number of PMDs mapping the whole folio (folio->_entire_mapcount + 1).</summary>
     public int EntireMapCount { get; internal set; }
 
+    /// <summary>Mappings (PMD or PTE) per address space: the folio's MM ids (CONFIG_MM_ID).</summary>
+    internal readonly Dictionary<Mm, int> MmMaps = [];
+
+    /// <summary>folio_maybe_mapped_shared: more than one address space maps the folio.</summary>
+    public bool MaybeMappedShared => MmMaps.Count > 1;
+
+    /// <summary>folio_large_mapcount: every PTE mapping plus every PMD mapping.</summary>
+    public int LargeMapCount => EntireMapCount + Pages.Sum(p => p.MapCount);
+
+    internal void Track(Mm mm, int delta)
+    {
+        var n = MmMaps.GetValueOrDefault(mm) + delta;
+        if (n <= 0)
+            MmMaps.Remove(mm);
+        else
+            MmMaps[mm] = n;
+    }
+
     internal int RefCount
     {
         get
@@ -129,4 +149,6 @@ internal sealed class SwapSlot
     public byte[]? Data;
     /// <summary>swap_map count: the number of swap entries referencing the slot.</summary>
     public int Count;
+    /// <summary>The page in the swap cache for this slot, if any.</summary>
+    public Page? Cache;
 }

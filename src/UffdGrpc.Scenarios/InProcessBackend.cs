@@ -77,7 +77,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
         {
             ThreadOpKind.Access => new AccessOp(request.Addr, request.Write, request.Value, request.Count, request.KernelOrigin ? AccessOrigin.Kernel : AccessOrigin.User),
             ThreadOpKind.Populate => new PopulateOp(request.Addr, request.Len, request.Write),
-            ThreadOpKind.Madvise => new MadviseOp(request.Addr, request.Len, request.Advice),
+            ThreadOpKind.Madvise => MadviseOp.Create(request.Addr, request.Len, request.Advice),
             ThreadOpKind.Munmap => new MunmapOp(request.Addr, request.Len),
             ThreadOpKind.Mremap => new MremapOp(request.Addr, request.Len, request.Addr2),
             ThreadOpKind.Fork => new ForkOp(),

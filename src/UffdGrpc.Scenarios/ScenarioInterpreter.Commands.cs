@@ -8,10 +8,20 @@ public sealed partial class ScenarioInterpreter
 {
     private static readonly Dictionary<string, Madv> s_madvNames = new()
     {
-        ["dontneed"] = Madv.Dontneed, ["pageout"] = Madv.Pageout, ["free"] = Madv.Free, ["remove"] = Madv.Remove,
-        ["hugepage"] = Madv.Hugepage, ["nohugepage"] = Madv.Nohugepage, ["populate_read"] = Madv.PopulateRead,
-        ["populate_write"] = Madv.PopulateWrite, ["collapse"] = Madv.Collapse, ["dontfork"] = Madv.Dontfork,
-        ["dofork"] = Madv.Dofork, ["cold"] = Madv.Cold, ["wipeonfork"] = Madv.Wipeonfork, ["normal"] = Madv.Normal,
+        ["dontneed"] = Madv.Dontneed,
+        ["pageout"] = Madv.Pageout,
+        ["free"] = Madv.Free,
+        ["remove"] = Madv.Remove,
+        ["hugepage"] = Madv.Hugepage,
+        ["nohugepage"] = Madv.Nohugepage,
+        ["populate_read"] = Madv.PopulateRead,
+        ["populate_write"] = Madv.PopulateWrite,
+        ["collapse"] = Madv.Collapse,
+        ["dontfork"] = Madv.Dontfork,
+        ["dofork"] = Madv.Dofork,
+        ["cold"] = Madv.Cold,
+        ["wipeonfork"] = Madv.Wipeonfork,
+        ["normal"] = Madv.Normal,
     };
 
     private static readonly string[] s_plain = ["write", "read", "kwrite", "kread", "populate", "pagemap", "pageid", "vmas", "scan"];

@@ -145,8 +145,16 @@ public static class ScenarioParsing
     {
         var names = new Dictionary<int, string>
         {
-            [0] = "REGISTER", [1] = "UNREGISTER", [2] = "WAKE", [3] = "COPY", [4] = "ZEROPAGE",
-            [5] = "MOVE", [6] = "WRITEPROTECT", [7] = "CONTINUE", [8] = "POISON", [63] = "API",
+            [0] = "REGISTER",
+            [1] = "UNREGISTER",
+            [2] = "WAKE",
+            [3] = "COPY",
+            [4] = "ZEROPAGE",
+            [5] = "MOVE",
+            [6] = "WRITEPROTECT",
+            [7] = "CONTINUE",
+            [8] = "POISON",
+            [63] = "API",
         };
         var sb = new StringBuilder();
         for (var i = 0; i < 64; i++)
@@ -212,17 +220,28 @@ public static class ScenarioParsing
     /// <summary>Feature words of kuffd's feat_names.</summary>
     public static readonly IReadOnlyDictionary<string, ulong> FeatureNames = new Dictionary<string, ulong>
     {
-        ["wp"] = 1UL << 0, ["pagefault_flag_wp"] = 1UL << 0,
-        ["fork"] = 1UL << 1, ["event_fork"] = 1UL << 1,
-        ["remap"] = 1UL << 2, ["event_remap"] = 1UL << 2,
-        ["remove"] = 1UL << 3, ["event_remove"] = 1UL << 3,
-        ["missing_hugetlbfs"] = 1UL << 4, ["missing_shmem"] = 1UL << 5,
-        ["unmap"] = 1UL << 6, ["event_unmap"] = 1UL << 6,
-        ["sigbus"] = 1UL << 7, ["thread_id"] = 1UL << 8,
-        ["minor_hugetlbfs"] = 1UL << 9, ["minor_shmem"] = 1UL << 10,
-        ["exact_address"] = 1UL << 11, ["wp_hugetlbfs_shmem"] = 1UL << 12,
-        ["wp_unpopulated"] = 1UL << 13, ["poison"] = 1UL << 14,
-        ["wp_async"] = 1UL << 15, ["move"] = 1UL << 16,
+        ["wp"] = 1UL << 0,
+        ["pagefault_flag_wp"] = 1UL << 0,
+        ["fork"] = 1UL << 1,
+        ["event_fork"] = 1UL << 1,
+        ["remap"] = 1UL << 2,
+        ["event_remap"] = 1UL << 2,
+        ["remove"] = 1UL << 3,
+        ["event_remove"] = 1UL << 3,
+        ["missing_hugetlbfs"] = 1UL << 4,
+        ["missing_shmem"] = 1UL << 5,
+        ["unmap"] = 1UL << 6,
+        ["event_unmap"] = 1UL << 6,
+        ["sigbus"] = 1UL << 7,
+        ["thread_id"] = 1UL << 8,
+        ["minor_hugetlbfs"] = 1UL << 9,
+        ["minor_shmem"] = 1UL << 10,
+        ["exact_address"] = 1UL << 11,
+        ["wp_hugetlbfs_shmem"] = 1UL << 12,
+        ["wp_unpopulated"] = 1UL << 13,
+        ["poison"] = 1UL << 14,
+        ["wp_async"] = 1UL << 15,
+        ["move"] = 1UL << 16,
     };
 
     /// <summary>sigdesc of kuffd.</summary>

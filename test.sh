@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test of the project (unit, conformance replay, contract) in Release.
+# The conformance replay reads ../shared/conformance/scenarios when it exists, plus the
+# project's own real-kernel scenarios in tests/conformance/scenarios.
+set -euo pipefail
+cd "$(dirname "$0")"
+rm -rf artifacts/TestResults
+dotnet test UffdGrpc.sln -c Release
+if [ -f artifacts/conformance-report.txt ]; then
+  grep -E '^(FAIL|NOTE)' artifacts/conformance-report.txt || true
+  tail -n 1 artifacts/conformance-report.txt
+fi

@@ -109,6 +109,8 @@ public sealed partial class ScenarioInterpreter
         public long CurrentOp;
         public bool BlockedReported;
         public string CurOp = "";
+        /// <summary>Result lines written by the executor that main has not printed yet (kuffd's result pipe).</summary>
+        public readonly List<string> Pipe = [];
         public int PendingCount => Pending.Count + (Current is null ? 0 : 1);
     }
 
@@ -282,9 +284,12 @@ public sealed partial class ScenarioInterpreter
     }
 
     /// <summary>
-    /// settle(): until nothing changes, finish completed executor operations (printing
-    /// their results), start queued executor commands, and let the handler read one
-    /// message per open non-blocking uffd per round. Then print "blocked" lines.
+    /// settle(): until nothing changes, finish completed executor operations (their result
+    /// lines go to the executor's pipe), start queued executor commands, and let the
+    /// handler read one message per open non-blocking uffd per round. Executors and the
+    /// handler run ahead of main, so main prints the pipes (worker first, as kuffd drains
+    /// them) once they are idle: an event raised by a command queued behind a finished
+    /// one comes before that finished command's result. Then "blocked" lines.
     /// </summary>
     private async Task SettleAsync()
     {
@@ -295,6 +300,12 @@ public sealed partial class ScenarioInterpreter
                 progress |= await HandlerRoundAsync(resolve: true).ConfigureAwait(false);
             if (!progress)
                 break;
+        }
+        foreach (var ex in new[] { _worker, _child })
+        {
+            foreach (var l in ex.Pipe)
+                Emit($"{ex.Label}: {l}");
+            ex.Pipe.Clear();
         }
         foreach (var ex in new[] { _worker, _child })
         {
@@ -337,10 +348,7 @@ public sealed partial class ScenarioInterpreter
                 var cmd = ex.Current;
                 ex.Current = null;
                 if (!r.Aborted)
-                {
-                    foreach (var l in await FormatOpResultAsync(Split(cmd), r, ex).ConfigureAwait(false))
-                        Emit($"{ex.Label}: {l}");
-                }
+                    ex.Pipe.AddRange(await FormatOpResultAsync(Split(cmd), r, ex).ConfigureAwait(false));
                 return;
             }
         }
@@ -371,8 +379,7 @@ public sealed partial class ScenarioInterpreter
                 ex.CurrentOp = await _k.StartAsync(ex.Thread, req).ConfigureAwait(false);
                 continue;
             }
-            foreach (var l in await RunOnExecutorAsync(argv, ex).ConfigureAwait(false))
-                Emit($"{ex.Label}: {l}");
+            ex.Pipe.AddRange(await RunOnExecutorAsync(argv, ex).ConfigureAwait(false));
         }
         return ran;
     }

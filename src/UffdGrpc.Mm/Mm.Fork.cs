@@ -54,31 +54,19 @@ public sealed partial class Mm
     private void CopyPageRange(Mm child, Vma dst, Vma src)
     {
         var childWp = IsV6 ? dst.UserfaultfdWp : src.UserfaultfdWp;
-        for (var addr = src.Start; addr < src.End;)
+        foreach (var st in PageTable.Walk(src.Start, src.End))
         {
-            var next = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, src.End);
-            var pmdt = PageTable.PmdTableOf(addr, false);
-            if (pmdt is null)
+            if (st.Table is not { } pmdt)
+                continue;
+            if (st.IsHuge)
             {
-                addr = next;
+                CopyHugePmd(child, src, pmdt, st.Index, st.Addr, childWp);
                 continue;
             }
-            var pi = PageTable.PmdIndex(addr);
-            var pmd = pmdt.Entries[pi];
-            if (pmd.TransHuge)
-            {
-                CopyHugePmd(child, src, pmdt, pi, addr, childWp);
-                addr = next;
+            if (st.PteTable is not { } table)
                 continue;
-            }
-            var table = pmdt.Tables[pi];
-            if (table is null)
-            {
-                addr = next;
-                continue;
-            }
-            var ctable = child.PageTable.PteAlloc(addr)!;
-            for (var a = addr; a < next; a += Kernel.PageSize)
+            var ctable = child.PageTable.PteAlloc(st.Addr)!;
+            for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
@@ -89,7 +77,6 @@ public sealed partial class Mm
                 else
                     ctable.Entries[i] = CopyNonpresentPte(table, i, pte, childWp);
             }
-            addr = next;
         }
     }
 

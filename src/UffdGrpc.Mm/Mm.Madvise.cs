@@ -243,20 +243,15 @@ public sealed partial class Mm
     {
         if (!vma.IsAnonymous)
             return Errno.EINVAL;
-        for (var a = start; a < end;)
+        foreach (var st in PageTable.Walk(start, end))
         {
-            var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, end);
-            var pmdt = PageTable.PmdTableOf(a, false);
-            if (pmdt is null)
-            {
-                a = next;
+            if (st.Table is not { } pmdt)
                 continue;
-            }
-            var pi = PageTable.PmdIndex(a);
-            if (pmdt.Entries[pi].TransHuge)
-                SplitHugePmd(vma, pmdt, pi, a & Kernel.PmdMask);
+            var pi = st.Index;
+            if (st.IsHuge)
+                SplitHugePmd(vma, pmdt, pi, st.Addr & Kernel.PmdMask);
             var table = pmdt.Tables[pi];
-            for (; table is not null && a < next; a += Kernel.PageSize)
+            for (var a = st.Addr; table is not null && a < st.End; a += Kernel.PageSize)
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
@@ -276,7 +271,6 @@ public sealed partial class Mm
                     page.LazyFree = true;
                 }
             }
-            a = next;
         }
         return Errno.OK;
     }
@@ -292,35 +286,26 @@ public sealed partial class Mm
     {
         if ((vma.Flags & VmFlags.Locked) != 0)
             return Errno.EINVAL;
-        for (var a = start; a < end;)
+        foreach (var st in PageTable.Walk(start, end))
         {
-            var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, end);
-            var pmdt = PageTable.PmdTableOf(a, false);
-            if (pmdt is null)
-            {
-                a = next;
+            if (st.Table is not { } pmdt)
                 continue;
-            }
-            var pi = PageTable.PmdIndex(a);
+            var pi = st.Index;
             if (pmdt.Entries[pi].TransHuge)
             {
                 var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
                 if (folio.IsHugeZero || !Kernel.Config.Swap || folio.EntireMapCount > 1)
-                {
-                    a = next;
                     continue;
-                }
-                SplitHugePmd(vma, pmdt, pi, a & Kernel.PmdMask);
+                SplitHugePmd(vma, pmdt, pi, st.Addr & Kernel.PmdMask);
             }
             var table = pmdt.Tables[pi];
-            for (; table is not null && a < next; a += Kernel.PageSize)
+            for (var a = st.Addr; table is not null && a < st.End; a += Kernel.PageSize)
             {
                 var pte = table.Entries[PageTable.PteIndex(a)];
                 if (!pte.Present || NormalPage(pte) is not { } page || page.PreciseMapCount != 1)
                     continue;
                 ReclaimPage(page, vma, table, PageTable.PteIndex(a), pte);
             }
-            a = next;
         }
         return Errno.OK;
     }

@@ -128,35 +128,25 @@ public sealed partial class Mm
     /// </summary>
     internal void ZapRange(Vma vma, ulong start, ulong end, ZapDetails details)
     {
-        for (var addr = start; addr < end;)
+        foreach (var st in PageTable.Walk(start, end))
         {
-            var next = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
-            var pmdt = PageTable.PmdTableOf(addr, false);
-            if (pmdt is null)
-            {
-                addr = next;
+            if (st.Table is not { } pmdt)
                 continue;
-            }
-            var pi = PageTable.PmdIndex(addr);
-            if (pmdt.Entries[pi].TransHuge)
+            if (st.IsHuge)
             {
-                if (next - addr == Kernel.PmdSize)
+                if (st.CoversPmd)
                 {
-                    ZapHugePmd(pmdt, pi);
-                    addr = next;
+                    ZapHugePmd(pmdt, st.Index);
                     continue;
                 }
-                SplitHugePmd(vma, pmdt, pi, addr & Kernel.PmdMask);
+                SplitHugePmd(vma, pmdt, st.Index, st.Addr & Kernel.PmdMask);
             }
-            var table = pmdt.Tables[pi];
-            if (table is not null)
-            {
-                for (var a = addr; a < next; a += Kernel.PageSize)
-                    ZapPte(vma, table, PageTable.PteIndex(a), details);
-                if (details.ReclaimPt && table.AllNone())
-                    pmdt.Tables[pi] = null;
-            }
-            addr = next;
+            if (st.PteTable is not { } table)
+                continue;
+            for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
+                ZapPte(vma, table, PageTable.PteIndex(a), details);
+            if (details.ReclaimPt && table.AllNone())
+                pmdt.Tables[st.Index] = null;
         }
     }
 

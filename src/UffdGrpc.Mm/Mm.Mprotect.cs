@@ -93,51 +93,40 @@ public sealed partial class Mm
         var uffdWp = (cpFlags & CpFlags.UffdWp) != 0;
         var useMarkers = uffdWp && IsV6 && vma.UserfaultfdWpUseMarkers;
         long pages = 0;
-        for (var addr = start; addr < end;)
+        foreach (var st in PageTable.Walk(start, end, alloc: useMarkers))
         {
-            var next = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
-            var pmdt = PageTable.PmdTableOf(addr, useMarkers);
-            if (pmdt is null)
-            {
-                addr = next;
+            if (st.Table is not { } pmdt)
                 continue;
-            }
-            var pi = PageTable.PmdIndex(addr);
-            if (pmdt.Entries[pi].TransHuge)
+            if (st.IsHuge)
             {
-                if (next - addr != Kernel.PmdSize || (uffdWp && !vma.IsAnonymous))
+                if (!st.CoversPmd || (uffdWp && !vma.IsAnonymous))
                 {
-                    SplitHugePmd(vma, pmdt, pi, addr & Kernel.PmdMask);
+                    SplitHugePmd(vma, pmdt, st.Index, st.Addr & Kernel.PmdMask);
                 }
                 else
                 {
-                    pages += ChangeHugePmd(vma, pmdt, pi, newProt, cpFlags);
-                    addr = next;
+                    pages += ChangeHugePmd(vma, pmdt, st.Index, newProt, cpFlags);
                     continue;
                 }
             }
-            var table = pmdt.Tables[pi];
+            var table = pmdt.Tables[st.Index];
             if (table is null)
             {
                 if (!useMarkers)
-                {
-                    addr = next;
                     continue;
-                }
-                table = pmdt.Tables[pi] = new PteTable();
+                table = pmdt.Tables[st.Index] = new PteTable();
             }
-            pages += ChangePteRange(vma, table.Entries, PageTable.PteIndex(addr), (int)((next - addr) / Kernel.PageSize), addr, newProt, cpFlags, useMarkers);
-            addr = next;
+            pages += ChangePteRange(vma, table.Entries, PageTable.PteIndex(st.Addr), (int)((st.End - st.Addr) / Kernel.PageSize), newProt, cpFlags, useMarkers);
         }
         return pages;
     }
 
-    private long ChangePteRange(Vma vma, Pte[] entries, int first, int count, ulong addr, ulong newProt, CpFlags cpFlags, bool useMarkers)
+    private long ChangePteRange(Vma vma, Pte[] entries, int first, int count, ulong newProt, CpFlags cpFlags, bool useMarkers)
     {
         var uffdWp = (cpFlags & CpFlags.UffdWp) != 0;
         var resolve = (cpFlags & CpFlags.UffdWpResolve) != 0;
         long pages = 0;
-        for (var i = first; i < first + count; i++, addr += Kernel.PageSize)
+        for (var i = first; i < first + count; i++)
         {
             ref var slot = ref entries[i];
             var old = slot;

@@ -71,28 +71,18 @@ public sealed partial class Mm
 
     private void ScanVma(Vma vma, ulong start, ulong end, ScanState p)
     {
-        for (var addr = start; addr < end && !p.Full;)
+        foreach (var st in PageTable.Walk(start, end))
         {
-            var next = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
-            var pmdt = PageTable.PmdTableOf(addr, false);
-            var pi = PageTable.PmdIndex(addr);
-            if (pmdt is not null && pmdt.Entries[pi].TransHuge)
+            if (p.Full)
+                break;
+            if (st.IsHuge && ScanThp(vma, st.Table!, st.Index, st.Addr, st.End, p))
+                continue;
+            if (st.PteTable is not { } table)
             {
-                if (ScanThp(vma, pmdt, pi, addr, next, p))
-                {
-                    addr = next;
-                    continue;
-                }
-            }
-            var table = pmdt?.Tables[pi];
-            if (table is null)
-            {
-                ScanHole(vma, addr, next, p);
-                addr = next;
+                ScanHole(vma, st.Addr, st.End, p);
                 continue;
             }
-            ScanPtes(vma, table, addr, next, p);
-            addr = next;
+            ScanPtes(vma, table, st.Addr, st.End, p);
         }
     }
 

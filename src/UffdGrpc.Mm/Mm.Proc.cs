@@ -118,24 +118,20 @@ public sealed partial class Mm
         {
             long rss = 0, swap = 0, pmdMapped = 0;
             var countShmemUnderHoles = v.IsShmem && !(v.IsShared || (v.Flags & VmFlags.Write) == 0);
-            for (var a = v.Start; a < v.End;)
+            foreach (var st in PageTable.Walk(v.Start, v.End))
             {
-                var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, v.End);
-                var pmdt = PageTable.PmdTableOf(a, false);
-                var pi = PageTable.PmdIndex(a);
-                if (pmdt is not null && pmdt.Entries[pi].TransHuge)
+                if (st.IsHuge)
                 {
-                    var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
+                    var folio = Kernel.PageOf(st.Table!.Entries[st.Index].Pfn)!.Folio!;
                     if (!folio.IsHugeZero)
                     {
-                        rss += (long)((next - a) / Kernel.PageSize);
+                        rss += (long)((st.End - st.Addr) / Kernel.PageSize);
                         pmdMapped++;
                     }
-                    a = next;
                     continue;
                 }
-                var table = pmdt?.Tables[pi];
-                for (; a < next; a += Kernel.PageSize)
+                var table = st.PteTable;
+                for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
                 {
                     var pte = table?.Entries[PageTable.PteIndex(a)] ?? Pte.None;
                     if (pte.Present && !pte.Special)
@@ -192,25 +188,18 @@ public sealed partial class Mm
 
     private void ClearRefsRange(Vma v, bool softDirty)
     {
-        for (var a = v.Start; a < v.End;)
+        foreach (var st in PageTable.Walk(v.Start, v.End))
         {
-            var next = Math.Min((a & Kernel.PmdMask) + Kernel.PmdSize, v.End);
-            var pmdt = PageTable.PmdTableOf(a, false);
-            if (pmdt is null)
+            if (st.Table is not { } pmdt)
+                continue;
+            if (st.IsHuge)
             {
-                a = next;
+                var pmd = pmdt.Entries[st.Index];
+                pmdt.Entries[st.Index] = softDirty ? pmd.Wrprotect().ClearSoftDirty() : pmd.MkOld();
                 continue;
             }
-            var pi = PageTable.PmdIndex(a);
-            if (pmdt.Entries[pi].TransHuge)
-            {
-                var pmd = pmdt.Entries[pi];
-                pmdt.Entries[pi] = softDirty ? pmd.Wrprotect().ClearSoftDirty() : pmd.MkOld();
-                a = next;
-                continue;
-            }
-            var table = pmdt.Tables[pi];
-            for (; table is not null && a < next; a += Kernel.PageSize)
+            var table = st.PteTable;
+            for (var a = st.Addr; table is not null && a < st.End; a += Kernel.PageSize)
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
@@ -226,7 +215,6 @@ public sealed partial class Mm
                     table.Entries[i] = pte.SwpClearSoftDirty();
                 }
             }
-            a = next;
         }
     }
 }

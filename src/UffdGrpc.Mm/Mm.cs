@@ -43,16 +43,8 @@ public sealed partial class Mm
     /// <summary>find_vma: the first VMA with End &gt; <paramref name="addr"/>.</summary>
     public Vma? FindVma(ulong addr)
     {
-        int lo = 0, hi = _vmas.Count;
-        while (lo < hi)
-        {
-            var mid = (lo + hi) / 2;
-            if (_vmas[mid].End <= addr)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        return lo < _vmas.Count ? _vmas[lo] : null;
+        var i = IndexOfFirstEndAbove(addr);
+        return i < _vmas.Count ? _vmas[i] : null;
     }
 
     /// <summary>vma_lookup: the VMA containing <paramref name="addr"/>.</summary>

@@ -83,6 +83,9 @@ public sealed class PageTable
             pmdt.Tables[PmdIndex(addr)] = null;
     }
 
+    /// <summary>Walks [start, end) PMD by PMD (allocating upper levels when <paramref name="alloc"/>).</summary>
+    public PmdWalk Walk(ulong start, ulong end, bool alloc = false) => new(this, start, end, alloc);
+
     /// <summary>Enumerates the 2 MiB slots that have a PTE table or a huge PMD.</summary>
     public IEnumerable<ulong> PopulatedSlots()
     {
@@ -103,5 +106,41 @@ public sealed class PageTable
                 }
             }
         }
+    }
+}
+
+/// <summary>One PMD-sized piece [Addr, End) of a page-table walk (pmd_addr_end), with its PMD slot.</summary>
+public readonly record struct PmdStep(ulong Addr, ulong End, PmdTable? Table, int Index)
+{
+    /// <summary>The slot holds a huge PMD.</summary>
+    public bool IsHuge => Table is not null && Table.Entries[Index].TransHuge;
+    /// <summary>The slot's PTE table, if any.</summary>
+    public PteTable? PteTable => Table?.Tables[Index];
+    /// <summary>The piece covers the whole 2 MiB slot.</summary>
+    public bool CoversPmd => End - Addr == Kernel.PmdSize;
+}
+
+/// <summary>
+/// A non-allocating walk over [start, end) in PMD-sized steps (the do/while of the
+/// kernel's change_pmd_range, zap_pmd_range, …). The PMD table of each step is looked up
+/// when the step starts, so a body may split or install entries in it.
+/// </summary>
+public struct PmdWalk(PageTable pt, ulong start, ulong end, bool alloc)
+{
+    private ulong _next = start;
+
+    public PmdStep Current { get; private set; }
+
+    public readonly PmdWalk GetEnumerator() => this;
+
+    public bool MoveNext()
+    {
+        if (_next >= end)
+            return false;
+        var addr = _next;
+        var stepEnd = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
+        _next = stepEnd;
+        Current = new PmdStep(addr, stepEnd, pt.PmdTableOf(addr, alloc), PageTable.PmdIndex(addr));
+        return true;
     }
 }

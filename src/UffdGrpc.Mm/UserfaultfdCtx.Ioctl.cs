@@ -220,22 +220,36 @@ public sealed partial class UserfaultfdCtx
         return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
     }
 
-    /// <summary>Models userfaultfd_zeropage (mode DONTWAKE only).</summary>
-    public FillResult Zeropage(ulong start, ulong len, ulong mode)
+    /// <summary>
+    /// The common entry checks of the fill ioctls, in the kernel's order: state, then
+    /// mmap_changing (field = -EAGAIN), then the range, unknown mode bits and a gone mm
+    /// (field untouched). Null when the operation may run.
+    /// </summary>
+    private FillResult? FillPrelude(ulong start, ulong len, ulong mode, ulong knownModes, bool v6Only)
     {
-        using var _ = Kernel.Enter();
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);
+        if (v6Only && !IsV6)
+            return FillResult.Untouched(Errno.EINVAL);
         if (MmapChanging > 0)
             return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
         var r = ValidateRange(start, len);
         if (r != Errno.OK)
             return FillResult.Untouched(r);
-        if ((mode & ~Uapi.ZeropageModeDontwake) != 0)
+        if ((mode & ~knownModes) != 0)
             return FillResult.Untouched(Errno.EINVAL);
         if (Mm.Exited)
             return FillResult.Untouched(Errno.ESRCH);
+        return null;
+    }
+
+    /// <summary>Models userfaultfd_zeropage (mode DONTWAKE only).</summary>
+    public FillResult Zeropage(ulong start, ulong len, ulong mode)
+    {
+        using var _ = Kernel.Enter();
+        if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, v6Only: false) is { } early)
+            return early;
         var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Zeropage, false);
         return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0);
     }
@@ -244,20 +258,8 @@ public sealed partial class UserfaultfdCtx
     public FillResult Continue(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
-        var st = CheckState();
-        if (st != Errno.OK)
-            return FillResult.Untouched(st);
-        if (!IsV6)
-            return FillResult.Untouched(Errno.EINVAL);
-        if (MmapChanging > 0)
-            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
-        var r = ValidateRange(start, len);
-        if (r != Errno.OK)
-            return FillResult.Untouched(r);
-        if ((mode & ~(Uapi.ContinueModeDontwake | Uapi.ContinueModeWp)) != 0)
-            return FillResult.Untouched(Errno.EINVAL);
-        if (Mm.Exited)
-            return FillResult.Untouched(Errno.ESRCH);
+        if (FillPrelude(start, len, mode, Uapi.ContinueModeDontwake | Uapi.ContinueModeWp, v6Only: true) is { } early)
+            return early;
         var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
         return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0);
     }
@@ -266,20 +268,8 @@ public sealed partial class UserfaultfdCtx
     public FillResult Poison(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
-        var st = CheckState();
-        if (st != Errno.OK)
-            return FillResult.Untouched(st);
-        if (!IsV6)
-            return FillResult.Untouched(Errno.EINVAL);
-        if (MmapChanging > 0)
-            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
-        var r = ValidateRange(start, len);
-        if (r != Errno.OK)
-            return FillResult.Untouched(r);
-        if ((mode & ~Uapi.PoisonModeDontwake) != 0)
-            return FillResult.Untouched(Errno.EINVAL);
-        if (Mm.Exited)
-            return FillResult.Untouched(Errno.ESRCH);
+        if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, v6Only: true) is { } early)
+            return early;
         var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Poison, false);
         return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0);
     }

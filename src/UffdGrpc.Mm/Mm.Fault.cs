@@ -638,7 +638,7 @@ public sealed partial class Mm
             e = pmd.Young ? e.MkYoung() : e.MkOld();
             if (pmd.SoftDirty)
                 e = e.MkSoftDirty();
-            if (pmd.UffdWp)
+            if (pmd.UffdWp && (IsV6 || !folio.IsHugeZero))
                 e = e.MkUffdWp();
             if (!pmd.HwPresent)
                 e = new Pte((e.Value & ~PteBits.PagePresent) | PteBits.PageProtNone);

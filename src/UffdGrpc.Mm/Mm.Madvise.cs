@@ -102,7 +102,7 @@ public sealed partial class Mm
         if (!op.Validated)
         {
             op.Validated = true;
-            if (!IsKnownAdvice(op.Advice))
+            if (!IsKnownAdvice(op.Advice) || (!IsV6 && op.Advice is Madv.Collapse))
             {
                 op.Result = Errno.EINVAL;
                 return true;

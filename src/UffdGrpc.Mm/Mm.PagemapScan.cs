@@ -28,6 +28,8 @@ public sealed partial class Mm
     public PmScanResult PagemapScan(PmScanArg arg)
     {
         using var _ = Kernel.Enter();
+        if (!IsV6)
+            return new(Errno.ENOTTY, 0, []);
         if (arg.Size != 96)
             return new(Errno.EINVAL, 0, []);
         if ((arg.Flags & ~3UL) != 0)

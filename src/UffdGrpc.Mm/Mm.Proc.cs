@@ -53,7 +53,7 @@ public sealed partial class Mm
             flags |= Uapi.PmPresent | (pmd.Pfn + idx);
             if (sd && pmd.SoftDirty)
                 flags |= Uapi.PmSoftDirty;
-            if (pmd.UffdWp)
+            if (pmd.UffdWp && IsV6)
                 flags |= Uapi.PmUffdWp;
             if (!head.IsAnon)
                 flags |= Uapi.PmFile;
@@ -69,14 +69,14 @@ public sealed partial class Mm
             page = NormalPage(pte);
             if (sd && pte.SoftDirty)
                 flags |= Uapi.PmSoftDirty;
-            if (pte.UffdWp)
+            if (pte.UffdWp && IsV6)
                 flags |= Uapi.PmUffdWp;
         }
         else if (pte.IsSwapLike)
         {
             if (sd && pte.SwpSoftDirty)
                 flags |= Uapi.PmSoftDirty;
-            if (pte.SwpUffdWp || pte.IsUffdWpMarker)
+            if ((pte.SwpUffdWp || pte.IsUffdWpMarker) && IsV6)
                 flags |= Uapi.PmUffdWp;
             if (pte.IsGuardMarker)
                 flags |= Uapi.PmGuard;

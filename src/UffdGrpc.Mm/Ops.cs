@@ -65,7 +65,9 @@ public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
     {
         if (_cursor == Start)
         {
-            var v = Mm.MadviseValidate(Start, Len, out var end);
+            // MADV_POPULATE_(READ|WRITE) arrived in 5.14: unknown advice (EINVAL) on v5.7.
+            var end = Start;
+            var v = Mm.Kernel.IsV6 ? Mm.MadviseValidate(Start, Len, out end) : Errno.EINVAL;
             if (v != Errno.OK || end == Start)
             {
                 Result = v;

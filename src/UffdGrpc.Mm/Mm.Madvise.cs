@@ -185,7 +185,7 @@ public sealed partial class Mm
         switch (advice)
         {
             case Madv.Dontneed:
-                ZapRange(vma, start, end, new ZapDetails(DropMarkers: false, EvenCows: true, ReclaimPt: true));
+                ZapRange(vma, start, end, new ZapDetails(DropMarkers: false, EvenCows: true));
                 return Errno.OK;
             case Madv.Free:
                 return MadviseFree(vma, start, end);
@@ -375,7 +375,7 @@ public sealed partial class Mm
                     continue;
                 var s = v.Start + ((vFirst - v.PgOff) * Kernel.PageSize);
                 var e = v.Start + ((vLast - v.PgOff) * Kernel.PageSize);
-                mm.ZapRange(v, s, e, new ZapDetails(DropMarkers: false, EvenCows: false, ReclaimPt: false));
+                mm.ZapRange(v, s, e, new ZapDetails(DropMarkers: false, EvenCows: false));
             }
         }
         for (var idx = first; idx < last; idx++)

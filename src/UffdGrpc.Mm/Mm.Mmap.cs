@@ -1,7 +1,7 @@
 namespace UffdGrpc.Mm;
 
 /// <summary>Zap options (struct zap_details).</summary>
-internal readonly record struct ZapDetails(bool DropMarkers, bool EvenCows, bool ReclaimPt);
+internal readonly record struct ZapDetails(bool DropMarkers, bool EvenCows);
 
 /// <summary>mmap, munmap, exit and the zap machinery (mm/mmap.c, mm/vma.c, mm/memory.c).</summary>
 public sealed partial class Mm
@@ -90,7 +90,7 @@ public sealed partial class Mm
         foreach (var v0 in vmas)
         {
             var v = IsolateRange(v0, Math.Max(start, v0.Start), Math.Min(end, v0.End));
-            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true, ReclaimPt: false));
+            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true));
             RemoveVma(v);
         }
         FreePgtables(start, end);
@@ -112,7 +112,7 @@ public sealed partial class Mm
     {
         foreach (var v in _vmas.ToList())
         {
-            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true, ReclaimPt: false));
+            ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true));
             RemoveVma(v);
         }
         Exited = true;
@@ -124,7 +124,8 @@ public sealed partial class Mm
     /// pages are unmapped, swap entries freed, markers dropped in anon VMAs (and with
     /// DropMarkers). In file VMAs a zapped entry that carried uffd-wp leaves a uffd-wp
     /// marker (zap_install_uffd_wp_if_needed). Huge PMDs partly covered are split first.
-    /// With ReclaimPt an emptied PTE table is freed (MADV_DONTNEED, CONFIG_PT_RECLAIM).
+    /// PTE tables stay (the reference kernel does not reclaim them on MADV_DONTNEED, so a
+    /// later PAGEMAP_SCAN still sees the empty entries as WRITTEN).
     /// </summary>
     internal void ZapRange(Vma vma, ulong start, ulong end, ZapDetails details)
     {
@@ -145,8 +146,6 @@ public sealed partial class Mm
                 continue;
             for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
                 ZapPte(vma, table, PageTable.PteIndex(a), details);
-            if (details.ReclaimPt && table.AllNone())
-                pmdt.Tables[st.Index] = null;
         }
     }
 

@@ -4,17 +4,6 @@ namespace UffdGrpc.Mm;
 public sealed class PteTable
 {
     public readonly Pte[] Entries = new Pte[Kernel.PtrsPerTable];
-
-    /// <summary>True when every entry is pte_none (the table may be reclaimed).</summary>
-    public bool AllNone()
-    {
-        foreach (var e in Entries)
-        {
-            if (!e.IsNone)
-                return false;
-        }
-        return true;
-    }
 }
 
 /// <summary>

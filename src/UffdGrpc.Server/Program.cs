@@ -1,6 +1,7 @@
+using UffdGrpc.Server;
 using UffdGrpc.Server.Services;
 
-var builder = WebApplication.CreateBuilder(args);
+var builder = WebApplication.CreateBuilder(ServerStartup.Options(args));
 builder.Services.AddUffdServer();
 
 var app = builder.Build();

@@ -50,6 +50,20 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
     }
 
     [Fact]
+    public async Task An_event_stream_with_a_deadline_ends_with_DeadlineExceeded_and_the_server_stops_reading()
+    {
+        using var channel = GrpcChannel.ForAddress(fx.Server.Address);
+        using var c = new UffdClient(channel);
+        await using var s = await CreateAsync(c, pages: 1, registerMode: 1);
+
+        using var timed = c.Uffd.ReadEvents(new UffdRef { UffdId = s.Uffd }, deadline: DateTime.UtcNow.AddMilliseconds(300));
+        var de = await Assert.ThrowsAsync<Grpc.Core.RpcException>(() => timed.ResponseStream.MoveNext(CancellationToken.None));
+        await EventuallyAsync(async () => (await c.PollAsync(s.Uffd)).Readers == 0, "the server ended the stream");
+
+        Assert.Equal(Grpc.Core.StatusCode.DeadlineExceeded, de.StatusCode);
+    }
+
+    [Fact]
     public async Task Health_reports_serving()
     {
         using var channel = GrpcChannel.ForAddress(fx.Server.Address);

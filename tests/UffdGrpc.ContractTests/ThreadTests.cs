@@ -107,6 +107,7 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         // Act: every thread writes its own page at once, from its own call.
         var writes = threads.Select((t, i) => Task.Run(() => c.WriteAsync(t, A + ((ulong)i * Page), (byte)(0x80 + i)))).ToArray();
         var results = await Task.WhenAll(writes).WaitAsync(TimeSpan.FromSeconds(60));
+        await EventuallyAsync(() => Task.FromResult(handler.Handled == n), "the handler counted every fault it resolved");
         await stop.CancelAsync();
         await Assert.ThrowsAnyAsync<Exception>(() => serving);
 

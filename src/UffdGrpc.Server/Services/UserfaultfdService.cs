@@ -190,6 +190,9 @@ public sealed class UserfaultfdService(MachineRegistry registry, ILogger<Userfau
         var u = registry.Uffd(request.UffdId);
         var ct = context.CancellationToken;
         long sent = 0;
+        // Headers first: the handler knows its stream is open before any message, and a
+        // deadline or cancellation then ends the call with a status rather than a reset.
+        await context.WriteResponseHeadersAsync([]).ConfigureAwait(false);
         u.AddReader();
         Log.EventStreamOpened(logger, u.Id);
         try

@@ -160,8 +160,11 @@ internal static class DemoCommand
             }
             var page = pf.Address & ~(Page - 1);
             Say("handler", $"pagefault at 0x{pf.Address:x} flags={(pf.Write ? "WRITE|" : "")}{(pf.Wp ? "WP" : "")} ptid={pf.Ptid}");
+            // Say it first: the guest's write returns the moment this ioctl wakes it.
+            Say("handler", $"UFFDIO_WRITEPROTECT 0x{page:x} mode=0 (un-protect and wake)");
             var e = await c.WriteprotectAsync(uffd, page, Page, 0, ct).ConfigureAwait(false);
-            Say("handler", $"UFFDIO_WRITEPROTECT 0x{page:x} mode=0 (un-protect and wake): {e}");
+            if (e != Errno.OK)
+                Say("handler", $"UFFDIO_WRITEPROTECT failed: {e}");
         }
         Say("handler", "stream ended (uffd closed)");
         return 0;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the project (unit, conformance replay, contract) in Release.
+# Runs every test of the project (unit, conformance replay in-process and over gRPC,
+# contract tests including the Python client) in Release.
 # The conformance replay reads ../shared/conformance/scenarios when it exists, plus the
 # project's own real-kernel scenarios in tests/conformance/scenarios.
 set -euo pipefail
@@ -9,4 +10,8 @@ dotnet test UffdGrpc.sln -c Release
 if [ -f artifacts/conformance-report.txt ]; then
   grep -E '^(FAIL|NOTE)' artifacts/conformance-report.txt || true
   tail -n 1 artifacts/conformance-report.txt
+fi
+if [ -f artifacts/conformance-server-report.txt ]; then
+  grep -E '^(FAIL|DIFFER)' artifacts/conformance-server-report.txt || true
+  tail -n 1 artifacts/conformance-server-report.txt
 fi

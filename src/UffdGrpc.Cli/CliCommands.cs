@@ -1,25 +1,37 @@
 using System.CommandLine;
+using UffdGrpc.Client;
 using UffdGrpc.Mm;
 using UffdGrpc.Scenarios;
 
 namespace UffdGrpc.Cli;
 
-/// <summary>The command line: <c>replay</c> runs a scenario script and prints its trace.</summary>
+/// <summary>
+/// The command line: <c>replay</c> runs a scenario script (in-process, or against a server
+/// with <c>--server URL</c>), <c>demo</c> tells the seed's story across three processes, and
+/// <c>bench</c> measures one fault round trip over the API and <c>bench-model</c> the model's
+/// hot paths in-process.
+/// </summary>
 public static class CliCommands
 {
+    /// <summary>The server address when none is given.</summary>
+    public const string DefaultServer = "http://127.0.0.1:5051";
+
     public static RootCommand Build()
     {
         var root = new RootCommand("UffdGrpc: a model of Linux memory protection and userfaultfd write-protect.");
         root.Subcommands.Add(BuildReplay());
-        root.Subcommands.Add(BuildBench());
+        root.Subcommands.Add(DemoCommand.Build());
+        root.Subcommands.Add(DemoCommand.BuildHandler());
+        root.Subcommands.Add(BenchCommand.Build());
+        root.Subcommands.Add(BuildBenchModel());
         return root;
     }
 
-    private static Command BuildBench()
+    private static Command BuildBenchModel()
     {
         var size = new Option<int>("--size-mib") { Description = "Populated range for the change_protection figures", DefaultValueFactory = _ => 64 };
         var scenarios = new Option<string?>("--scenarios") { Description = "A folder of .scn files to time the replay of" };
-        var cmd = new Command("bench", "Print the model's speed and memory figures (change_protection, faults, uffd-wp round trip, replay).") { size, scenarios };
+        var cmd = new Command("bench-model", "Print the in-process model's speed and memory figures (change_protection, faults, uffd-wp round trip, replay).") { size, scenarios };
         cmd.SetAction(async (parse, ct) => await ModelBench.RunAsync(Console.Out, parse.GetValue(size), parse.GetValue(scenarios)).ConfigureAwait(false));
         return cmd;
     }
@@ -28,7 +40,8 @@ public static class CliCommands
     {
         var file = new Argument<string>("file") { Description = "Scenario script (.scn), or - for standard input" };
         var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default) or v5.7", DefaultValueFactory = _ => "6.18" };
-        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile };
+        var server = new Option<string?>("--server") { Description = "Replay against a UffdGrpc server at this URL (e.g. http://127.0.0.1:5051) instead of the in-process model" };
+        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server };
         cmd.SetAction(async (parse, ct) =>
         {
             var path = parse.GetValue(file)!;
@@ -36,6 +49,12 @@ public static class CliCommands
             if (prof is null)
             {
                 await Console.Error.WriteLineAsync("replay: unknown profile (use 6.18 or v5.7)").ConfigureAwait(false);
+                return 1;
+            }
+            var url = parse.GetValue(server);
+            if (url is not null && !Uri.TryCreate(url, UriKind.Absolute, out _))
+            {
+                await Console.Error.WriteLineAsync($"replay: --server: not an absolute URL: {url}").ConfigureAwait(false);
                 return 1;
             }
             TextReader reader;
@@ -58,15 +77,47 @@ public static class CliCommands
                 var stdout = new StreamWriter(Console.OpenStandardOutput()) { AutoFlush = false, NewLine = "\n" };
                 await using (stdout.ConfigureAwait(false))
                 {
-                    await using var backend = new InProcessBackend(new Kernel(prof.Value));
-                    var interp = new ScenarioInterpreter(backend, stdout);
-                    var rc = await interp.RunAsync(reader).ConfigureAwait(false);
-                    await stdout.FlushAsync(ct).ConfigureAwait(false);
-                    return rc;
+                    using var client = url is null ? null : new UffdClient(url);
+                    IKernelBackend backend = client is null ? new InProcessBackend(new Kernel(prof.Value)) : new GrpcBackend(client, prof.Value);
+                    await using (backend.ConfigureAwait(false))
+                    {
+                        int rc;
+                        try
+                        {
+                            rc = await new ScenarioInterpreter(backend, stdout).RunAsync(reader).ConfigureAwait(false);
+                        }
+                        catch (Grpc.Core.RpcException e) when (client is not null)
+                        {
+                            await stdout.FlushAsync(ct).ConfigureAwait(false);
+                            await Console.Error.WriteLineAsync($"replay: server {url}: {e.Status.StatusCode}: {e.Status.Detail}").ConfigureAwait(false);
+                            return 1;
+                        }
+                        await stdout.FlushAsync(ct).ConfigureAwait(false);
+                        return rc;
+                    }
                 }
             }
         });
         return cmd;
+    }
+
+    /// <summary>Runs a client command; a server that cannot be reached or refuses a call is a one-line error, exit status 1.</summary>
+    internal static async Task<int> GuardAsync(string command, Func<Task<int>> run)
+    {
+        try
+        {
+            return await run().ConfigureAwait(false);
+        }
+        catch (Grpc.Core.RpcException e)
+        {
+            await Console.Error.WriteLineAsync($"{command}: {e.Status.StatusCode}: {e.Status.Detail}").ConfigureAwait(false);
+            return 1;
+        }
+        catch (UffdErrnoException e)
+        {
+            await Console.Error.WriteLineAsync($"{command}: {e.Message}").ConfigureAwait(false);
+            return 1;
+        }
     }
 
     internal static KernelProfile? ParseProfile(string? s) => s switch

@@ -1,0 +1,219 @@
+using UffdGrpc.Client;
+using UffdGrpc.Mm;
+using Errno = UffdGrpc.Mm.Errno;
+using V1 = UffdGrpc.Contracts.V1;
+
+namespace UffdGrpc.Scenarios;
+
+/// <summary>
+/// The scenario backend over a UffdGrpc server: one machine per replay, created on first
+/// use with the requested profile and destroyed on dispose. Handles are the server's ids.
+/// Every RPC returns after the model ran woken threads to completion or to their next
+/// park, so draining <c>TakeCompletions</c> after each step sees exactly what the
+/// in-process backend sees; the scripted handler reads with the non-blocking single-message
+/// <c>Read</c>.
+/// </summary>
+public sealed class GrpcBackend(UffdClient client, KernelProfile profile = KernelProfile.V6_18) : IKernelBackend
+{
+    private long _machine;
+
+    private async Task<long> MachineAsync()
+    {
+        if (_machine == 0)
+        {
+            var p = profile == KernelProfile.V5_7 ? V1.KernelProfile.V57 : V1.KernelProfile.V618;
+            _machine = (await client.CreateMachineAsync(p).ConfigureAwait(false)).MachineId;
+        }
+        return _machine;
+    }
+
+    private static int Handle(long id) => checked((int)id);
+
+    private static Errno E(Client.Errno e) => (Errno)(int)e;
+
+    public async Task ConfigureAsync(bool? swap, bool? softDirty) =>
+        await client.ConfigureMachineAsync(await MachineAsync().ConfigureAwait(false), swap, softDirty).ConfigureAwait(false);
+
+    public async Task<bool> AvailableAsync(string capability, ulong featureBit)
+    {
+        var m = await client.GetMachineAsync(await MachineAsync().ConfigureAwait(false)).ConfigureAwait(false);
+        return capability switch
+        {
+            "thp" => m.Thp != V1.ThpMode.Never,
+            "pagemap_scan" => m.PagemapScan,
+            "swap" => m.Swap,
+            "softdirty" => m.SoftDirty,
+            _ => (m.UffdFeatures & featureBit) != 0,
+        };
+    }
+
+    public async Task<int> CreateProcessAsync() => Handle(await client.CreateMmAsync(await MachineAsync().ConfigureAwait(false)).ConfigureAwait(false));
+
+    public async Task<(int Thread, int Tid)> CreateThreadAsync(int process)
+    {
+        var t = await client.CreateThreadAsync(process).ConfigureAwait(false);
+        return (Handle(t.ThreadId), t.Tid);
+    }
+
+    public async Task<int> ThreadTidAsync(int thread) => (await client.GetThreadAsync(thread).ConfigureAwait(false)).Tid;
+
+    public async Task<int> CreateFileAsync(string name, bool shmem, ulong size) =>
+        Handle((await client.CreateFileAsync(await MachineAsync().ConfigureAwait(false), name, shmem, size).ConfigureAwait(false)).FileId);
+
+    public async Task<Errno> MmapAsync(int process, ulong addr, ulong len, Prot prot, bool shared, int file, ulong offset, bool readOnlyFd, bool populate) =>
+        E(await client.MmapAsync(process, addr, len, (uint)prot, shared, file, offset, readOnlyFd, populate).ConfigureAwait(false));
+
+    public async Task<Errno> MprotectAsync(int process, ulong start, ulong len, Prot prot) =>
+        E(await client.MprotectAsync(process, start, len, (uint)prot).ConfigureAwait(false));
+
+    public async Task<Errno> ClearRefsAsync(int process, string value) => E(await client.ClearRefsAsync(process, value).ConfigureAwait(false));
+
+    public async Task<long> StartAsync(int thread, ThreadOpRequest request)
+    {
+        var op = request.Kind switch
+        {
+            ThreadOpKind.Access => new V1.ThreadOp
+            {
+                Access = new V1.AccessOp
+                {
+                    Addr = request.Addr,
+                    Write = request.Write,
+                    Value = request.Value,
+                    Count = (uint)request.Count,
+                    Origin = request.KernelOrigin ? V1.AccessOrigin.Kernel : V1.AccessOrigin.User,
+                },
+            },
+            ThreadOpKind.Populate => new V1.ThreadOp { Populate = new V1.PopulateOp { Start = request.Addr, Len = request.Len, Write = request.Write } },
+            ThreadOpKind.Madvise => new V1.ThreadOp { Madvise = new V1.MadviseOp { Start = request.Addr, Len = request.Len, Advice = (int)request.Advice } },
+            ThreadOpKind.Munmap => new V1.ThreadOp { Munmap = new V1.MunmapOp { Start = request.Addr, Len = request.Len } },
+            ThreadOpKind.Mremap => new V1.ThreadOp { Mremap = new V1.MremapOp { OldAddr = request.Addr, Len = request.Len, NewAddr = request.Addr2 } },
+            ThreadOpKind.Fork => new V1.ThreadOp { Fork = new V1.ForkOp() },
+            _ => throw new ArgumentOutOfRangeException(nameof(request)),
+        };
+        return (await client.StartOpAsync(thread, op).ConfigureAwait(false)).OpId;
+    }
+
+    private static SigCode ToSig(V1.SignalCode s) => s switch
+    {
+        V1.SignalCode.SegvMaperr => SigCode.SegvMaperr,
+        V1.SignalCode.SegvAccerr => SigCode.SegvAccerr,
+        V1.SignalCode.BusAdrerr => SigCode.BusAdrerr,
+        V1.SignalCode.BusMceerrAr => SigCode.BusMceerrAr,
+        _ => SigCode.None,
+    };
+
+    public async Task<IReadOnlyList<ThreadOpResult>> TakeCompletionsAsync()
+    {
+        var list = await client.TakeCompletionsAsync(await MachineAsync().ConfigureAwait(false)).ConfigureAwait(false);
+        return list.Select(r => new ThreadOpResult(r.OpId, Handle(r.ThreadId), r.Aborted, (Errno)(r.Errno?.Number ?? 0), ToSig(r.Signal), (int)r.Done, r.Values.ToByteArray())
+        {
+            ChildProcess = Handle(r.ChildMmId),
+            ChildThread = Handle(r.ChildThreadId),
+        }).ToList();
+    }
+
+    public async Task EndProcessAsync(int process, bool kill) => await client.DestroyMmAsync(process, kill).ConfigureAwait(false);
+
+    public async Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags, bool dev)
+    {
+        var (e, id) = await client.CreateUffdAsync(process, (uint)flags, dev).ConfigureAwait(false);
+        return (E(e), Handle(id));
+    }
+
+    public async Task<(Errno Errno, ulong Features, ulong Ioctls)> UffdApiAsync(int uffd, ulong api, ulong features)
+    {
+        var (e, f, io) = await client.ApiAsync(uffd, features, api).ConfigureAwait(false);
+        return (E(e), f, io);
+    }
+
+    public async Task<(Errno Errno, ulong Ioctls)> RegisterAsync(int uffd, ulong start, ulong len, ulong mode)
+    {
+        var (e, io) = await client.RegisterAsync(uffd, start, len, mode).ConfigureAwait(false);
+        return (E(e), io);
+    }
+
+    public async Task<Errno> UnregisterAsync(int uffd, ulong start, ulong len) => E(await client.UnregisterAsync(uffd, start, len).ConfigureAwait(false));
+
+    public async Task<Errno> WakeAsync(int uffd, ulong start, ulong len) => E(await client.WakeAsync(uffd, start, len).ConfigureAwait(false));
+
+    public async Task<Errno> WriteprotectAsync(int uffd, ulong start, ulong len, ulong mode) =>
+        E(await client.WriteprotectAsync(uffd, start, len, mode).ConfigureAwait(false));
+
+    private static FillResult Fill(FillOutcome o) => new(E(o.Errno), o.Field);
+
+    public async Task<FillResult> CopyAsync(int uffd, ulong dst, ulong srcAddr, byte fill, ulong len, ulong mode) =>
+        Fill(await client.CopyFillAsync(uffd, dst, srcAddr, fill, len, mode).ConfigureAwait(false));
+
+    public async Task<FillResult> ZeropageAsync(int uffd, ulong start, ulong len, ulong mode) =>
+        Fill(await client.ZeropageAsync(uffd, start, len, mode).ConfigureAwait(false));
+
+    public async Task<FillResult> ContinueAsync(int uffd, ulong start, ulong len, ulong mode) =>
+        Fill(await client.ContinueAsync(uffd, start, len, mode).ConfigureAwait(false));
+
+    public async Task<FillResult> PoisonAsync(int uffd, ulong start, ulong len, ulong mode) =>
+        Fill(await client.PoisonAsync(uffd, start, len, mode).ConfigureAwait(false));
+
+    public async Task<FillResult> MoveAsync(int uffd, int callerProcess, ulong dst, ulong src, ulong len, ulong mode) =>
+        Fill(await client.MoveAsync(uffd, dst, src, len, mode, callerProcess).ConfigureAwait(false));
+
+    public async Task<(bool PollIn, bool PollErr)> PollAsync(int uffd)
+    {
+        var p = await client.PollAsync(uffd).ConfigureAwait(false);
+        return (p.Pollin, p.Pollerr);
+    }
+
+    public async Task<(Errno Errno, UffdMessage? Message)> ReadAsync(int uffd)
+    {
+        var (e, m) = await client.ReadMessageAsync(uffd).ConfigureAwait(false);
+        if (m is null)
+            return (E(e), null);
+        var msg = m.ArgCase switch
+        {
+            V1.UffdMsg.ArgOneofCase.Pagefault => new UffdMessage(UffdEvent.Pagefault, (PagefaultFlags)m.Pagefault.Flags, m.Pagefault.Address, m.Pagefault.Ptid, 0, 0, 0, 0),
+            V1.UffdMsg.ArgOneofCase.Fork => new UffdMessage(UffdEvent.Fork, 0, 0, 0, Handle(m.Fork.UffdId), 0, 0, 0),
+            V1.UffdMsg.ArgOneofCase.Remap => new UffdMessage(UffdEvent.Remap, 0, 0, 0, 0, m.Remap.From, m.Remap.To, m.Remap.Len),
+            V1.UffdMsg.ArgOneofCase.Remove => new UffdMessage(UffdEvent.Remove, 0, 0, 0, 0, m.Remove.Start, m.Remove.End, 0),
+            V1.UffdMsg.ArgOneofCase.Unmap => new UffdMessage(UffdEvent.Unmap, 0, 0, 0, 0, m.Unmap.Start, m.Unmap.End, 0),
+            _ => new UffdMessage((UffdEvent)(byte)m.Event, 0, 0, 0, 0, 0, 0, 0),
+        };
+        return (E(e), msg);
+    }
+
+    public async Task CloseAsync(int uffd) => await client.CloseUffdAsync(uffd).ConfigureAwait(false);
+
+    public async Task<ulong[]> PagemapAsync(int process, ulong start, int pages) =>
+        (await client.PagemapAsync(process, start, (uint)pages).ConfigureAwait(false)).Select(e => e.Raw).ToArray();
+
+    public async Task<ulong> KpageflagsAsync(ulong pfn) =>
+        (await client.KpageflagsAsync(await MachineAsync().ConfigureAwait(false), [pfn]).ConfigureAwait(false)).Flags[0];
+
+    public async Task<IReadOnlyList<SmapsEntry>> SmapsAsync(int process, ulong start, ulong end) =>
+        (await client.SmapsAsync(process, start, end).ConfigureAwait(false))
+            .Select(s => new SmapsEntry(s.Start, s.End, s.Perms, (VmFlags)s.VmFlags, s.RssPages, s.SwapPages, s.PmdMapped)).ToList();
+
+    public async Task<PmScanResult> PagemapScanAsync(int process, PmScanArg arg)
+    {
+        var req = new V1.PagemapScanRequest
+        {
+            MmId = process,
+            Flags = arg.Flags,
+            Start = arg.Start,
+            End = arg.End,
+            VecLen = arg.VecLen,
+            MaxPages = arg.MaxPages,
+            CategoryInverted = arg.CategoryInverted,
+            CategoryMask = arg.CategoryMask,
+            CategoryAnyofMask = arg.CategoryAnyofMask,
+            ReturnMask = arg.ReturnMask,
+        };
+        var (e, r) = await client.PagemapScanAsync(req).ConfigureAwait(false);
+        return new PmScanResult(E(e), r?.WalkEnd ?? 0, r?.Regions.Select(g => new PageRegion(g.Start, g.End, g.Categories)).ToList() ?? []);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_machine != 0)
+            await client.DestroyMachineAsync(_machine).ConfigureAwait(false);
+        _machine = 0;
+    }
+}

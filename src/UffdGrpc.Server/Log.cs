@@ -1,0 +1,20 @@
+namespace UffdGrpc.Server;
+
+/// <summary>The server's log messages (source-generated, stable event ids).</summary>
+internal static partial class Log
+{
+    [LoggerMessage(EventId = 1, EventName = "MachineCreated", Level = LogLevel.Information, Message = "Machine {MachineId} created (profile {Profile})")]
+    public static partial void MachineCreated(ILogger logger, long machineId, UffdGrpc.Mm.KernelProfile profile);
+
+    [LoggerMessage(EventId = 2, EventName = "MachineDestroyed", Level = LogLevel.Information, Message = "Machine {MachineId} destroyed")]
+    public static partial void MachineDestroyed(ILogger logger, long machineId);
+
+    [LoggerMessage(EventId = 3, EventName = "EventStreamOpened", Level = LogLevel.Debug, Message = "Event stream opened on uffd {UffdId}")]
+    public static partial void EventStreamOpened(ILogger logger, long uffdId);
+
+    [LoggerMessage(EventId = 4, EventName = "EventStreamClosed", Level = LogLevel.Debug, Message = "Event stream on uffd {UffdId} ended after {Count} messages")]
+    public static partial void EventStreamClosed(ILogger logger, long uffdId, long count);
+
+    [LoggerMessage(EventId = 5, EventName = "MessageLostWithStream", Level = LogLevel.Warning, Message = "Uffd {UffdId}: a {Event} message was read but its stream broke; it stays read")]
+    public static partial void MessageLostWithStream(ILogger logger, long uffdId, string @event);
+}

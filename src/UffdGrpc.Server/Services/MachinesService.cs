@@ -1,0 +1,95 @@
+using Grpc.Core;
+using UffdGrpc.Contracts.V1;
+using UffdGrpc.Server.Hosting;
+using UffdGrpc.Server.Mapping;
+using Model = UffdGrpc.Mm;
+
+namespace UffdGrpc.Server.Services;
+
+/// <summary>Machines: create (profile + settings), configure, list, destroy, kpageflags.</summary>
+public sealed class MachinesService(MachineRegistry registry, ILogger<MachinesService> logger) : Machines.MachinesBase
+{
+    internal static MachineInfo Info(MachineHost h) => h.Kernel.Locked(() =>
+    {
+        var k = h.Kernel;
+        var info = new MachineInfo
+        {
+            MachineId = h.Id,
+            Profile = ProtoMapping.ToProto(k.Profile),
+            Swap = k.Config.Swap,
+            SoftDirty = k.Config.SoftDirty,
+            MemoryFailure = k.Config.MemoryFailure,
+            Thp = ProtoMapping.ToProto(k.Config.Thp),
+            UffdFeatures = (ulong)Model.UserfaultfdCtx.AvailableFeatures(k.Profile),
+            PagemapScan = k.IsV6,
+            MaxCopyBytes = k.Config.MaxCopyBytes,
+            LiveFrames = k.LiveFrames,
+        };
+        info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
+        return info;
+    });
+
+    private static Model.MachineConfig Apply(Model.MachineConfig c, MachineSettings? s) => s is null ? c : c with
+    {
+        Swap = s.Swap ?? c.Swap,
+        SoftDirty = s.SoftDirty ?? c.SoftDirty,
+        MemoryFailure = s.MemoryFailure ?? c.MemoryFailure,
+        Thp = ProtoMapping.ToModel(s.Thp, c.Thp),
+    };
+
+    public override Task<MachineInfo> CreateMachine(CreateMachineRequest request, ServerCallContext context)
+    {
+        var profile = ProtoMapping.ToModel(request.Profile);
+        var config = Apply(new Model.MachineConfig(), request.Settings);
+        var h = registry.CreateMachine(profile, config);
+        Log.MachineCreated(logger, h.Id, profile);
+        return Task.FromResult(Info(h));
+    }
+
+    public override Task<MachineInfo> GetMachine(MachineRef request, ServerCallContext context) =>
+        Task.FromResult(Info(registry.Machine(request.MachineId)));
+
+    public override Task<ListMachinesResponse> ListMachines(ListMachinesRequest request, ServerCallContext context)
+    {
+        var r = new ListMachinesResponse();
+        r.Machines.AddRange(registry.Machines.Select(Info));
+        return Task.FromResult(r);
+    }
+
+    public override Task<MachineInfo> ConfigureMachine(ConfigureMachineRequest request, ServerCallContext context)
+    {
+        var h = registry.Machine(request.MachineId);
+        _ = ProtoMapping.ToModel(request.Settings?.Thp ?? ThpMode.Unspecified, Model.ThpMode.Madvise);
+        h.Run(() => h.Kernel.Configure(c => Apply(c, request.Settings)));
+        return Task.FromResult(Info(h));
+    }
+
+    public override Task<DestroyMachineResponse> DestroyMachine(MachineRef request, ServerCallContext context)
+    {
+        var h = registry.Machine(request.MachineId);
+        registry.Destroy(h);
+        Log.MachineDestroyed(logger, h.Id);
+        return Task.FromResult(new DestroyMachineResponse());
+    }
+
+    public override Task<KpageflagsResponse> Kpageflags(KpageflagsRequest request, ServerCallContext context)
+    {
+        var h = registry.Machine(request.MachineId);
+        RequestErrors.Require(request.Pfns.Count <= ProtoMapping.MaxPagesPerRequest, "pfns", $"at most {ProtoMapping.MaxPagesPerRequest} frames");
+        var r = new KpageflagsResponse();
+        h.Kernel.Locked(() =>
+        {
+            // KpageFlags reads the machine's frame table; any address space of the machine
+            // serves, and a machine without one has no mapped frames to describe.
+            var any = h.Kernel.Mms.Count > 0 ? h.Kernel.Mms[0] : null;
+            foreach (var pfn in request.Pfns)
+            {
+                var f = any?.KpageFlags(pfn) ?? 0;
+                r.Flags.Add(f);
+                r.ZeroPage.Add((f & (1UL << Model.Uapi.KpfZeroPage)) != 0);
+                r.Thp.Add((f & (1UL << Model.Uapi.KpfThp)) != 0);
+            }
+        });
+        return Task.FromResult(r);
+    }
+}

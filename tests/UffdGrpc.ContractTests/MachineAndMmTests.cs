@@ -1,0 +1,211 @@
+using Grpc.Core;
+using UffdGrpc.Client;
+using UffdGrpc.Contracts.V1;
+using UffdGrpc.ContractTests.Infrastructure;
+using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
+using ThreadState = UffdGrpc.Contracts.V1.ThreadState;
+
+namespace UffdGrpc.ContractTests;
+
+/// <summary>The Machines and Mm services over a real HTTP/2 channel.</summary>
+public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
+{
+    [Fact]
+    public async Task Machines_create_get_list_configure_and_destroy()
+    {
+        // Arrange
+        var c = fx.NewClient();
+
+        // Act
+        var m = await c.Machines.CreateMachineAsync(new CreateMachineRequest { Profile = KernelProfile.V57, Settings = new MachineSettings { Swap = true } });
+        var configured = await c.ConfigureMachineAsync(m.MachineId, swap: null, softDirty: true);
+        var listed = await c.Machines.ListMachinesAsync(new ListMachinesRequest());
+        var got = await c.GetMachineAsync(m.MachineId);
+        await c.DestroyMachineAsync(m.MachineId);
+
+        // Assert
+        Assert.Equal(KernelProfile.V57, m.Profile);
+        Assert.True(m.Swap);
+        Assert.False(m.SoftDirty);
+        Assert.Equal(0x1ffUL, m.UffdFeatures);
+        Assert.False(m.PagemapScan);
+        Assert.Equal(ThpMode.Madvise, m.Thp);
+        Assert.Equal(64UL << 20, m.MaxCopyBytes);
+        Assert.True(configured.Swap);
+        Assert.True(configured.SoftDirty);
+        Assert.Contains(listed.Machines, x => x.MachineId == m.MachineId);
+        Assert.True(got.SoftDirty);
+        var gone = await Assert.ThrowsAsync<RpcException>(() => c.GetMachineAsync(m.MachineId));
+        Assert.Equal(StatusCode.NotFound, gone.StatusCode);
+        var reference = await c.CreateMachineAsync();
+        Assert.Equal(KernelProfile.V618, reference.Profile);
+        Assert.Equal(0x1ffffUL, reference.UffdFeatures);
+        Assert.True(reference.PagemapScan);
+        await c.DestroyMachineAsync(reference.MachineId);
+        Assert.Empty(fx.Errors);
+    }
+
+    [Fact]
+    public async Task Mm_create_list_destroy_and_threads_die_with_their_process()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 1);
+        var other = await c.CreateMmAsync(s.Machine);
+
+        var list = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine });
+        await c.DestroyMmAsync(other, kill: true);
+        var after = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine });
+        var machine = await c.GetMachineAsync(s.Machine);
+
+        Assert.Equal([s.Mm, other], list.Mms.Select(m => m.MmId));
+        Assert.Equal([s.Thread], list.Mms[0].ThreadIds);
+        Assert.Equal(1, list.Mms[0].VmaCount);
+        Assert.True(after.Mms.Single(m => m.MmId == other).Exited);
+        Assert.Equal([s.Mm], machine.MmIds);
+        await c.DestroyMmAsync(s.Mm);
+        Assert.Equal(ThreadState.Exited, (await c.GetThreadAsync(s.Thread)).State);
+        var e = await Assert.ThrowsAsync<RpcException>(() => c.CreateThreadAsync(s.Mm));
+        Assert.Equal(StatusCode.FailedPrecondition, e.StatusCode);
+    }
+
+    [Fact]
+    public async Task Mmap_mprotect_and_vma_views_split_as_the_kernel_does()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 3);
+
+        Assert.Equal(Errno.OK, await c.MprotectAsync(s.Mm, A + Page, Page, 1));
+        var vmas = await c.ListVmasAsync(s.Mm);
+        var overlap = await c.MmapAsync(s.Mm, A + 1, Page, 3);
+        var badProt = await c.MprotectAsync(s.Mm, A + 1, Page, 1);
+
+        Assert.Equal(["rw-p", "r--p", "rw-p"], vmas.Select(v => v.Perms));
+        Assert.Equal([A, A + Page, A + (2 * Page)], vmas.Select(v => v.Start));
+        Assert.Equal(Errno.EINVAL, overlap);
+        Assert.Equal(Errno.EINVAL, badProt);
+        var w = await c.WriteAsync(s.Thread, A + Page, 0x11);
+        Assert.Equal(SignalCode.SegvAccerr, w.Signal);
+    }
+
+    [Fact]
+    public async Task Munmap_mremap_madvise_and_clear_refs()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 4);
+        await c.WriteAsync(s.Thread, A, 0x11, count: 4);
+
+        var dontneed = await c.MadviseAsync(s.Mm, A, Page, 4);
+        var zeroAgain = await c.ReadAsync(s.Thread, A, count: 2);
+        var remap = await c.MremapAsync(s.Mm, A + Page, Page, B);
+        var moved = await c.ReadAsync(s.Thread, B);
+        var unmap = await c.MunmapAsync(s.Mm, A + (2 * Page), Page, s.Thread);
+        var gone = await c.ReadAsync(s.Thread, A + (2 * Page));
+        var clear = await c.ClearRefsAsync(s.Mm, "4");
+        var badClear = await c.ClearRefsAsync(s.Mm, "9");
+        var badAdvice = await Assert.ThrowsAsync<RpcException>(() => c.MadviseAsync(s.Mm, A, Page, 999));
+
+        Assert.Equal(Errno.OK, dontneed);
+        Assert.Equal([0x00, 0x11], zeroAgain.Values.ToByteArray());
+        Assert.Equal(Errno.OK, remap);
+        Assert.Equal(0x11, moved.Values[0]);
+        Assert.Equal(Errno.OK, unmap);
+        Assert.Equal(SignalCode.SegvMaperr, gone.Signal);
+        Assert.Equal(Errno.OK, clear);
+        Assert.Equal(Errno.EINVAL, badClear);
+        Assert.Equal(StatusCode.InvalidArgument, badAdvice.StatusCode);
+    }
+
+    [Fact]
+    public async Task Fork_returns_the_child_which_copies_on_write()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 1);
+        await c.WriteAsync(s.Thread, A, 0x11);
+
+        var (e, fork) = await c.ForkAsync(s.Mm, s.Thread);
+        var shared = (await c.PagemapAsync(s.Mm, A, 1))[0].Pfn == (await c.PagemapAsync(fork!.ChildMmId, A, 1))[0].Pfn;
+        await c.WriteAsync(fork.ChildThreadId, A, 0x22);
+        var parent = await c.ReadAsync(s.Thread, A);
+        var child = await c.ReadAsync(fork.ChildThreadId, A);
+        var childThread = await c.GetThreadAsync(fork.ChildThreadId);
+
+        Assert.Equal(Errno.OK, e);
+        Assert.True(shared);
+        Assert.Equal(0x11, parent.Values[0]);
+        Assert.Equal(0x22, child.Values[0]);
+        Assert.Equal(fork.ChildMmId, childThread.MmId);
+        Assert.Equal(fork.ChildTid, childThread.Tid);
+        Assert.NotEqual((await c.PagemapAsync(s.Mm, A, 1))[0].Pfn, (await c.PagemapAsync(fork.ChildMmId, A, 1))[0].Pfn);
+    }
+
+    [Fact]
+    public async Task A_memfd_mapped_twice_shows_one_page_through_both_mappings()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c);
+        var f = await c.CreateFileAsync(s.Machine, "guest-ram", shmem: true, size: 2 * Page);
+
+        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, A, 2 * Page, 3, shared: true, fileId: f.FileId));
+        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, B, 2 * Page, 3, shared: true, fileId: f.FileId));
+        await c.WriteAsync(s.Thread, A + Page, 0x5a);
+        var viaB = await c.ReadAsync(s.Thread, B + Page);
+        var vmas = await c.ListVmasAsync(s.Mm);
+        var pa = (await c.PagemapAsync(s.Mm, A + Page, 1))[0];
+        var pb = (await c.PagemapAsync(s.Mm, B + Page, 1))[0];
+
+        Assert.True(f.Shmem);
+        Assert.Equal(0x5a, viaB.Values[0]);
+        Assert.All(vmas, v => Assert.Equal(f.FileId, v.FileId));
+        Assert.Equal(pa.Pfn, pb.Pfn);
+        Assert.True(pa.File);
+    }
+
+    [Fact]
+    public async Task Page_table_dump_pagemap_kpageflags_and_smaps_show_the_uffd_wp_bit()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 2, registerMode: 2);
+        await c.WriteAsync(s.Thread, A, 0x11);
+        await c.ReadAsync(s.Thread, A + Page);
+
+        var before = await c.DumpPageTableAsync(s.Mm, A, 2 * Page);
+        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        var after = await c.DumpPageTableAsync(s.Mm, A, 2 * Page);
+        var pm = await c.PagemapAsync(s.Mm, A, 2);
+        var kf = await c.KpageflagsAsync(s.Machine, pm.Select(p => p.Pfn));
+        var smaps = await c.SmapsAsync(s.Mm, A, A + (2 * Page));
+        var vma = (await c.ListVmasAsync(s.Mm)).Single();
+
+        Assert.Equal(2, before.Count);
+        Assert.True(before[0] is { Present: true, Write: true, Dirty: true, UffdWp: false, Pmd: false });
+        Assert.True(after[0] is { Present: true, Write: false, UffdWp: true });
+        Assert.Equal(1UL << 10, after[0].Raw & (1UL << 10));
+        Assert.Equal(before[0].Pfn, after[0].Pfn);
+        Assert.True(pm[0] is { Present: true, UffdWp: true, Exclusive: true });
+        Assert.Equal(1UL << 57, pm[0].Raw & (1UL << 57));
+        Assert.Equal([false, true], kf.ZeroPage);
+        Assert.Equal([false, false], kf.Thp);
+        Assert.Equal(1, smaps.Single().RssPages);
+        Assert.Contains("uffd_wp", vma.Flags);
+        Assert.Equal(s.Uffd, vma.UffdId);
+    }
+
+    [Fact]
+    public async Task Pagemap_scan_finds_written_pages_and_failures_carry_walk_end()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 4);
+        await c.WriteAsync(s.Thread, A + Page, 0x11, count: 2);
+        const ulong present = 1 << 3;
+
+        var (ok, r) = await c.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Start = A, End = A + (4 * Page), VecLen = 8, CategoryMask = present, ReturnMask = present });
+        var (bad, partial) = await c.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Flags = 0x100, Start = A, End = A + (4 * Page), VecLen = 8 });
+
+        Assert.Equal(Errno.OK, ok);
+        var region = Assert.Single(r!.Regions);
+        Assert.Equal((A + Page, A + (3 * Page), present), (region.Start, region.End, region.Categories));
+        Assert.Equal(A + (4 * Page), r.WalkEnd);
+        Assert.Equal(Errno.EINVAL, bad);
+        Assert.NotNull(partial);
+    }
+}

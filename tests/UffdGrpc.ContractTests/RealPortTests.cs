@@ -1,0 +1,159 @@
+using System.Diagnostics;
+using Grpc.Health.V1;
+using Grpc.Net.Client;
+using Grpc.Reflection.V1Alpha;
+using UffdGrpc.Client;
+using UffdGrpc.Contracts.V1;
+using UffdGrpc.ContractTests.Infrastructure;
+using Xunit.Abstractions;
+using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
+
+namespace UffdGrpc.ContractTests;
+
+/// <summary>One server process on a real Kestrel port (127.0.0.1, port 0), shared by these tests.</summary>
+public sealed class ServerProcessFixture : IAsyncLifetime
+{
+    public ServerProcess Server { get; private set; } = null!;
+
+    public async Task InitializeAsync() => Server = await ServerProcess.StartAsync();
+
+    public async Task DisposeAsync() => await Server.DisposeAsync();
+}
+
+/// <summary>The server as the README runs it: h2c on a real port, health, reflection, and a non-.NET client.</summary>
+public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : IClassFixture<ServerProcessFixture>
+{
+    [Fact]
+    public async Task Kestrel_serves_h2c_where_urls_says_and_a_fault_round_trip_works()
+    {
+        // Arrange
+        using var channel = GrpcChannel.ForAddress(fx.Server.Address);
+        using var c = new UffdClient(channel);
+        await using var s = await CreateAsync(c, pages: 1, registerMode: 2);
+        await c.WriteAsync(s.Thread, A, 0x11);
+        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        using var stop = new CancellationTokenSource();
+        var seen = new List<UffdMsg>();
+        var handler = new FaultHandlerLoop(new UffdClient(channel), s.Uffd) { OnMessage = seen.Add };
+        var serving = handler.RunAsync(stop.Token);
+
+        // Act
+        var r = await c.WriteAsync(s.Thread, A, 0x22).WaitAsync(TimeSpan.FromSeconds(30));
+        await stop.CancelAsync();
+        await Assert.ThrowsAnyAsync<Exception>(() => serving);
+
+        // Assert
+        Assert.StartsWith("http://127.0.0.1:", fx.Server.Address, StringComparison.Ordinal);
+        Assert.Equal("ok", r.Errno.Name);
+        Assert.True(Assert.Single(seen).Pagefault is { Wp: true, Write: true });
+        Assert.Equal(0x22, (await c.ReadAsync(s.Thread, A)).Values[0]);
+    }
+
+    [Fact]
+    public async Task An_event_stream_with_a_deadline_ends_with_DeadlineExceeded_and_the_server_stops_reading()
+    {
+        using var channel = GrpcChannel.ForAddress(fx.Server.Address);
+        using var c = new UffdClient(channel);
+        await using var s = await CreateAsync(c, pages: 1, registerMode: 1);
+
+        using var timed = c.Uffd.ReadEvents(new UffdRef { UffdId = s.Uffd }, deadline: DateTime.UtcNow.AddMilliseconds(300));
+        var de = await Assert.ThrowsAsync<Grpc.Core.RpcException>(() => timed.ResponseStream.MoveNext(CancellationToken.None));
+        await EventuallyAsync(async () => (await c.PollAsync(s.Uffd)).Readers == 0, "the server ended the stream");
+
+        Assert.Equal(Grpc.Core.StatusCode.DeadlineExceeded, de.StatusCode);
+    }
+
+    [Fact]
+    public async Task Health_reports_serving()
+    {
+        using var channel = GrpcChannel.ForAddress(fx.Server.Address);
+        var health = new Health.HealthClient(channel);
+
+        var r = await health.CheckAsync(new HealthCheckRequest());
+
+        Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, r.Status);
+    }
+
+    [Fact]
+    public async Task Reflection_lists_the_services_and_serves_their_descriptors()
+    {
+        using var channel = GrpcChannel.ForAddress(fx.Server.Address);
+        var reflection = new ServerReflection.ServerReflectionClient(channel);
+        using var call = reflection.ServerReflectionInfo();
+
+        await call.RequestStream.WriteAsync(new ServerReflectionRequest { ListServices = "" });
+        Assert.True(await call.ResponseStream.MoveNext(CancellationToken.None));
+        var services = call.ResponseStream.Current.ListServicesResponse.Service.Select(x => x.Name).ToList();
+        await call.RequestStream.WriteAsync(new ServerReflectionRequest { FileContainingSymbol = "uffd.v1.Userfaultfd" });
+        Assert.True(await call.ResponseStream.MoveNext(CancellationToken.None));
+        var files = call.ResponseStream.Current.FileDescriptorResponse.FileDescriptorProto
+            .Select(b => Google.Protobuf.Reflection.FileDescriptorProto.Parser.ParseFrom(b)).ToList();
+        await call.RequestStream.CompleteAsync();
+
+        Assert.Contains("uffd.v1.Machines", services);
+        Assert.Contains("uffd.v1.Mm", services);
+        Assert.Contains("uffd.v1.Threads", services);
+        Assert.Contains("uffd.v1.Userfaultfd", services);
+        Assert.Contains("grpc.health.v1.Health", services);
+        var uffd = files.Single(f => f.Name == "uffd/v1/userfaultfd.proto");
+        Assert.Contains(uffd.Service.Single().Method, m => m.Name == "ReadEvents" && m.ServerStreaming);
+        Assert.Contains(uffd.MessageType, m => m.Name == "UffdioCopyResponse" && m.Field.Single().TypeName == ".google.protobuf.Int64Value");
+    }
+
+    /// <summary>
+    /// Any-language use: Debian's python3-grpcio with stubs generated from protos/ by
+    /// python3-grpc-tools drives the whole story (health, map, register WP, write-protect, a
+    /// blocked write, the fault read from the stream, the resolution, the write completing).
+    /// </summary>
+    [Fact]
+    public async Task A_python_client_generated_from_protos_serves_a_fault()
+    {
+        // Arrange: generate the stubs into a temporary directory.
+        var python = "/usr/bin/python3";
+        Assert.True(File.Exists(python), "python3 is missing (.ci/apt-packages installs python3-grpcio and python3-grpc-tools)");
+        var protos = Path.Combine(RepoRoot(), "protos");
+        var outDir = Directory.CreateTempSubdirectory("uffd-py-").FullName;
+        try
+        {
+            var protoFiles = Directory.GetFiles(Path.Combine(protos, "uffd", "v1"), "*.proto").Select(p => Path.GetRelativePath(protos, p));
+            var (gen, genOut) = await RunAsync(python, ["-m", "grpc_tools.protoc", "-I", protos, "--python_out", outDir, "--grpc_python_out", outDir, .. protoFiles], protos);
+            Assert.True(gen == 0, "grpc_tools.protoc failed: " + genOut);
+
+            // Act
+            var script = Path.Combine(AppContext.BaseDirectory, "python", "uffd_client.py");
+            var (rc, text) = await RunAsync(python, [script, fx.Server.Address.Replace("http://", "", StringComparison.Ordinal), outDir], outDir);
+            output.WriteLine(text);
+
+            // Assert
+            Assert.True(rc == 0, "the python client failed:\n" + text);
+            Assert.Contains("health: SERVING", text, StringComparison.Ordinal);
+            Assert.Contains("event: pagefault WRITE|WP", text, StringComparison.Ordinal);
+            Assert.Contains("write blocked while the fault is unresolved: True", text, StringComparison.Ordinal);
+            Assert.Contains("write completed: ok, value 0x22", text, StringComparison.Ordinal);
+        }
+        finally
+        {
+            Directory.Delete(outDir, recursive: true);
+        }
+    }
+
+    private static string RepoRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "UffdGrpc.sln")))
+            dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("UffdGrpc.sln not found");
+    }
+
+    private static async Task<(int Rc, string Output)> RunAsync(string exe, string[] args, string cwd)
+    {
+        var psi = new ProcessStartInfo(exe) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false, WorkingDirectory = cwd };
+        foreach (var a in args)
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(120));
+        return (p.ExitCode, await stdout + await stderr);
+    }
+}

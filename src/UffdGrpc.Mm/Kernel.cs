@@ -274,6 +274,20 @@ public sealed class Kernel
             _swap.Remove(slot);
     }
 
+    /// <summary>
+    /// folio_free_swap: drops the page from the swap cache only when no swap entry refers to
+    /// its slot any more (after fork both processes hold the entry until each swaps in).
+    /// </summary>
+    internal bool TryFreeSwap(Page page)
+    {
+        if (page.SwapCacheSlot == 0)
+            return true;
+        if (_swap.TryGetValue(page.SwapCacheSlot, out var s) && s.Count > 0)
+            return false;
+        SwapCacheDelete(page);
+        return true;
+    }
+
     /// <summary>delete_from_swap_cache / folio_free_swap: the page leaves the swap cache; a slot nobody references is freed.</summary>
     internal void SwapCacheDelete(Page page)
     {

@@ -392,9 +392,10 @@ public sealed partial class Mm
         var othersMapped = page.MapCount > 0;
         AddRmap(page);
         Kernel.SwapFree(slotId);
-        // should_try_to_free_swap: a write fault by the only user drops the swap cache.
+        // should_try_to_free_swap: a write fault by the only user drops the swap cache
+        // (folio_free_swap fails while another process still holds a swap entry for it).
         if (write && !othersMapped && page.Pins == 0)
-            Kernel.SwapCacheDelete(page);
+            Kernel.TryFreeSwap(page);
         var refOne = page.SwapCacheSlot == 0 && !othersMapped && page.Pins == 0;
         if (exclusive || refOne)
         {
@@ -463,6 +464,11 @@ public sealed partial class Mm
             return folio.LargeMapCount > 1 && !folio.MaybeMappedShared && folio.MmMaps.ContainsKey(this)
                 && Array.TrueForAll(folio.Pages, p => p.Pins == 0);
         }
+        // wp_can_reuse_anon_folio: only our mapping plus, at most, the swap cache may hold it;
+        // the swap cache can be dropped only when no swap entry refers to the page any more.
+        if (page.RefCount > 1 + (page.SwapCacheSlot != 0 ? 1 : 0))
+            return false;
+        Kernel.TryFreeSwap(page);
         return page.RefCount == 1;
     }
 

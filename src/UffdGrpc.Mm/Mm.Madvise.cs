@@ -185,15 +185,16 @@ public sealed partial class Mm
         switch (advice)
         {
             case Madv.Dontneed:
-                ZapRange(vma, start, end, new ZapDetails(DropMarkers: false, EvenCows: true));
+                ZapRange(vma, start, end, new ZapDetails(DropMarkers: false, EvenCows: true, ReclaimPt: true));
                 return Errno.OK;
             case Madv.Free:
                 return MadviseFree(vma, start, end);
             case Madv.Remove:
                 return ShmemPunchHole(vma, start, end);
             case Madv.Pageout:
-                return MadvisePageout(vma, start, end);
+                return MadviseColdOrPageout(vma, start, end, pageout: true);
             case Madv.Cold:
+                return MadviseColdOrPageout(vma, start, end, pageout: false);
             case Madv.Willneed:
                 return (vma.Flags & VmFlags.Locked) != 0 ? Errno.EINVAL : Errno.OK;
             case Madv.Collapse:
@@ -249,12 +250,34 @@ public sealed partial class Mm
                 continue;
             var pi = st.Index;
             if (st.IsHuge)
-                SplitHugePmd(vma, pmdt, pi, st.Addr & Kernel.PmdMask);
+            {
+                // madvise_free_huge_pmd: a whole PMD stays mapped and its folio becomes lazily
+                // freeable; part of one splits the PMD and the folio.
+                var pmd = pmdt.Entries[pi];
+                var folio = Kernel.PageOf(pmd.Pfn)!.Folio!;
+                if (folio.IsHugeZero)
+                    continue;
+                if (st.CoversPmd)
+                {
+                    if (!folio.MaybeMappedShared)
+                    {
+                        pmdt.Entries[pi] = pmd.MkOld().MkClean();
+                        MarkLazyFree(folio.Pages);
+                    }
+                    continue;
+                }
+                SplitAnonFolioAt(vma, st.Addr);
+            }
             var table = pmdt.Tables[pi];
             for (var a = st.Addr; table is not null && a < st.End; a += Kernel.PageSize)
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
+                if (pte.Present && NormalPage(pte) is { Folio: { } f } && !FolioWithin(f, a, start, end) && !f.MaybeMappedShared)
+                {
+                    SplitAnonFolioAt(vma, a);
+                    pte = table.Entries[i];
+                }
                 if (pte.IsSwap)
                 {
                     Kernel.SwapFree(pte.SwapSlot);
@@ -264,25 +287,77 @@ public sealed partial class Mm
                 {
                     table.Entries[i] = Pte.None;
                 }
-                else if (pte.Present && NormalPage(pte) is { IsAnon: true } page && page.PreciseMapCount == 1)
+                else if (pte.Present && NormalPage(pte) is { IsAnon: true } page
+                         && (page.Folio is { } lf ? !lf.MaybeMappedShared : page.PreciseMapCount == 1))
                 {
                     table.Entries[i] = pte.MkOld().MkClean();
-                    page.Dirty = false;
-                    page.LazyFree = true;
+                    MarkLazyFree([page]);
                 }
             }
         }
         return Errno.OK;
     }
 
+    private static void MarkLazyFree(IEnumerable<Page> pages)
+    {
+        foreach (var p in pages)
+        {
+            p.Dirty = false;
+            p.LazyFree = true;
+        }
+    }
+
+    /// <summary>Whether the whole folio whose subpage is mapped at <paramref name="addr"/> lies in [start, end).</summary>
+    private static bool FolioWithin(Folio folio, ulong addr, ulong start, ulong end)
+    {
+        _ = folio;
+        var b = addr & Kernel.PmdMask;
+        return b >= start && b + Kernel.PmdSize <= end;
+    }
+
     /// <summary>
-    /// madvise_pageout → reclaim_pages → shrink_folio_list. Anon pages mapped once go to
-    /// swap (a swap entry keeping soft-dirty and uffd-wp) when a swap device is active; a
-    /// clean lazily freed page is discarded even without swap. Page-cache pages mapped once
-    /// are unmapped everywhere (a uffd-wp PTE leaves a marker); shmem pages then go to swap
+    /// split_folio of the anon THP mapped at <paramref name="addr"/> (its PMD is split
+    /// first): the subpages become small pages, and zero-filled ones are remapped to the
+    /// shared zero page keeping soft-dirty and uffd-wp (try_to_map_unused_to_zeropage).
+    /// A folio mapped by other processes is left alone.
+    /// </summary>
+    internal bool SplitAnonFolioAt(Vma vma, ulong addr)
+    {
+        var pmdt = PageTable.PmdTableOf(addr, false);
+        if (pmdt is null)
+            return false;
+        var pi = PageTable.PmdIndex(addr);
+        Folio? folio;
+        if (pmdt.Entries[pi].TransHuge)
+        {
+            folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
+            if (folio.IsHugeZero || folio.MaybeMappedShared)
+                return false;
+            SplitHugePmd(vma, pmdt, pi, addr & Kernel.PmdMask);
+        }
+        else
+        {
+            var pte = pmdt.Tables[pi]?.Entries[PageTable.PteIndex(addr)] ?? Pte.None;
+            folio = pte.Present ? NormalPage(pte)?.Folio : null;
+            if (folio is null || folio.MaybeMappedShared)
+                return false;
+        }
+        SplitFolio(folio, vma, pmdt.Tables[pi]!, addr & Kernel.PmdMask);
+        return true;
+    }
+
+    /// <summary>
+    /// madvise_cold_or_pageout_pte_range, and for PAGEOUT reclaim_pages → shrink_folio_list.
+    /// A THP only partly in the range is split (PMD and folio) by both advices; COLD
+    /// otherwise changes nothing visible. PAGEOUT of a lazily freed folio discards it when
+    /// no mapping wrote it since (else keeps it whole); any other anon THP is split first
+    /// (add_to_swap takes no large folio here). Small anon pages mapped once go to swap (a
+    /// swap entry keeping soft-dirty and uffd-wp) when a swap device is active; a clean
+    /// lazily freed page is discarded even without swap. Page-cache pages mapped once are
+    /// unmapped everywhere (a uffd-wp PTE leaves a marker); shmem pages then go to swap
     /// when there is swap, otherwise stay in the page cache.
     /// </summary>
-    private Errno MadvisePageout(Vma vma, ulong start, ulong end)
+    private Errno MadviseColdOrPageout(Vma vma, ulong start, ulong end, bool pageout)
     {
         if ((vma.Flags & VmFlags.Locked) != 0)
             return Errno.EINVAL;
@@ -291,23 +366,97 @@ public sealed partial class Mm
             if (st.Table is not { } pmdt)
                 continue;
             var pi = st.Index;
-            if (pmdt.Entries[pi].TransHuge)
+            if (st.IsHuge)
             {
                 var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
-                if (folio.IsHugeZero || !Kernel.Config.Swap || folio.EntireMapCount > 1)
+                if (folio.IsHugeZero || folio.MaybeMappedShared)
                     continue;
-                SplitHugePmd(vma, pmdt, pi, st.Addr & Kernel.PmdMask);
+                if (st.CoversPmd)
+                {
+                    if (!pageout)
+                        continue;
+                    if (Array.TrueForAll(folio.Pages, p => p.LazyFree))
+                    {
+                        ReclaimLazyFreeFolio(folio, vma, st.Addr);
+                        continue;
+                    }
+                }
+                SplitAnonFolioAt(vma, st.Addr);
             }
             var table = pmdt.Tables[pi];
+            Folio? decided = null;
             for (var a = st.Addr; table is not null && a < st.End; a += Kernel.PageSize)
             {
-                var pte = table.Entries[PageTable.PteIndex(a)];
-                if (!pte.Present || NormalPage(pte) is not { } page || page.PreciseMapCount != 1)
+                var i = PageTable.PteIndex(a);
+                var pte = table.Entries[i];
+                if (!pte.Present || NormalPage(pte) is not { } page)
                     continue;
-                ReclaimPage(page, vma, table, PageTable.PteIndex(a), pte);
+                if (page.Folio is { } f)
+                {
+                    if (f.MaybeMappedShared || f == decided)
+                        continue;
+                    var within = FolioWithin(f, a, start, end);
+                    if (!pageout && within)
+                        continue;
+                    if (pageout && within && Array.TrueForAll(f.Pages, p => p.LazyFree))
+                    {
+                        ReclaimLazyFreeFolio(f, vma, a);
+                        decided = f;
+                        continue;
+                    }
+                    SplitAnonFolioAt(vma, a);
+                    pte = table.Entries[i];
+                    if (!pte.Present || NormalPage(pte) is not { } small)
+                        continue;
+                    page = small;
+                }
+                if (pageout && page.PreciseMapCount == 1)
+                    ReclaimPage(page, vma, table, i, pte);
             }
         }
         return Errno.OK;
+    }
+
+    /// <summary>
+    /// shrink_folio_list for a lazily freed anon THP: try_to_unmap finds a dirty mapping and
+    /// gives the folio back (swap-backed again, kept whole), or discards the whole folio.
+    /// </summary>
+    private void ReclaimLazyFreeFolio(Folio folio, Vma vma, ulong addr)
+    {
+        _ = vma;
+        var pmdt = PageTable.PmdTableOf(addr, false)!;
+        var pi = PageTable.PmdIndex(addr);
+        var dirty = Array.Exists(folio.Pages, p => p.Dirty);
+        if (pmdt.Entries[pi].TransHuge)
+        {
+            dirty |= pmdt.Entries[pi].Dirty;
+        }
+        else if (pmdt.Tables[pi] is { } t)
+        {
+            foreach (var e in t.Entries)
+                dirty |= e.Present && e.Dirty && Array.IndexOf(folio.Pages, Kernel.PageOf(e.Pfn)) >= 0;
+        }
+        if (dirty)
+        {
+            foreach (var p in folio.Pages)
+                p.LazyFree = false;
+            return;
+        }
+        if (pmdt.Entries[pi].TransHuge)
+        {
+            ZapHugePmd(pmdt, pi);
+            return;
+        }
+        var table = pmdt.Tables[pi]!;
+        for (var i = 0; i < Kernel.PtrsPerTable; i++)
+        {
+            var e = table.Entries[i];
+            if (e.Present && !e.Special && Kernel.PageOf(e.Pfn) is { } p && p.Folio == folio)
+            {
+                table.Entries[i] = Pte.None;
+                RemoveRmap(p);
+            }
+        }
     }
 
     /// <summary>shrink_folio_list for one page mapped by exactly one PTE.</summary>
@@ -432,7 +581,6 @@ public sealed partial class Mm
         var table = pmdt?.Tables[pi];
         if (table is null)
             return Errno.EINVAL;
-        var writable = false;
         for (var i = 0; i < Kernel.PtrsPerTable; i++)
         {
             var pte = table.Entries[i];
@@ -447,11 +595,12 @@ public sealed partial class Mm
             if (pte.UffdWp)
                 return Errno.EINVAL;
             var page = NormalPage(pte)!;
-            if (!page.IsAnon || page.PreciseMapCount != 1)
+            if (!page.IsAnon)
                 return Errno.EINVAL;
-            writable |= pte.Write;
         }
-        if (!writable)
+        // hugepage_vma_revalidate: a VMA that never had an anon page has no anon_vma
+        // (SCAN_PAGE_ANON). MADV_COLLAPSE ignores max_ptes_shared and read-only PTEs.
+        if (vma.AnonVma is null)
             return Errno.EINVAL;
         var folio = Kernel.AllocThp();
         if (folio is null)

@@ -1,7 +1,7 @@
 namespace UffdGrpc.Mm;
 
 /// <summary>Zap options (struct zap_details).</summary>
-internal readonly record struct ZapDetails(bool DropMarkers, bool EvenCows);
+internal readonly record struct ZapDetails(bool DropMarkers, bool EvenCows, bool ReclaimPt = false);
 
 /// <summary>mmap, munmap, exit and the zap machinery (mm/mmap.c, mm/vma.c, mm/memory.c).</summary>
 public sealed partial class Mm
@@ -124,8 +124,9 @@ public sealed partial class Mm
     /// pages are unmapped, swap entries freed, markers dropped in anon VMAs (and with
     /// DropMarkers). In file VMAs a zapped entry that carried uffd-wp leaves a uffd-wp
     /// marker (zap_install_uffd_wp_if_needed). Huge PMDs partly covered are split first.
-    /// PTE tables stay (the reference kernel does not reclaim them on MADV_DONTNEED, so a
-    /// later PAGEMAP_SCAN still sees the empty entries as WRITTEN).
+    /// With ReclaimPt (MADV_DONTNEED) a PTE table is freed only when the zap covered its
+    /// whole 2 MiB range and left every entry none; a partial zap keeps it, so a later
+    /// PAGEMAP_SCAN still sees the empty entries as WRITTEN.
     /// </summary>
     internal void ZapRange(Vma vma, ulong start, ulong end, ZapDetails details)
     {
@@ -146,6 +147,10 @@ public sealed partial class Mm
                 continue;
             for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
                 ZapPte(vma, table, PageTable.PteIndex(a), details);
+            // CONFIG_PT_RECLAIM (reclaim_pt_is_enabled): a zap covering a whole PMD range
+            // frees the PTE table once every entry is none.
+            if (details.ReclaimPt && st.CoversPmd && Array.TrueForAll(table.Entries, e => e.IsNone))
+                pmdt.Tables[st.Index] = null;
         }
     }
 

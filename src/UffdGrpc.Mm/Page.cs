@@ -53,8 +53,8 @@ public sealed class Page
     /// <summary>folio_precise_page_mapcount: PTE mappings plus PMD mappings of the folio.</summary>
     public int PreciseMapCount => MapCount + (Folio?.EntireMapCount ?? 0);
 
-    /// <summary>folio_ref_count approximated as mappings plus pins.</summary>
-    public int RefCount => Folio is null ? MapCount + Pins : Folio.RefCount;
+    /// <summary>folio_ref_count approximated as mappings, pins and the swap cache's reference.</summary>
+    public int RefCount => Folio is null ? MapCount + Pins + (SwapCacheSlot != 0 ? 1 : 0) : Folio.RefCount;
 
     public byte ReadByte(int offset) => Data is null ? (byte)0 : Data[offset];
 

@@ -48,44 +48,24 @@ public sealed class MachineRegistry
     public FileEntry File(long id, string field = "file_id") => Get<FileEntry>(id, field);
 
     /// <summary>The id of <paramref name="mm"/>, registering it (a fork child) when new. Caller holds the kernel lock.</summary>
-    internal long IdOf(MachineHost host, Model.Mm mm)
-    {
-        if (host.MmIds.TryGetValue(mm, out var id))
-            return id;
-        var e = new MmEntry(NextId(), host, mm);
-        host.MmIds[mm] = e.Id;
-        _objects[e.Id] = e;
-        return e.Id;
-    }
+    internal long IdOf(MachineHost host, Model.Mm mm) => IdOf(host.MmIds, mm, id => new MmEntry(id, host, mm));
 
     /// <summary>The id of <paramref name="t"/>, registering it when new. Caller holds the kernel lock.</summary>
-    internal long IdOf(MachineHost host, Model.SimThread t)
-    {
-        if (host.ThreadIds.TryGetValue(t, out var id))
-            return id;
-        var e = new ThreadEntry(NextId(), host, t, IdOf(host, t.Mm));
-        host.ThreadIds[t] = e.Id;
-        _objects[e.Id] = e;
-        return e.Id;
-    }
+    internal long IdOf(MachineHost host, Model.SimThread t) => IdOf(host.ThreadIds, t, id => new ThreadEntry(id, host, t, IdOf(host, t.Mm)));
 
     /// <summary>The id of <paramref name="ctx"/>, registering it (a FORK child context) when new. Caller holds the kernel lock.</summary>
-    internal long IdOf(MachineHost host, Model.UserfaultfdCtx ctx)
-    {
-        if (host.UffdIds.TryGetValue(ctx, out var id))
-            return id;
-        var e = new UffdEntry(NextId(), host, ctx);
-        host.UffdIds[ctx] = e.Id;
-        _objects[e.Id] = e;
-        return e.Id;
-    }
+    internal long IdOf(MachineHost host, Model.UserfaultfdCtx ctx) => IdOf(host.UffdIds, ctx, id => new UffdEntry(id, host, ctx));
 
-    internal long IdOf(MachineHost host, Model.MemFile f)
+    internal long IdOf(MachineHost host, Model.MemFile f) => IdOf(host.FileIds, f, id => new FileEntry(id, host, f));
+
+    /// <summary>The server-wide id of a model object, registering a new entry for it the first time it is seen.</summary>
+    private long IdOf<TModel>(Dictionary<TModel, long> ids, TModel obj, Func<long, Entry> make)
+        where TModel : notnull
     {
-        if (host.FileIds.TryGetValue(f, out var id))
+        if (ids.TryGetValue(obj, out var id))
             return id;
-        var e = new FileEntry(NextId(), host, f);
-        host.FileIds[f] = e.Id;
+        var e = make(NextId());
+        ids[obj] = e.Id;
         _objects[e.Id] = e;
         return e.Id;
     }

@@ -49,7 +49,6 @@ public sealed partial class Mm
             var pmd = pmdt.Entries[pi];
             var idx = (ulong)PageTable.PteIndex(addr);
             var head = Kernel.PageOf(pmd.Pfn)!;
-            var sub = head.Folio!.Pages[idx];
             flags |= Uapi.PmPresent | (pmd.Pfn + idx);
             if (sd && pmd.SoftDirty)
                 flags |= Uapi.PmSoftDirty;
@@ -57,7 +56,9 @@ public sealed partial class Mm
                 flags |= Uapi.PmUffdWp;
             if (!head.IsAnon)
                 flags |= Uapi.PmFile;
-            if (!head.Folio.IsHugeZero && sub.PreciseMapCount >= 1 && !head.Folio.MaybeMappedShared)
+            // pagemap_pmd_range asks __folio_page_mapped_exclusively about the head page for
+            // every subpage (CONFIG_PAGE_MAPCOUNT: precise mapcount == 1).
+            if (!head.Folio!.IsHugeZero && head.PreciseMapCount == 1)
                 flags |= Uapi.PmMmapExclusive;
             return flags;
         }
@@ -88,7 +89,7 @@ public sealed partial class Mm
         {
             if (!page.IsAnon)
                 flags |= Uapi.PmFile;
-            if (page.Folio is { } folio ? !folio.MaybeMappedShared : page.PreciseMapCount == 1)
+            if (page.PreciseMapCount == 1)
                 flags |= Uapi.PmMmapExclusive;
         }
         return flags;

@@ -208,6 +208,21 @@ public sealed class Kernel
         return NewFolio(PageKind.Anon, hugeZero: false);
     }
 
+    /// <summary>Allocates a PMD-sized page-cache folio for <paramref name="file"/> at <paramref name="index"/> (shmem_alloc_folio, HPAGE_PMD_ORDER).</summary>
+    internal Folio? AllocFileThp(MemFile file, ulong index)
+    {
+        if (_liveFrames + PtrsPerTable > Config.MaxPages)
+            return null;
+        _liveFrames += PtrsPerTable;
+        var f = NewFolio(PageKind.File, hugeZero: false);
+        for (var i = 0; i < f.Pages.Length; i++)
+        {
+            f.Pages[i].Mapping = file;
+            f.Pages[i].Index = index + (ulong)i;
+        }
+        return f;
+    }
+
     /// <summary>Frees <paramref name="page"/> once nothing maps or caches it.</summary>
     internal void MaybeFree(Page page)
     {

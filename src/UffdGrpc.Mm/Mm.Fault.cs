@@ -114,6 +114,8 @@ public sealed partial class Mm
             if (!fallback)
                 return r;
         }
+        if (pmdt.Entries[pi].IsNone && pmdt.Tables[pi] is null && DoSetPmd(vma, pmdt, pi, addr, write))
+            return FaultResult.Ok;
         var pmd = pmdt.Entries[pi];
         if (pmd.TransHuge)
         {
@@ -131,6 +133,38 @@ public sealed partial class Mm
         }
         var table = pmdt.Tables[pi] ??= new PteTable();
         return HandlePteFault(t, vma, table, addr, write, origin);
+    }
+
+    /// <summary>
+    /// do_set_pmd (via filemap_map_pages / finish_fault): a page-cache page that belongs to a
+    /// PMD-sized folio is mapped with one PMD when the PMD is none and the VMA covers the
+    /// aligned range. A MINOR-registered VMA first takes the userfault; a private write COWs
+    /// a 4 KiB page instead.
+    /// </summary>
+    private bool DoSetPmd(Vma vma, PmdTable pmdt, int pi, ulong addr, bool write)
+    {
+        if (vma.File is not { } file || vma.UserfaultfdMinor || (write && !vma.IsShared))
+            return false;
+        var haddr = addr & Kernel.PmdMask;
+        if (haddr < vma.Start || haddr + Kernel.PmdSize > vma.End)
+            return false;
+        var page = file.FindCachePage(vma.LinearPageIndex(addr));
+        if (page?.Folio is not { IsHugeZero: false } folio || folio.Head.Index != vma.LinearPageIndex(haddr))
+            return false;
+        var pmd = new Pmd(Pmd.Huge(folio.Head.Pfn).Value | PageProt(vma)).MkYoung();
+        if (write && pmd.Write)
+        {
+            pmd = pmd.MkDirty();
+            folio.Head.Dirty = true;
+        }
+        else if (write)
+        {
+            return false;
+        }
+        folio.EntireMapCount++;
+        folio.Track(this, 1);
+        pmdt.Entries[pi] = pmd;
+        return true;
     }
 
     /// <summary>handle_pte_fault.</summary>
@@ -327,12 +361,38 @@ public sealed partial class Mm
         }
         if (vma.UserfaultfdMissing)
             return HandleUserfault(t, vma, addr, VmFlags.UffdMissing, write, origin);
-        page = AddToPageCache(file, index);
-        if (page is null)
-            return FaultResult.Oom;
-        if (!file.IsShmem && file.Disk.TryGetValue(index, out var data) && data is not null)
+        if (!file.IsShmem)
+            ReadAround(file, index);
+        page = file.FindCachePage(index) ?? ReadFilePage(file, index);
+        return page is null ? FaultResult.Oom : FaultResult.Ok;
+    }
+
+    /// <summary>Default file readahead window (ra_pages: 128 KiB).</summary>
+    private const ulong RaPages = 32;
+
+    /// <summary>
+    /// do_sync_mmap_readahead's read-around for a regular file: a page-cache miss reads the
+    /// window [index - ra_pages/2, index + ra_pages/2), clipped at EOF, into the cache. Only
+    /// the faulting page is mapped; a later fault-around maps the rest. shmem has no readahead.
+    /// </summary>
+    private void ReadAround(MemFile file, ulong index)
+    {
+        var start = index >= RaPages / 2 ? index - (RaPages / 2) : 0;
+        var end = Math.Min(start + RaPages, file.SizePages);
+        for (var i = start; i < end; i++)
+        {
+            if (file.FindCachePage(i) is null)
+                ReadFilePage(file, i);
+        }
+    }
+
+    /// <summary>Reads one page of a regular file (or allocates a zero page for shmem) into the page cache.</summary>
+    private Page? ReadFilePage(MemFile file, ulong index)
+    {
+        var page = AddToPageCache(file, index);
+        if (page is not null && !file.IsShmem && file.Disk.TryGetValue(index, out var data) && data is not null)
             page.Data = (byte[])data.Clone();
-        return FaultResult.Ok;
+        return page;
     }
 
     internal Page? AddToPageCache(MemFile file, ulong index)
@@ -565,6 +625,13 @@ public sealed partial class Mm
         fallback = false;
         var pmd = pmdt.Entries[pi];
         var haddr = addr & Kernel.PmdMask;
+        if (!vma.IsAnonymous)
+        {
+            // COW or write-notify of a file PMD is handled at PTE level: split (drop) it.
+            SplitHugePmd(vma, pmdt, pi, haddr);
+            fallback = true;
+            return FaultResult.Ok;
+        }
         if (vma.UserfaultfdWp && pmd.UffdWp)
         {
             if (!vma.UserfaultfdWpAsync)
@@ -611,7 +678,8 @@ public sealed partial class Mm
     }
 
     /// <summary>
-    /// __split_huge_pmd_locked: the PMD becomes a PTE table of 512 entries. Anon THP
+    /// __split_huge_pmd_locked: a file (shmem) PMD is simply cleared. Otherwise the PMD
+    /// becomes a PTE table of 512 entries. Anon THP
     /// subpages inherit write, young, dirty, soft-dirty and uffd-wp and keep the folio's
     /// anon-exclusive state (the folio stays a PTE-mapped THP); the huge zero page splits
     /// into small zero-page PTEs that keep uffd-wp.
@@ -619,9 +687,19 @@ public sealed partial class Mm
     internal void SplitHugePmd(Vma vma, PmdTable pmdt, int pi, ulong haddr)
     {
         var pmd = pmdt.Entries[pi];
-        var table = new PteTable();
         var head = Kernel.PageOf(pmd.Pfn)!;
         var folio = head.Folio!;
+        if (head.Kind == PageKind.File)
+        {
+            // A file PMD is not split into PTEs: the mapping is dropped and refaults.
+            if (pmd.Dirty)
+                head.Dirty = true;
+            pmdt.Entries[pi] = default;
+            folio.EntireMapCount--;
+            folio.Track(this, -1);
+            return;
+        }
+        var table = new PteTable();
         var prot = PageProt(vma);
         for (var i = 0; i < Kernel.PtrsPerTable; i++)
         {

@@ -60,7 +60,9 @@ public sealed partial class Mm
                 continue;
             if (st.IsHuge)
             {
-                CopyHugePmd(child, src, pmdt, st.Index, st.Addr, childWp);
+                // copy_huge_pmd skips file PMDs: the child refaults them.
+                if (src.IsAnonymous)
+                    CopyHugePmd(child, src, pmdt, st.Index, st.Addr, childWp);
                 continue;
             }
             if (st.PteTable is not { } table)

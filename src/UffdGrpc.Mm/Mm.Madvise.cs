@@ -369,7 +369,7 @@ public sealed partial class Mm
             if (st.IsHuge)
             {
                 var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
-                if (folio.IsHugeZero || folio.MaybeMappedShared)
+                if (folio.IsHugeZero || folio.MaybeMappedShared || !vma.IsAnonymous)
                     continue;
                 if (st.CoversPmd)
                 {
@@ -393,7 +393,7 @@ public sealed partial class Mm
                     continue;
                 if (page.Folio is { } f)
                 {
-                    if (f.MaybeMappedShared || f == decided)
+                    if (f.MaybeMappedShared || f == decided || !page.IsAnon)
                         continue;
                     var within = FolioWithin(f, a, start, end);
                     if (!pageout && within)
@@ -529,6 +529,12 @@ public sealed partial class Mm
         }
         for (var idx = first; idx < last; idx++)
         {
+            if (file.Cache.TryGetValue(idx, out var cached) && cached.Folio is { } large)
+            {
+                // truncate_inode_partial_folio: the large folio is split first.
+                foreach (var p in large.Pages)
+                    p.Folio = null;
+            }
             if (file.Cache.Remove(idx, out var page))
                 Kernel.MaybeFree(page);
             file.Swapped.Remove(idx);
@@ -545,7 +551,7 @@ public sealed partial class Mm
     /// </summary>
     private Errno MadviseCollapse(Vma vma, ulong start, ulong end)
     {
-        if ((vma.Flags & VmFlags.NoHugePage) != 0 || Kernel.Config.Thp == ThpMode.Never || !vma.IsAnonymous)
+        if ((vma.Flags & VmFlags.NoHugePage) != 0 || Kernel.Config.Thp == ThpMode.Never || !(vma.IsAnonymous || vma.IsShmem))
             return Errno.EINVAL;
         // thp_vma_allowable_order: the VMA must be able to hold an aligned PMD at all.
         if (((vma.Start + Kernel.PmdSize - 1) & Kernel.PmdMask) + Kernel.PmdSize > vma.End)
@@ -563,7 +569,7 @@ public sealed partial class Mm
                 last = Errno.EINVAL;
                 continue;
             }
-            var r = CollapseOne(vma, h);
+            var r = vma.IsShmem ? CollapseFile(vma, h) : CollapseOne(vma, h);
             if (r == Errno.OK)
                 thps++;
             else
@@ -622,6 +628,106 @@ public sealed partial class Mm
         if (!dirty)
             pmdt.Entries[pi] = new Pmd(pmdt.Entries[pi].Value & ~PteBits.PageDirty);
         return Errno.OK;
+    }
+
+    /// <summary>
+    /// collapse_file for shmem (MADV_COLLAPSE ignores shmem_enabled unless deny): the cached
+    /// pages of the aligned range are copied into a new PMD-sized folio and unmapped from
+    /// every mapping (a uffd-wp PTE leaves a marker); holes are zero-filled, unless some VMA
+    /// of the file is MISSING-registered there (SCAN_EXCEED_NONE_PTE: EBUSY, with the pages
+    /// already unmapped). Empty page tables are retracted (not in uffd-wp VMAs), then the
+    /// calling VMA maps the folio with a PMD (collapse_pte_mapped_thp; EINVAL in a uffd-wp
+    /// VMA).
+    /// </summary>
+    private Errno CollapseFile(Vma vma, ulong haddr)
+    {
+        var file = vma.File!;
+        var start = vma.LinearPageIndex(haddr);
+        if (start % Kernel.PtrsPerTable != 0 || start + Kernel.PtrsPerTable > file.SizePages)
+            return Errno.EINVAL;
+        var end = start + Kernel.PtrsPerTable;
+        if (file.FindCachePage(start)?.Folio is not { IsHugeZero: false } existing || existing.Head.Index != start)
+        {
+            var present = 0;
+            for (var i = start; i < end; i++)
+            {
+                if (file.Cache.ContainsKey(i) || file.Swapped.ContainsKey(i))
+                    present++;
+            }
+            if (present == 0)
+                return Errno.EINVAL;
+            for (var i = start; i < end; i++)
+            {
+                if (file.FindCachePage(i) is not null || ShmemSwapin(file, i) is not null)
+                    UnmapFilePage(file, i);
+            }
+            if (present < Kernel.PtrsPerTable && FileVmas(file).Any(v => v.Vma.UserfaultfdMissing
+                && v.Vma.PgOff < end && v.Vma.PgOff + v.Vma.Pages > start))
+                return Errno.EBUSY;
+            var folio = Kernel.AllocFileThp(file, start);
+            if (folio is null)
+                return Errno.ENOMEM;
+            for (var i = start; i < end; i++)
+            {
+                var np = folio.Pages[(int)(i - start)];
+                if (file.Cache.Remove(i, out var old))
+                {
+                    np.CopyFrom(old);
+                    np.Dirty = true;
+                    Kernel.MaybeFree(old);
+                }
+                file.Cache[i] = np;
+            }
+            existing = folio;
+            foreach (var (mm, v) in FileVmas(file))
+                mm.RetractPageTable(v, start);
+        }
+        if (vma.UserfaultfdWp)
+            return Errno.EINVAL;
+        var pmdt = PageTable.PmdTableOf(haddr, true)!;
+        var pi = PageTable.PmdIndex(haddr);
+        if (pmdt.Entries[pi].IsNone && pmdt.Tables[pi] is null)
+            DoSetPmd(vma, pmdt, pi, haddr, write: false);
+        return Errno.OK;
+    }
+
+    /// <summary>Every VMA (of every address space) that maps <paramref name="file"/> (the i_mmap tree).</summary>
+    private IEnumerable<(Mm Mm, Vma Vma)> FileVmas(MemFile file) =>
+        Kernel.Mms.SelectMany(m => m.Vmas.Where(v => v.File == file).Select(v => (m, v))).ToList();
+
+    /// <summary>try_to_unmap of a page-cache page from every mapping (uffd-wp PTEs leave markers).</summary>
+    private void UnmapFilePage(MemFile file, ulong index)
+    {
+        foreach (var (mm, v) in FileVmas(file))
+        {
+            if (index < v.PgOff || index >= v.PgOff + v.Pages)
+                continue;
+            var addr = v.Start + ((index - v.PgOff) * Kernel.PageSize);
+            var table = mm.PageTable.PteTableOf(addr);
+            if (table is null)
+                continue;
+            var i = PageTable.PteIndex(addr);
+            var pte = table.Entries[i];
+            if (!pte.Present || mm.NormalPage(pte) is not { Kind: PageKind.File } page || page.Index != index)
+                continue;
+            table.Entries[i] = Pte.None;
+            InstallUffdWpIfNeeded(v, table, i, pte);
+            mm.RemoveRmap(page);
+        }
+    }
+
+    /// <summary>retract_page_tables: an empty PTE table over an aligned range of a VMA without anon pages or uffd-wp is freed.</summary>
+    internal void RetractPageTable(Vma v, ulong fileIndex)
+    {
+        if (v.AnonVma is not null || v.UserfaultfdWp || fileIndex < v.PgOff)
+            return;
+        var addr = v.Start + ((fileIndex - v.PgOff) * Kernel.PageSize);
+        if (addr % Kernel.PmdSize != 0 || addr + Kernel.PmdSize > v.End)
+            return;
+        var pmdt = PageTable.PmdTableOf(addr, false);
+        var pi = PageTable.PmdIndex(addr);
+        if (pmdt?.Tables[pi] is { } t && Array.TrueForAll(t.Entries, e => e.IsNone))
+            pmdt.Tables[pi] = null;
     }
 
     /// <summary>userfaultfd_unmap_complete: sends the collected UNMAP events one by one.</summary>

@@ -633,7 +633,7 @@ public sealed partial class ScenarioInterpreter
             }
             else
             {
-                return [usage];
+                return ["USAGE bad scan option"];
             }
         }
         arg = arg with { VecLen = vecn };

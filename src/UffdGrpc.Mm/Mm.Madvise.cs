@@ -273,7 +273,7 @@ public sealed partial class Mm
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
-                if (pte.Present && NormalPage(pte) is { Folio: { } f } && !FolioWithin(f, a, start, end) && !f.MaybeMappedShared)
+                if (pte.Present && NormalPage(pte) is { Folio: { } f } && !FolioWithin(a, start, end) && !f.MaybeMappedShared)
                 {
                     SplitAnonFolioAt(vma, a);
                     pte = table.Entries[i];
@@ -308,9 +308,8 @@ public sealed partial class Mm
     }
 
     /// <summary>Whether the whole folio whose subpage is mapped at <paramref name="addr"/> lies in [start, end).</summary>
-    private static bool FolioWithin(Folio folio, ulong addr, ulong start, ulong end)
+    private static bool FolioWithin(ulong addr, ulong start, ulong end)
     {
-        _ = folio;
         var b = addr & Kernel.PmdMask;
         return b >= start && b + Kernel.PmdSize <= end;
     }
@@ -342,7 +341,7 @@ public sealed partial class Mm
             if (folio is null || folio.MaybeMappedShared)
                 return false;
         }
-        SplitFolio(folio, vma, pmdt.Tables[pi]!, addr & Kernel.PmdMask);
+        SplitFolio(folio, vma, pmdt.Tables[pi]!);
         return true;
     }
 
@@ -377,7 +376,7 @@ public sealed partial class Mm
                         continue;
                     if (Array.TrueForAll(folio.Pages, p => p.LazyFree))
                     {
-                        ReclaimLazyFreeFolio(folio, vma, st.Addr);
+                        ReclaimLazyFreeFolio(folio, st.Addr);
                         continue;
                     }
                 }
@@ -395,12 +394,12 @@ public sealed partial class Mm
                 {
                     if (f.MaybeMappedShared || f == decided || !page.IsAnon)
                         continue;
-                    var within = FolioWithin(f, a, start, end);
+                    var within = FolioWithin(a, start, end);
                     if (!pageout && within)
                         continue;
                     if (pageout && within && Array.TrueForAll(f.Pages, p => p.LazyFree))
                     {
-                        ReclaimLazyFreeFolio(f, vma, a);
+                        ReclaimLazyFreeFolio(f, a);
                         decided = f;
                         continue;
                     }
@@ -421,9 +420,8 @@ public sealed partial class Mm
     /// shrink_folio_list for a lazily freed anon THP: try_to_unmap finds a dirty mapping and
     /// gives the folio back (swap-backed again, kept whole), or discards the whole folio.
     /// </summary>
-    private void ReclaimLazyFreeFolio(Folio folio, Vma vma, ulong addr)
+    private void ReclaimLazyFreeFolio(Folio folio, ulong addr)
     {
-        _ = vma;
         var pmdt = PageTable.PmdTableOf(addr, false)!;
         var pi = PageTable.PmdIndex(addr);
         var dirty = Array.Exists(folio.Pages, p => p.Dirty);
@@ -597,7 +595,7 @@ public sealed partial class Mm
                 continue;
             }
             if (!pte.Present)
-                return pte.IsUffdWpMarker ? Errno.EINVAL : Errno.EINVAL;
+                return Errno.EINVAL;
             if (pte.UffdWp)
                 return Errno.EINVAL;
             var page = NormalPage(pte)!;

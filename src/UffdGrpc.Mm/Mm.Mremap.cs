@@ -45,14 +45,14 @@ public sealed partial class Mm
             }
         }
         InsertVma(nv);
-        MovePageTables(vma, nv, oldAddr, newAddr, len, clearWp);
+        MovePageTables(vma, oldAddr, newAddr, len, clearWp);
         DoMunmap(oldAddr, len, unmaps);
         MergeVma(nv);
         return Errno.OK;
     }
 
     /// <summary>move_page_tables: huge PMDs move whole when aligned, else split; PTEs move with move_soft_dirty_pte.</summary>
-    private void MovePageTables(Vma oldVma, Vma newVma, ulong oldAddr, ulong newAddr, ulong len, bool clearWp)
+    private void MovePageTables(Vma oldVma, ulong oldAddr, ulong newAddr, ulong len, bool clearWp)
     {
         for (ulong off = 0; off < len; off += Kernel.PageSize)
         {
@@ -105,6 +105,5 @@ public sealed partial class Mm
             var dtable = PageTable.PteAlloc(dst)!;
             dtable.Entries[PageTable.PteIndex(dst)] = pte;
         }
-        _ = newVma;
     }
 }

@@ -406,7 +406,7 @@ public sealed partial class Mm
                 return Errno.EBUSY;
             if (page.Folio is { } folio)
             {
-                SplitFolio(folio, srcVma, stable, s & Kernel.PmdMask);
+                SplitFolio(folio, srcVma, stable);
                 return Errno.EAGAIN;
             }
             stable.Entries[si] = Pte.None;
@@ -430,9 +430,8 @@ public sealed partial class Mm
     /// becomes 512 small pages; subpages that are mapped and hold only zeros are replaced by
     /// the shared zero page (RMP_USE_SHARED_ZEROPAGE), keeping soft-dirty and uffd-wp.
     /// </summary>
-    internal void SplitFolio(Folio folio, Vma vma, PteTable table, ulong tableBase)
+    internal void SplitFolio(Folio folio, Vma vma, PteTable table)
     {
-        _ = tableBase;
         foreach (var p in folio.Pages)
             p.Folio = null;
         for (var i = 0; i < Kernel.PtrsPerTable; i++)

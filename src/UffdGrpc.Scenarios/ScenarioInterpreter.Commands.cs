@@ -31,9 +31,8 @@ public sealed partial class ScenarioInterpreter
     // ------------------------------------------------------------------ thread operations
 
     /// <summary>The thread operation an executor command starts, or null (not an operation, or malformed).</summary>
-    private ThreadOpRequest? ThreadOpFor(string[] argv, Executor ex)
+    private ThreadOpRequest? ThreadOpFor(string[] argv)
     {
-        _ = ex;
         switch (argv[0])
         {
             case "write" or "read" or "kwrite" or "kread":
@@ -109,9 +108,8 @@ public sealed partial class ScenarioInterpreter
     }
 
     /// <summary>The result lines of a finished executor operation (cmd_access, cmd_populate, prefixed madvise/munmap/thp).</summary>
-    private Task<List<string>> FormatOpResultAsync(string[] argv, ThreadOpResult r, Executor ex)
+    private Task<List<string>> FormatOpResultAsync(string[] argv, ThreadOpResult r)
     {
-        _ = ex;
         var lines = new List<string>();
         switch (argv[0])
         {
@@ -164,7 +162,7 @@ public sealed partial class ScenarioInterpreter
         else if (MadviseLikeUsage(argv) is { } u)
             lines = [u];
         else
-            lines = await RunCommonAsync(argv, ex, ex.Process, ex.Thread).ConfigureAwait(false);
+            lines = await RunCommonAsync(argv, ex, ex.Process).ConfigureAwait(false);
         if (lines is null && !ex.IsChild)
             lines = await RunIoctlAsync(argv, ex.Process).ConfigureAwait(false);
         lines ??= ["USAGE unknown command on executor: " + op];
@@ -175,9 +173,8 @@ public sealed partial class ScenarioInterpreter
     /// Commands valid on main and every executor (run_local), plus on main the uffd ioctls.
     /// Returns null for an unknown command.
     /// </summary>
-    private async Task<List<string>?> RunCommonAsync(string[] argv, Executor? ex, int proc, int thread)
+    private async Task<List<string>?> RunCommonAsync(string[] argv, Executor? ex, int proc)
     {
-        _ = thread;
         switch (argv[0])
         {
             case "mprotect":

@@ -264,7 +264,7 @@ public sealed partial class ScenarioInterpreter
             case "require":
                 return await CmdRequireAsync(argv).ConfigureAwait(false);
             default:
-                var lines = await RunCommonAsync(argv, null, _mainProc, _mainThread).ConfigureAwait(false);
+                var lines = await RunCommonAsync(argv, null, _mainProc).ConfigureAwait(false);
                 if (lines is null)
                     Emit("USAGE unknown command: " + op);
                 else
@@ -348,7 +348,7 @@ public sealed partial class ScenarioInterpreter
                 var cmd = ex.Current;
                 ex.Current = null;
                 if (!r.Aborted)
-                    ex.Pipe.AddRange(await FormatOpResultAsync(Split(cmd), r, ex).ConfigureAwait(false));
+                    ex.Pipe.AddRange(await FormatOpResultAsync(Split(cmd), r).ConfigureAwait(false));
                 return;
             }
         }
@@ -372,7 +372,7 @@ public sealed partial class ScenarioInterpreter
                 ex.Pending.Clear();
                 return true;
             }
-            var req = ThreadOpFor(argv, ex);
+            var req = ThreadOpFor(argv);
             if (req is not null)
             {
                 ex.Current = line;

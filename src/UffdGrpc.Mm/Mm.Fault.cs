@@ -267,10 +267,19 @@ public sealed partial class Mm
     {
         var file = vma.File!;
         var index = vma.LinearPageIndex(addr);
-        var r = ShmemGetFolio(t, vma, file, index, addr, write, origin, out var page);
-        if (r != FaultResult.Ok)
-            return r;
         var i = PageTable.PteIndex(addr);
+        // do_read_fault: fault-around (filemap_map_pages) runs before __do_fault, so cached
+        // neighbours — and the faulting page itself, if cached — are mapped even when the
+        // fault then raises MISSING or SIGBUS. uffd_disable_fault_around: not in WP/MINOR VMAs.
+        if (!write && !uffdWp && !vma.UserfaultfdWp && !vma.UserfaultfdMinor)
+        {
+            FaultAround(vma, table, addr);
+            if (table.Entries[i].Present)
+                return FaultResult.Ok;
+        }
+        var r = ShmemGetFolio(t, vma, file, index, addr, write, origin, out var page);
+        if (r != FaultResult.Ok || page is null)
+            return r;
         if (write && !vma.IsShared)
         {
             // do_cow_fault: copy the page-cache page into a new exclusive anon page.
@@ -286,8 +295,6 @@ public sealed partial class Mm
             table.Entries[i] = entry;
             return FaultResult.Ok;
         }
-        if (!write && !uffdWp && !vma.UserfaultfdWp && !vma.UserfaultfdMinor)
-            FaultAround(vma, table, addr);
         table.Entries[i] = FileFaultPte(vma, page!, write, uffdWp);
         AddRmap(page!);
         return FaultResult.Ok;
@@ -323,8 +330,6 @@ public sealed partial class Mm
         var end = Math.Min((addr & ~(window - 1)) + window, Math.Min(vma.End, (addr & Kernel.PmdMask) + Kernel.PmdSize));
         for (var a = start; a < end; a += Kernel.PageSize)
         {
-            if (a == (addr & ~(Kernel.PageSize - 1)))
-                continue;
             var i = PageTable.PteIndex(a);
             if (!table.Entries[i].IsNone)
                 continue;
@@ -334,7 +339,8 @@ public sealed partial class Mm
             var page = vma.File.FindCachePage(index);
             if (page is null)
                 continue;
-            table.Entries[i] = FileFaultPte(vma, page, write: false, uffdWp: false).MkOld();
+            var pte = FileFaultPte(vma, page, write: false, uffdWp: false);
+            table.Entries[i] = a == (addr & ~(Kernel.PageSize - 1)) ? pte : pte.MkOld();
             AddRmap(page);
         }
     }
@@ -342,7 +348,8 @@ public sealed partial class Mm
     /// <summary>
     /// shmem_get_folio_gfp (SGP_CACHE) / filemap_fault: beyond EOF is SIGBUS; a cached (or
     /// swapped) page raises MINOR in a MINOR VMA; a hole raises MISSING in a MISSING VMA,
-    /// else a zero-filled page is added to the page cache.
+    /// else shmem adds a zero-filled page to the page cache and a regular file reads the
+    /// window around the index and asks for a retry (page null).
     /// </summary>
     private FaultResult ShmemGetFolio(SimThread t, Vma vma, MemFile file, ulong index, ulong addr, bool write, AccessOrigin origin, out Page? page)
     {
@@ -362,8 +369,15 @@ public sealed partial class Mm
         if (vma.UserfaultfdMissing)
             return HandleUserfault(t, vma, addr, VmFlags.UffdMissing, write, origin);
         if (!file.IsShmem)
+        {
+            // filemap_fault: a miss starts read-around I/O, drops the mmap lock and returns
+            // VM_FAULT_RETRY; the retried fault finds the window cached (and fault-around
+            // maps it). A null page with Ok means "retry".
             ReadAround(file, index);
-        page = file.FindCachePage(index) ?? ReadFilePage(file, index);
+            page = null;
+            return FaultResult.Ok;
+        }
+        page = ReadFilePage(file, index);
         return page is null ? FaultResult.Oom : FaultResult.Ok;
     }
 

@@ -293,20 +293,23 @@ public sealed partial class ScenarioInterpreter
     /// </summary>
     private async Task SettleAsync()
     {
-        while (true)
+        for (var rounds = 0; ; rounds++)
         {
             var progress = await DrainAndPumpAsync().ConfigureAwait(false);
             if (!_policy.HasFlag(Policy.Off))
                 progress |= await HandlerRoundAsync(resolve: true).ConfigureAwait(false);
             if (!progress)
                 break;
+            if (rounds == MaxSettleRounds)
+            {
+                // kuffd gives up settling after 20 s (e.g. a handler whose ZEROPAGE keeps
+                // getting EEXIST on a uffd-wp marker, waking a fault that recurs forever).
+                FlushPipes();
+                Emit("TIMEOUT settling");
+                break;
+            }
         }
-        foreach (var ex in new[] { _worker, _child })
-        {
-            foreach (var l in ex.Pipe)
-                Emit($"{ex.Label}: {l}");
-            ex.Pipe.Clear();
-        }
+        FlushPipes();
         foreach (var ex in new[] { _worker, _child })
         {
             if (ex.Alive && ex.PendingCount > 0 && !ex.BlockedReported)
@@ -316,6 +319,20 @@ public sealed partial class ScenarioInterpreter
             }
         }
     }
+
+    /// <summary>Main drains the executors' result pipes, worker first.</summary>
+    private void FlushPipes()
+    {
+        foreach (var ex in new[] { _worker, _child })
+        {
+            foreach (var l in ex.Pipe)
+                Emit($"{ex.Label}: {l}");
+            ex.Pipe.Clear();
+        }
+    }
+
+    /// <summary>Handler rounds after which settling gives up, as kuffd's 20 s settle deadline does.</summary>
+    private const int MaxSettleRounds = 20000;
 
     private async Task<bool> DrainAndPumpAsync()
     {

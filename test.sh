@@ -5,6 +5,17 @@
 # project's own real-kernel scenarios in tests/conformance/scenarios.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Debian packages the suite uses (the non-.NET gRPC client test): installed when missing.
+missing=""
+for p in $(grep -v '^#' .ci/apt-packages); do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    echo "test.sh: missing Debian packages:$missing (apt-get install them, or run as root)" >&2
+  fi
+fi
 rm -rf artifacts/TestResults
 dotnet test UffdGrpc.sln -c Release
 if [ -f artifacts/conformance-report.txt ]; then

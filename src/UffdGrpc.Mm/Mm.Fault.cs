@@ -591,6 +591,8 @@ public sealed partial class Mm
     private FaultResult DoHugePmdAnonymousPage(SimThread t, Vma vma, PmdTable pmdt, int pi, ulong addr, bool write, AccessOrigin origin, out bool fallback)
     {
         fallback = false;
+        // vmf_anon_prepare comes first, also for the huge zero page (fork then copies the PMD).
+        AnonVmaPrepare(vma);
         if (!write && Kernel.Config.ThpUseZeroPage)
         {
             if (vma.UserfaultfdMissing)

@@ -135,7 +135,9 @@ public sealed partial class Mm
         var vma = FindDstVma(dst, len);
         if (vma is null)
             return -(long)Errno.ENOENT;
-        AnonVmaPrepare(vma);
+        // uffd_lock_vma: only a private VMA gets an anon_vma (fork then copies its tables).
+        if (!vma.IsShared)
+            AnonVmaPrepare(vma);
         if (ctx.MmapChanging > 0)
             return -(long)Errno.EAGAIN;
         if (wp && !vma.UserfaultfdWp)

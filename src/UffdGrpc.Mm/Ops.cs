@@ -19,8 +19,6 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
     public byte[] Values { get; } = new byte[count];
     /// <summary>The signal that ended a user access, or None.</summary>
     public SigCode Signal { get; private set; }
-    /// <summary>EFAULT for a failed kernel access.</summary>
-    public Errno Errno { get; private set; }
 
     protected internal override bool Step()
     {
@@ -37,7 +35,7 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
                     return false;
                 default:
                     if (Origin == AccessOrigin.Kernel)
-                        Errno = Errno.EFAULT;
+                        Result = Errno.EFAULT;
                     else
                         Signal = Mm.SignalOf(r);
                     return true;
@@ -59,7 +57,6 @@ public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
     public ulong Start { get; } = start;
     public ulong Len { get; } = len;
     public bool Write { get; } = write;
-    public Errno Result { get; private set; }
 
     protected internal override bool Step()
     {
@@ -105,7 +102,6 @@ public sealed class MadviseOp(ulong start, ulong len, Madv advice) : SyscallOp
     public ulong Start { get; } = start;
     public ulong Len { get; } = len;
     public Madv Advice { get; } = advice;
-    public Errno Result { get; internal set; }
     internal ulong Cursor;
     internal ulong End;
     internal bool Validated;
@@ -124,7 +120,6 @@ public sealed class MunmapOp(ulong start, ulong len) : SyscallOp
 
     public ulong Start { get; } = start;
     public ulong Len { get; } = len;
-    public Errno Result { get; private set; }
 
     protected internal override bool Step()
     {
@@ -150,7 +145,6 @@ public sealed class MremapOp(ulong oldAddr, ulong len, ulong newAddr) : SyscallO
     public ulong OldAddr { get; } = oldAddr;
     public ulong Len { get; } = len;
     public ulong NewAddr { get; } = newAddr;
-    public Errno Result { get; private set; }
 
     protected internal override bool Step()
     {

@@ -98,6 +98,11 @@ public abstract class SyscallOp
 {
     public SimThread Thread { get; internal set; } = null!;
     public bool IsCompleted { get; private set; }
+    /// <summary>
+    /// The call's errno (the syscall's return; EFAULT for a failed kernel-origin access; OK
+    /// for a user access, whose failure is a <see cref="AccessOp.Signal"/>).
+    /// </summary>
+    public Errno Result { get; protected internal set; }
     /// <summary>The thread died before the call completed.</summary>
     public bool Aborted { get; private set; }
     /// <summary>Called under the machine lock when the operation completes or is aborted; must not block.</summary>

@@ -93,15 +93,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
         switch (o)
         {
             case AccessOp a:
-                return new(id, thread, o.Aborted, a.Errno, a.Signal, a.Done, a.Values);
-            case PopulateOp p:
-                return new(id, thread, o.Aborted, p.Result, SigCode.None, 0, []);
-            case MadviseOp m:
-                return new(id, thread, o.Aborted, m.Result, SigCode.None, 0, []);
-            case MunmapOp u:
-                return new(id, thread, o.Aborted, u.Result, SigCode.None, 0, []);
-            case MremapOp r:
-                return new(id, thread, o.Aborted, r.Result, SigCode.None, 0, []);
+                return new(id, thread, o.Aborted, a.Result, a.Signal, a.Done, a.Values);
             case ForkOp f:
                 var cp = _next++;
                 _procs[cp] = f.Child!;
@@ -109,7 +101,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
                 _threads[ct] = f.ChildThread!;
                 return new(id, thread, o.Aborted, Errno.OK, SigCode.None, 0, []) { ChildProcess = cp, ChildThread = ct };
             default:
-                throw new InvalidOperationException(o.GetType().Name);
+                return new(id, thread, o.Aborted, o.Result, SigCode.None, 0, []);
         }
     }
 

@@ -1,12 +1,6 @@
 using Google.Rpc;
-using Grpc.Core;
-using UffdGrpc.Client;
-using UffdGrpc.Contracts.V1;
-using UffdGrpc.ContractTests.Infrastructure;
 using UffdGrpc.Server.Mapping;
-using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
 using Model = UffdGrpc.Mm;
-using ThreadState = UffdGrpc.Contracts.V1.ThreadState;
 
 namespace UffdGrpc.ContractTests;
 

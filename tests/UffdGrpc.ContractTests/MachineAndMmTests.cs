@@ -1,10 +1,3 @@
-using Grpc.Core;
-using UffdGrpc.Client;
-using UffdGrpc.Contracts.V1;
-using UffdGrpc.ContractTests.Infrastructure;
-using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
-using ThreadState = UffdGrpc.Contracts.V1.ThreadState;
-
 namespace UffdGrpc.ContractTests;
 
 /// <summary>The Machines and Mm services over a real HTTP/2 channel.</summary>

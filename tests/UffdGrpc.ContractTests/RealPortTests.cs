@@ -2,11 +2,7 @@ using System.Diagnostics;
 using Grpc.Health.V1;
 using Grpc.Net.Client;
 using Grpc.Reflection.V1Alpha;
-using UffdGrpc.Client;
-using UffdGrpc.Contracts.V1;
-using UffdGrpc.ContractTests.Infrastructure;
 using Xunit.Abstractions;
-using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
 
 namespace UffdGrpc.ContractTests;
 

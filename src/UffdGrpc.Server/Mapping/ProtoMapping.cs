@@ -102,27 +102,12 @@ public static class ProtoMapping
     /// <summary>The result of a finished (or aborted) operation. Fork ids are filled in by the registry.</summary>
     public static ThreadOpResult ToResult(long opId, long threadId, Model.SyscallOp o)
     {
-        var r = new ThreadOpResult { OpId = opId, ThreadId = threadId, Aborted = o.Aborted, Errno = ToProto(Model.Errno.OK) };
-        switch (o)
+        var r = new ThreadOpResult { OpId = opId, ThreadId = threadId, Aborted = o.Aborted, Errno = ToProto(o.Result) };
+        if (o is Model.AccessOp a)
         {
-            case Model.AccessOp a:
-                r.Errno = ToProto(a.Errno);
-                r.Signal = ToProto(a.Signal);
-                r.Done = (uint)a.Done;
-                r.Values = ByteString.CopyFrom(a.Values);
-                break;
-            case Model.PopulateOp p:
-                r.Errno = ToProto(p.Result);
-                break;
-            case Model.MadviseOp m:
-                r.Errno = ToProto(m.Result);
-                break;
-            case Model.MunmapOp u:
-                r.Errno = ToProto(u.Result);
-                break;
-            case Model.MremapOp m:
-                r.Errno = ToProto(m.Result);
-                break;
+            r.Signal = ToProto(a.Signal);
+            r.Done = (uint)a.Done;
+            r.Values = ByteString.CopyFrom(a.Values);
         }
         return r;
     }

@@ -1,6 +1,3 @@
-using UffdGrpc.Client;
-using UffdGrpc.Contracts.V1;
-
 namespace UffdGrpc.ContractTests.Infrastructure;
 
 /// <summary>A fresh machine with one process, a thread and (optionally) a WP-registered anon mapping with a uffd.</summary>

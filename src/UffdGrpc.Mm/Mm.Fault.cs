@@ -34,67 +34,6 @@ public sealed partial class Mm
     private const int FaultAroundPages = 16;
 
     /// <summary>
-    /// One user or kernel access of the byte at <paramref name="addr"/>: the MMU either
-    /// completes it or raises a page fault, and the fault handler runs until the access
-    /// completes, a signal results, or the thread must sleep in a userfault.
-    /// </summary>
-    internal FaultResult AccessByte(SimThread t, ulong addr, bool write, AccessOrigin origin, byte value, out byte read)
-    {
-        AssertLocked();
-        for (var tries = 0; tries < 64; tries++)
-        {
-            if (TryHwAccess(addr, write, value, out read))
-                return FaultResult.Ok;
-            var r = HandleMmFault(t, addr, write, origin);
-            if (r != FaultResult.Ok)
-                return r;
-        }
-        throw new InvalidOperationException($"fault livelock at 0x{addr:x}");
-    }
-
-    /// <summary>
-    /// The MMU: a present entry allowing the access completes it, setting accessed (and
-    /// dirty for a write; never soft-dirty, which only the kernel sets).
-    /// </summary>
-    private bool TryHwAccess(ulong addr, bool write, byte value, out byte read)
-    {
-        read = 0;
-        var pmdt = PageTable.PmdTableOf(addr, false);
-        if (pmdt is null)
-            return false;
-        var pi = PageTable.PmdIndex(addr);
-        var offset = (int)(addr & (Kernel.PageSize - 1));
-        var pmd = pmdt.Entries[pi];
-        if (pmd.TransHuge)
-        {
-            if (!pmd.HwPresent || (write && !pmd.Write))
-                return false;
-            pmdt.Entries[pi] = write ? new Pmd(pmd.Value | PteBits.PageDirty | PteBits.PageAccessed) : pmd.MkYoung();
-            var folio = Kernel.PageOf(pmd.Pfn)!.Folio!;
-            var sub = folio.Pages[PageTable.PteIndex(addr)];
-            if (write)
-                sub.WriteByte(offset, value);
-            else
-                read = sub.ReadByte(offset);
-            return true;
-        }
-        var table = pmdt.Tables[pi];
-        if (table is null)
-            return false;
-        var ti = PageTable.PteIndex(addr);
-        var pte = table.Entries[ti];
-        if (!pte.HwPresent || (write && !pte.Write))
-            return false;
-        table.Entries[ti] = write ? new Pte(pte.Value | PteBits.PageDirty | PteBits.PageAccessed) : pte.MkYoung();
-        var page = PteToPage(pte);
-        if (write)
-            page.WriteByte(offset, value);
-        else
-            read = page.ReadByte(offset);
-        return true;
-    }
-
-    /// <summary>
     /// Models handle_mm_fault → __handle_mm_fault (mm/memory.c): VMA lookup and permission
     /// (F0/F1), the huge-PMD paths, then handle_pte_fault.
     /// </summary>

@@ -58,10 +58,29 @@ public sealed class Page
 
     public byte ReadByte(int offset) => Data is null ? (byte)0 : Data[offset];
 
-    internal void WriteByte(int offset, byte value)
+    /// <summary>Copies <paramref name="dst"/>.Length bytes of the contents from <paramref name="offset"/> (zeros when unallocated).</summary>
+    internal void Read(int offset, Span<byte> dst)
     {
-        Data ??= new byte[(int)Kernel.PageSize];
-        Data[offset] = value;
+        if (Data is null)
+            dst.Clear();
+        else
+            Data.AsSpan(offset, dst.Length).CopyTo(dst);
+    }
+
+    /// <summary>
+    /// Stores <paramref name="src"/> at <paramref name="offset"/>. The contents are
+    /// allocated on the first write of a non-zero byte (zeros into an unallocated frame
+    /// change nothing a read can see).
+    /// </summary>
+    internal void Write(int offset, ReadOnlySpan<byte> src)
+    {
+        if (Data is null)
+        {
+            if (!src.ContainsAnyExcept((byte)0))
+                return;
+            Data = new byte[(int)Kernel.PageSize];
+        }
+        src.CopyTo(Data.AsSpan(offset));
     }
 
     internal void CopyFrom(Page src)

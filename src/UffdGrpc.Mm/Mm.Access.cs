@@ -1,0 +1,85 @@
+using System.Diagnostics;
+
+namespace UffdGrpc.Mm;
+
+/// <summary>
+/// The CPU side of an access: the MMU's check of the page-table entry and the copy of the
+/// bytes (arch/x86/mm/fault.c's caller side; the fault handler is in Mm.Fault).
+/// </summary>
+public sealed partial class Mm
+{
+    /// <summary>
+    /// One user or kernel access of the byte at <paramref name="addr"/> (see
+    /// <see cref="AccessPage"/>); a read returns the byte in <paramref name="read"/>.
+    /// </summary>
+    internal FaultResult AccessByte(SimThread t, ulong addr, bool write, AccessOrigin origin, byte value, out byte read)
+    {
+        Span<byte> one = [value];
+        var r = write ? AccessPage(t, addr, true, origin, one, default) : AccessPage(t, addr, false, origin, default, one);
+        read = !write && r == FaultResult.Ok ? one[0] : (byte)0;
+        return r;
+    }
+
+    /// <summary>
+    /// Models the CPU's access to one page (a load/store, or the kernel's copy_to_user /
+    /// copy_from_user through its exception table): the MMU either completes it, or raises
+    /// a page fault and the fault handler (<see cref="HandleMmFault"/>, mm/memory.c) runs
+    /// until the access completes, a signal results, or the thread must sleep in a
+    /// userfault. The bytes are <paramref name="src"/> (a write) or <paramref name="dst"/>
+    /// (a read), starting at <paramref name="addr"/> and not crossing its page.
+    /// </summary>
+    internal FaultResult AccessPage(SimThread t, ulong addr, bool write, AccessOrigin origin, ReadOnlySpan<byte> src, Span<byte> dst)
+    {
+        AssertLocked();
+        Debug.Assert((addr & (Kernel.PageSize - 1)) + (ulong)(write ? src.Length : dst.Length) <= Kernel.PageSize);
+        for (var tries = 0; tries < 64; tries++)
+        {
+            if (TryHwAccess(addr, write, src, dst))
+                return FaultResult.Ok;
+            var r = HandleMmFault(t, addr, write, origin);
+            if (r != FaultResult.Ok)
+                return r;
+        }
+        throw new InvalidOperationException($"fault livelock at 0x{addr:x}");
+    }
+
+    /// <summary>
+    /// The MMU: a present entry allowing the access completes it, setting accessed (and
+    /// dirty for a write; never soft-dirty, which only the kernel sets), and the bytes are
+    /// copied to or from the page the entry maps.
+    /// </summary>
+    private bool TryHwAccess(ulong addr, bool write, ReadOnlySpan<byte> src, Span<byte> dst)
+    {
+        var pmdt = PageTable.PmdTableOf(addr, false);
+        if (pmdt is null)
+            return false;
+        var pi = PageTable.PmdIndex(addr);
+        var offset = (int)(addr & (Kernel.PageSize - 1));
+        var pmd = pmdt.Entries[pi];
+        Page page;
+        if (pmd.TransHuge)
+        {
+            if (!pmd.HwPresent || (write && !pmd.Write))
+                return false;
+            pmdt.Entries[pi] = write ? new Pmd(pmd.Value | PteBits.PageDirty | PteBits.PageAccessed) : pmd.MkYoung();
+            page = Kernel.PageOf(pmd.Pfn)!.Folio!.Pages[PageTable.PteIndex(addr)];
+        }
+        else
+        {
+            var table = pmdt.Tables[pi];
+            if (table is null)
+                return false;
+            var ti = PageTable.PteIndex(addr);
+            var pte = table.Entries[ti];
+            if (!pte.HwPresent || (write && !pte.Write))
+                return false;
+            table.Entries[ti] = write ? new Pte(pte.Value | PteBits.PageDirty | PteBits.PageAccessed) : pte.MkYoung();
+            page = PteToPage(pte);
+        }
+        if (write)
+            page.Write(offset, src);
+        else
+            page.Read(offset, dst);
+        return true;
+    }
+}

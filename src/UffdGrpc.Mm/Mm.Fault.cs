@@ -433,11 +433,14 @@ public sealed partial class Mm
     /// Then a shared mapping is made writable, an exclusive (or reusable) anon page is
     /// reused, and anything else is copied (wp_page_copy).
     /// </summary>
-    private FaultResult DoWpPage(SimThread t, Vma vma, PteTable table, ulong addr, AccessOrigin origin)
+    /// With <paramref name="unshare"/> (FAULT_FLAG_UNSHARE, from a FOLL_PIN read of a
+    /// shared anon page) uffd-wp is skipped, a reusable page is only marked exclusive and a
+    /// copy stays read-only.
+    internal FaultResult DoWpPage(SimThread t, Vma vma, PteTable table, ulong addr, AccessOrigin origin, bool unshare = false)
     {
         var i = PageTable.PteIndex(addr);
         var pte = table.Entries[i];
-        if (Userfaultfd.PteWp(vma, pte))
+        if (!unshare && Userfaultfd.PteWp(vma, pte))
         {
             if (!vma.UserfaultfdWpAsync)
                 return HandleUserfault(t, vma, addr, VmFlags.UffdWp, write: true, origin);
@@ -445,7 +448,7 @@ public sealed partial class Mm
             table.Entries[i] = pte;
         }
         var page = NormalPage(pte);
-        if (vma.IsSharedMapping)
+        if (vma.IsSharedMapping && !unshare)
         {
             // wp_page_shared / wp_pfn_shared: write-notify satisfied, reuse the PTE.
             table.Entries[i] = MaybeMkWrite(pte.MkYoung().MkDirty(), vma);
@@ -456,11 +459,13 @@ public sealed partial class Mm
         if (page is not null && page.IsAnon && (page.AnonExclusive || CanReuseAnonFolio(page)))
         {
             page.AnonExclusive = true;
+            if (unshare)
+                return FaultResult.Ok;
             page.LazyFree = false;
             table.Entries[i] = MaybeMkWrite(pte.MkYoung().MkDirty(), vma);
             return FaultResult.Ok;
         }
-        return WpPageCopy(vma, table, addr, pte, page);
+        return WpPageCopy(vma, table, addr, pte, page, unshare);
     }
 
     /// <summary>
@@ -485,8 +490,11 @@ public sealed partial class Mm
         return page.RefCount == 1;
     }
 
-    /// <summary>wp_page_copy: a new exclusive anon page (zeros for the zero page); uffd-wp is not carried.</summary>
-    private FaultResult WpPageCopy(Vma vma, PteTable table, ulong addr, Pte old, Page? oldPage)
+    /// <summary>
+    /// wp_page_copy: a new exclusive anon page (zeros for the zero page); uffd-wp is not
+    /// carried. An unshare copy stays read-only and keeps soft-dirty and uffd-wp.
+    /// </summary>
+    private FaultResult WpPageCopy(Vma vma, PteTable table, ulong addr, Pte old, Page? oldPage, bool unshare = false)
     {
         AnonVmaPrepare(vma);
         var copy = Kernel.AllocPage(PageKind.Anon);
@@ -495,7 +503,19 @@ public sealed partial class Mm
         if (oldPage is not null)
             copy.CopyFrom(oldPage);
         AddNewAnonRmap(copy);
-        table.Entries[PageTable.PteIndex(addr)] = MaybeMkWrite(MkPte(copy, vma).MkYoung().MkDirty(), vma);
+        var entry = MkPte(copy, vma).MkYoung();
+        if (unshare)
+        {
+            if (old.SoftDirty)
+                entry = entry.MkSoftDirty();
+            if (old.UffdWp)
+                entry = entry.MkUffdWp();
+        }
+        else
+        {
+            entry = MaybeMkWrite(entry.MkDirty(), vma);
+        }
+        table.Entries[PageTable.PteIndex(addr)] = entry;
         if (oldPage is not null)
             RemoveRmap(oldPage);
         return FaultResult.Ok;

@@ -118,8 +118,14 @@ public abstract class SyscallOp
         Completed?.Invoke(this);
     }
 
+    /// <summary>Releases what the call holds (pins) when its thread dies; runs under the machine lock.</summary>
+    protected internal virtual void OnAbort()
+    {
+    }
+
     internal void Abort()
     {
+        OnAbort();
         Aborted = true;
         IsCompleted = true;
         Completed?.Invoke(this);

@@ -88,6 +88,7 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
             ThreadOpKind.Munmap => new V1.ThreadOp { Munmap = new V1.MunmapOp { Start = request.Addr, Len = request.Len } },
             ThreadOpKind.Mremap => new V1.ThreadOp { Mremap = new V1.MremapOp { OldAddr = request.Addr, Len = request.Len, NewAddr = request.Addr2 } },
             ThreadOpKind.Fork => new V1.ThreadOp { Fork = new V1.ForkOp() },
+            ThreadOpKind.ProcessVm => throw new NotSupportedException("process_vm over gRPC: wired by the server change"),
             _ => throw new ArgumentOutOfRangeException(nameof(request)),
         };
         return (await client.StartOpAsync(thread, op).ConfigureAwait(false)).OpId;

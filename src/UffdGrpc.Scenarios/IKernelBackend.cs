@@ -11,6 +11,8 @@ public enum ThreadOpKind
     Munmap,
     Mremap,
     Fork,
+    /// <summary>process_vm_readv/writev: <see cref="ThreadOpRequest.Write"/>, the remote process and both iovec arrays.</summary>
+    ProcessVm,
 }
 
 /// <summary>A thread operation request.</summary>
@@ -25,6 +27,14 @@ public sealed record ThreadOpRequest(ThreadOpKind Kind)
     public int Count { get; init; } = 1;
     public bool KernelOrigin { get; init; }
     public Madv Advice { get; init; }
+    /// <summary>process_vm: the target process handle (0: no such process, ESRCH).</summary>
+    public int RemoteProcess { get; init; }
+    /// <summary>process_vm: the caller's iovecs.</summary>
+    public IoVec[] LocalIov { get; init; } = [];
+    /// <summary>process_vm: the target's iovecs.</summary>
+    public IoVec[] RemoteIov { get; init; } = [];
+    /// <summary>process_vm: the flags argument (must be 0).</summary>
+    public ulong Flags { get; init; }
 }
 
 /// <summary>The end of a thread operation.</summary>
@@ -33,6 +43,8 @@ public sealed record ThreadOpResult(long OpId, int Thread, bool Aborted, Errno E
     /// <summary>fork: the child's process and first thread.</summary>
     public int ChildProcess { get; init; }
     public int ChildThread { get; init; }
+    /// <summary>process_vm: bytes transferred (the return value when <see cref="Errno"/> is OK).</summary>
+    public ulong Transferred { get; init; }
 }
 
 /// <summary>A uffd_msg as a handler reads it. For FORK, <see cref="ForkUffd"/> is the new uffd's handle.</summary>

@@ -81,6 +81,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
             ThreadOpKind.Munmap => new MunmapOp(request.Addr, request.Len),
             ThreadOpKind.Mremap => new MremapOp(request.Addr, request.Len, request.Addr2),
             ThreadOpKind.Fork => new ForkOp(),
+            ThreadOpKind.ProcessVm => new ProcessVmOp(_procs.GetValueOrDefault(request.RemoteProcess), request.Write, request.LocalIov, request.RemoteIov, request.Flags),
             _ => throw new ArgumentOutOfRangeException(nameof(request)),
         };
         op.Completed = o => _done.Add(ToResult(id, thread, o));
@@ -94,6 +95,8 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
         {
             case AccessOp a:
                 return new(id, thread, o.Aborted, a.Result, a.Signal, a.Done, a.Values);
+            case ProcessVmOp p:
+                return new(id, thread, o.Aborted, p.Result, SigCode.None, 0, []) { Transferred = p.Transferred };
             case ForkOp f:
                 var cp = _next++;
                 _procs[cp] = f.Child!;

@@ -31,10 +31,12 @@ public sealed partial class ScenarioInterpreter
     // ------------------------------------------------------------------ thread operations
 
     /// <summary>The thread operation an executor command starts, or null (not an operation, or malformed).</summary>
-    private ThreadOpRequest? ThreadOpFor(string[] argv)
+    private ThreadOpRequest? ThreadOpFor(string[] argv, Executor? ex = null)
     {
         switch (argv[0])
         {
+            case "pvread" or "pvwrite":
+                return ProcessVmOpFor(argv, ex, out _);
             case "write" or "read" or "kwrite" or "kread":
                 {
                     if (!ParseAccess(argv, out var addr, out var b, out var cnt, out _))
@@ -141,6 +143,9 @@ public sealed partial class ScenarioInterpreter
             case "populate":
                 lines.Add($"populate {argv[1]} {argv[2]} {argv[3]} {argv[4]} {r.Errno.Name()}");
                 break;
+            case "pvread" or "pvwrite":
+                lines.Add($"{string.Join(' ', argv)}: {FormatProcessVm(r)}");
+                break;
             default:
                 lines.Add($"{string.Join(' ', argv)}: {r.Errno.Name()}");
                 break;
@@ -159,6 +164,8 @@ public sealed partial class ScenarioInterpreter
             lines = [AccessUsage];
         else if (op == "populate")
             lines = ["USAGE populate NAME FIRST COUNT read|write"];
+        else if (op is "pvread" or "pvwrite")
+            lines = ProcessVmOpFor(argv, ex, out var pvmUsage) is null ? [pvmUsage] : null;
         else if (MadviseLikeUsage(argv) is { } u)
             lines = [u];
         else

@@ -231,7 +231,7 @@ public sealed partial class ScenarioInterpreter
             case "async":
                 Send(_worker, string.Join(' ', argv.Skip(1)));
                 return true;
-            case "write" or "read" or "kwrite" or "kread" or "populate":
+            case "write" or "read" or "kwrite" or "kread" or "populate" or "pvread" or "pvwrite":
                 Send(_worker, echo);
                 return true;
             case "map":
@@ -389,7 +389,7 @@ public sealed partial class ScenarioInterpreter
                 ex.Pending.Clear();
                 return true;
             }
-            var req = ThreadOpFor(argv);
+            var req = ThreadOpFor(argv, ex);
             if (req is not null)
             {
                 ex.Current = line;

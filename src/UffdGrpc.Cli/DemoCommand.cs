@@ -76,9 +76,9 @@ internal static class DemoCommand
             await WaitForReaderAsync(c, uffd, ct).ConfigureAwait(false);
 
             // 1. fork: the child shares the page (COW).
-            var (fe, fork) = await c.ForkAsync(mm, thread.ThreadId, ct).ConfigureAwait(false);
-            Check(fe, "fork");
-            Say("guest", $"1. fork -> child process {fork!.ChildMmId}; A is shared: {await PageIdAsync(c, mm, A).ConfigureAwait(false)}");
+            var fork = await c.ForkAsync(mm, thread.ThreadId, ct).ConfigureAwait(false);
+            Check(fork.Errno, "fork");
+            Say("guest", $"1. fork -> child process {fork.ChildMmId}; A is shared: {await PageIdAsync(c, mm, A).ConfigureAwait(false)}");
             // 2. write-protect in the parent.
             Check(await c.WriteprotectAsync(uffd, A, Page, 1, ct).ConfigureAwait(false), "UFFDIO_WRITEPROTECT");
             Say("guest", $"2. UFFDIO_WRITEPROTECT A: {await PageIdAsync(c, mm, A).ConfigureAwait(false)}");
@@ -112,12 +112,11 @@ internal static class DemoCommand
     }
 
     private static string Outcome(ThreadOpResult r) =>
-        r.Signal != SignalCode.None ? r.Signal.ToString() : r.Errno.Number != 0 ? r.Errno.Name : "ok";
+        r.Signal != SignalCode.Unspecified ? r.Signal.ToString() : r.Errno.Name();
 
     private static void Check(Errno e, string what)
     {
-        if (e != Errno.OK)
-            throw new UffdErrnoException($"{what}: {e}");
+        e.Expect(what);
     }
 
     private static Process StartHandlerProcess(string url, long uffd)
@@ -143,7 +142,7 @@ internal static class DemoCommand
     {
         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
         timeout.CancelAfter(TimeSpan.FromSeconds(30));
-        while ((await c.PollAsync(uffd, timeout.Token).ConfigureAwait(false)).Readers == 0)
+        while ((await c.PollAsync(uffd, ct: timeout.Token).ConfigureAwait(false)).Readers == 0)
             await Task.Delay(20, timeout.Token).ConfigureAwait(false);
     }
 
@@ -163,7 +162,7 @@ internal static class DemoCommand
             // Say it first: the guest's write returns the moment this ioctl wakes it.
             Say("handler", $"UFFDIO_WRITEPROTECT 0x{page:x} mode=0 (un-protect and wake)");
             var e = await c.WriteprotectAsync(uffd, page, Page, 0, ct).ConfigureAwait(false);
-            if (e != Errno.OK)
+            if (!e.IsOk())
                 Say("handler", $"UFFDIO_WRITEPROTECT failed: {e}");
         }
         Say("handler", "stream ended (uffd closed)");

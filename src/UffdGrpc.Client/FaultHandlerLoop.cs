@@ -3,27 +3,34 @@ using UffdGrpc.Contracts.V1;
 namespace UffdGrpc.Client;
 
 /// <summary>
-/// A remote userfaultfd handler: reads a uffd's messages from the event stream and resolves
-/// each page fault with a callback (UFFDIO_COPY, UFFDIO_WRITEPROTECT, UFFDIO_WAKE...).
+/// A remote userfaultfd handler on the batched <c>Serve</c> stream: each batch of messages
+/// the server reads for it becomes one request of resolutions, built by a callback per page
+/// fault (default: un-protect a WP fault, zero-fill a missing one, continue a minor one).
 /// </summary>
 /// <example>
 /// <code>
 /// var loop = new FaultHandlerLoop(client, uffdId)
 /// {
-///     OnPagefault = (pf, ct) => client.WriteprotectAsync(uffdId, pf.Address &amp; ~0xfffUL, 4096, 0, ct),
+///     OnPagefault = pf => ServeSession.Copy(pf.Address &amp; ~0xfffUL, pageBytes),
 /// };
 /// await loop.RunAsync(ct);
 /// </code>
 /// </example>
 public sealed class FaultHandlerLoop(UffdClient client, long uffdId)
 {
-    /// <summary>Resolves one page fault. Default: un-protect a WP fault, zero-fill a missing one.</summary>
-    public Func<Pagefault, CancellationToken, Task>? OnPagefault { get; init; }
+    /// <summary>The resolution of one page fault (null: leave it blocked).</summary>
+    public Func<Pagefault, Resolution?>? OnPagefault { get; init; }
 
     /// <summary>Sees every message (events included) before it is handled.</summary>
     public Action<UffdMsg>? OnMessage { get; init; }
 
-    /// <summary>Page faults handled so far.</summary>
+    /// <summary>Sees every resolution's result (an EEXIST from a racing fill, say).</summary>
+    public Action<ResolutionResult>? OnResult { get; init; }
+
+    /// <summary>Most messages per batch the server sends (0: its default, 64).</summary>
+    public uint MaxMessages { get; init; }
+
+    /// <summary>Page faults resolved so far.</summary>
     public long Handled => Interlocked.Read(ref _handled);
 
     private long _handled;
@@ -31,22 +38,33 @@ public sealed class FaultHandlerLoop(UffdClient client, long uffdId)
     /// <summary>Serves the uffd until <paramref name="ct"/> is cancelled or the uffd is closed.</summary>
     public async Task RunAsync(CancellationToken ct)
     {
-        await foreach (var msg in client.ReadEventsAsync(uffdId, ct).ConfigureAwait(false))
+        await using var session = await client.ServeAsync(uffdId, MaxMessages, ct).ConfigureAwait(false);
+        var batch = new List<Resolution>();
+        await foreach (var msgs in session.Messages.ReadAllAsync(ct).ConfigureAwait(false))
         {
-            OnMessage?.Invoke(msg);
-            if (msg.Pagefault is not { } pf)
+            batch.Clear();
+            foreach (var msg in msgs)
+            {
+                OnMessage?.Invoke(msg);
+                if (msg.Pagefault is { } pf && (OnPagefault ?? Default)(pf) is { } r)
+                    batch.Add(r);
+            }
+            if (batch.Count == 0)
                 continue;
-            await (OnPagefault ?? DefaultAsync)(pf, ct).ConfigureAwait(false);
-            Interlocked.Increment(ref _handled);
+            foreach (var res in await session.ResolveAsync(batch, ct).ConfigureAwait(false))
+                OnResult?.Invoke(res);
+            Interlocked.Add(ref _handled, batch.Count);
         }
     }
 
-    private async Task DefaultAsync(Pagefault pf, CancellationToken ct)
+    /// <summary>Un-protect a WP fault, CONTINUE a minor fault, zero-fill a missing one.</summary>
+    public static Resolution Default(Pagefault pf)
     {
         var page = pf.Address & ~0xfffUL;
         if (pf.Wp)
-            await client.WriteprotectAsync(uffdId, page, 4096, 0, ct).ConfigureAwait(false);
-        else
-            await client.ZeropageAsync(uffdId, page, 4096, 0, ct).ConfigureAwait(false);
+            return ServeSession.Unprotect(page);
+        if (pf.Minor)
+            return new Resolution { UffdioContinue = new UffdioContinueRequest { Start = page, Len = 4096 } };
+        return ServeSession.Zeropage(page);
     }
 }

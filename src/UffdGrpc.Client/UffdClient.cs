@@ -10,18 +10,21 @@ namespace UffdGrpc.Client;
 public readonly record struct FillOutcome(Errno Errno, long? Field);
 
 /// <summary>
-/// Typed access to a UffdGrpc server. Calls that model a syscall or ioctl return the errno
-/// (and the partial result the status carried) instead of throwing; requests the server
-/// rejects (unknown ids, malformed fields) and transport failures still throw
-/// <see cref="RpcException"/>.
+/// Typed access to a UffdGrpc server. Calls that model a syscall or ioctl return the
+/// kernel's errno and result fields as values (the server answers them in-band, with status
+/// OK); requests the server rejects (unknown ids, malformed fields, limits) and transport
+/// failures throw <see cref="RpcException"/>.
 /// </summary>
 public sealed class UffdClient : IDisposable
 {
+    /// <summary>The server address every CLI command uses unless told otherwise.</summary>
+    public const string DefaultAddress = "http://127.0.0.1:5051";
+
     private readonly GrpcChannel? _owned;
 
     /// <summary>Connects to <paramref name="address"/> (h2c for http://).</summary>
     public UffdClient(string address)
-        : this(GrpcChannel.ForAddress(address, new GrpcChannelOptions { MaxReceiveMessageSize = 64 << 20 }))
+        : this(GrpcChannel.ForAddress(address, new GrpcChannelOptions { MaxReceiveMessageSize = 80 << 20, MaxSendMessageSize = 80 << 20 }))
     {
         _owned = (GrpcChannel)Channel;
     }
@@ -30,54 +33,34 @@ public sealed class UffdClient : IDisposable
     public UffdClient(ChannelBase channel)
     {
         Channel = channel;
-        Machines = new Machines.MachinesClient(channel);
-        Mm = new Mm.MmClient(channel);
-        Threads = new Threads.ThreadsClient(channel);
-        Uffd = new Userfaultfd.UserfaultfdClient(channel);
+        Machines = new MachineService.MachineServiceClient(channel);
+        Mm = new MmService.MmServiceClient(channel);
+        Threads = new ThreadService.ThreadServiceClient(channel);
+        Uffd = new UserfaultfdService.UserfaultfdServiceClient(channel);
     }
 
     public ChannelBase Channel { get; }
     /// <summary>The generated stubs, for anything the wrappers do not cover.</summary>
-    public Machines.MachinesClient Machines { get; }
-    public Mm.MmClient Mm { get; }
-    public Threads.ThreadsClient Threads { get; }
-    public Userfaultfd.UserfaultfdClient Uffd { get; }
+    public MachineService.MachineServiceClient Machines { get; }
+    public MmService.MmServiceClient Mm { get; }
+    public ThreadService.ThreadServiceClient Threads { get; }
+    public UserfaultfdService.UserfaultfdServiceClient Uffd { get; }
 
     public void Dispose() => _owned?.Dispose();
-
-    /// <summary>Awaits a unary call, turning a kernel errno status into (errno, partial result).</summary>
-    public static async Task<(Errno Errno, T? Response)> Syscall<T>(AsyncUnaryCall<T> call)
-        where T : class, IMessage<T>, new()
-    {
-        using (call)
-        {
-            try
-            {
-                return (Errno.OK, await call.ResponseAsync.ConfigureAwait(false));
-            }
-            catch (RpcException ex) when (UffdErrors.TryGetErrno(ex, out var errno))
-            {
-                return (errno, UffdErrors.PartialResult<T>(ex));
-            }
-        }
-    }
-
-    private static async Task<Errno> ErrnoOf<T>(AsyncUnaryCall<T> call)
-        where T : class, IMessage<T>, new() => (await Syscall(call).ConfigureAwait(false)).Errno;
 
     // ------------------------------------------------------------------ machines
 
     public async Task<MachineInfo> CreateMachineAsync(KernelProfile profile = KernelProfile.Unspecified, bool? swap = null, bool? softDirty = null, CancellationToken ct = default) =>
-        await Machines.CreateMachineAsync(new CreateMachineRequest { Profile = profile, Settings = new MachineSettings { Swap = swap, SoftDirty = softDirty } }, cancellationToken: ct).ConfigureAwait(false);
+        (await Machines.CreateMachineAsync(new CreateMachineRequest { Profile = profile, Settings = new MachineSettings { Swap = swap, SoftDirty = softDirty } }, cancellationToken: ct).ConfigureAwait(false)).Machine;
 
     public async Task<MachineInfo> ConfigureMachineAsync(long machineId, bool? swap, bool? softDirty, CancellationToken ct = default) =>
-        await Machines.ConfigureMachineAsync(new ConfigureMachineRequest { MachineId = machineId, Settings = new MachineSettings { Swap = swap, SoftDirty = softDirty } }, cancellationToken: ct).ConfigureAwait(false);
+        (await Machines.ConfigureMachineAsync(new ConfigureMachineRequest { MachineId = machineId, Settings = new MachineSettings { Swap = swap, SoftDirty = softDirty } }, cancellationToken: ct).ConfigureAwait(false)).Machine;
 
     public async Task<MachineInfo> GetMachineAsync(long machineId, CancellationToken ct = default) =>
-        await Machines.GetMachineAsync(new MachineRef { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false);
+        (await Machines.GetMachineAsync(new GetMachineRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false)).Machine;
 
     public async Task DestroyMachineAsync(long machineId, CancellationToken ct = default) =>
-        await Machines.DestroyMachineAsync(new MachineRef { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false);
+        await Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false);
 
     public async Task<KpageflagsResponse> KpageflagsAsync(long machineId, IEnumerable<ulong> pfns, CancellationToken ct = default) =>
         await Machines.KpageflagsAsync(new KpageflagsRequest { MachineId = machineId, Pfns = { pfns } }, cancellationToken: ct).ConfigureAwait(false);
@@ -85,39 +68,61 @@ public sealed class UffdClient : IDisposable
     // ------------------------------------------------------------------ address spaces
 
     public async Task<long> CreateMmAsync(long machineId, CancellationToken ct = default) =>
-        (await Mm.CreateMmAsync(new CreateMmRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false)).MmId;
+        (await Mm.CreateMmAsync(new CreateMmRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false)).Mm.MmId;
 
-    public async Task DestroyMmAsync(long mmId, bool kill = false, CancellationToken ct = default) =>
-        await Mm.DestroyMmAsync(new DestroyMmRequest { MmId = mmId, Kill = kill }, cancellationToken: ct).ConfigureAwait(false);
+    public async Task DestroyMmAsync(long mmId, CancellationToken ct = default) =>
+        await Mm.DestroyMmAsync(new DestroyMmRequest { MmId = mmId }, cancellationToken: ct).ConfigureAwait(false);
 
     public async Task<Contracts.V1.FileInfo> CreateFileAsync(long machineId, string name, bool shmem, ulong size, CancellationToken ct = default) =>
-        await Mm.CreateFileAsync(new CreateFileRequest { MachineId = machineId, Name = name, Shmem = shmem, Size = size }, cancellationToken: ct).ConfigureAwait(false);
+        (await Mm.CreateFileAsync(new CreateFileRequest { MachineId = machineId, Name = name, Shmem = shmem, Size = size }, cancellationToken: ct).ConfigureAwait(false)).File;
 
     /// <summary>mmap(2) at <paramref name="addr"/> (prot: 1 read, 2 write, 4 exec).</summary>
-    public Task<Errno> MmapAsync(long mmId, ulong addr, ulong len, uint prot, bool shared = false, long fileId = 0, ulong offset = 0, bool readOnlyFd = false, bool populate = false, CancellationToken ct = default) =>
-        ErrnoOf(Mm.MmapAsync(new MmapRequest { MmId = mmId, Addr = addr, Len = len, Prot = prot, Shared = shared, FileId = fileId, Offset = offset, ReadOnlyFd = readOnlyFd, Populate = populate }, cancellationToken: ct));
+    public async Task<Errno> MmapAsync(long mmId, ulong addr, ulong len, uint prot, bool shared = false, long fileId = 0, ulong offset = 0, bool readOnlyFd = false, bool populate = false, CancellationToken ct = default) =>
+        (await Mm.MmapAsync(new MmapRequest { MmId = mmId, Addr = addr, Len = len, Prot = prot, Shared = shared, FileId = fileId, Offset = offset, ReadOnlyFd = readOnlyFd, Populate = populate }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> MprotectAsync(long mmId, ulong start, ulong len, uint prot, CancellationToken ct = default) =>
-        ErrnoOf(Mm.MprotectAsync(new MprotectRequest { MmId = mmId, Start = start, Len = len, Prot = prot }, cancellationToken: ct));
+    public async Task<Errno> MprotectAsync(long mmId, ulong start, ulong len, uint prot, CancellationToken ct = default) =>
+        (await Mm.MprotectAsync(new MprotectRequest { MmId = mmId, Start = start, Len = len, Prot = prot }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> ClearRefsAsync(long mmId, string value, CancellationToken ct = default) =>
-        ErrnoOf(Mm.ClearRefsAsync(new ClearRefsRequest { MmId = mmId, Value = value }, cancellationToken: ct));
+    public async Task<Errno> ClearRefsAsync(long mmId, string value, CancellationToken ct = default) =>
+        (await Mm.ClearRefsAsync(new ClearRefsRequest { MmId = mmId, Value = value }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> MunmapAsync(long mmId, ulong start, ulong len, long threadId = 0, CancellationToken ct = default) =>
-        ErrnoOf(Mm.MunmapAsync(new MunmapRequest { MmId = mmId, ThreadId = threadId, Start = start, Len = len }, cancellationToken: ct));
+    public async Task<Errno> MunmapAsync(long mmId, ulong start, ulong len, long threadId = 0, CancellationToken ct = default) =>
+        (await Mm.MunmapAsync(new MunmapRequest { MmId = mmId, ThreadId = threadId, Start = start, Len = len }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> MremapAsync(long mmId, ulong oldAddr, ulong len, ulong newAddr, long threadId = 0, CancellationToken ct = default) =>
-        ErrnoOf(Mm.MremapAsync(new MremapRequest { MmId = mmId, ThreadId = threadId, OldAddr = oldAddr, Len = len, NewAddr = newAddr }, cancellationToken: ct));
+    public async Task<Errno> MremapAsync(long mmId, ulong oldAddr, ulong len, ulong newAddr, long threadId = 0, CancellationToken ct = default) =>
+        (await Mm.MremapAsync(new MremapRequest { MmId = mmId, ThreadId = threadId, OldAddr = oldAddr, Len = len, NewAddr = newAddr }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> MadviseAsync(long mmId, ulong start, ulong len, int advice, long threadId = 0, CancellationToken ct = default) =>
-        ErrnoOf(Mm.MadviseAsync(new MadviseRequest { MmId = mmId, ThreadId = threadId, Start = start, Len = len, Advice = advice }, cancellationToken: ct));
+    public async Task<Errno> MadviseAsync(long mmId, ulong start, ulong len, int advice, long threadId = 0, CancellationToken ct = default) =>
+        (await Mm.MadviseAsync(new MadviseRequest { MmId = mmId, ThreadId = threadId, Start = start, Len = len, Advice = advice }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
     /// <summary>fork(2): returns when the FORK events it raised were read.</summary>
-    public Task<(Errno Errno, ForkResponse? Response)> ForkAsync(long mmId, long threadId = 0, CancellationToken ct = default) =>
-        Syscall(Mm.ForkAsync(new ForkRequest { MmId = mmId, ThreadId = threadId }, cancellationToken: ct));
+    public async Task<ForkResponse> ForkAsync(long mmId, long threadId = 0, CancellationToken ct = default) =>
+        await Mm.ForkAsync(new ForkRequest { MmId = mmId, ThreadId = threadId }, cancellationToken: ct).ConfigureAwait(false);
 
-    public async Task<IReadOnlyList<VmaView>> ListVmasAsync(long mmId, CancellationToken ct = default) =>
-        (await Mm.ListVmasAsync(new ListVmasRequest { MmId = mmId }, cancellationToken: ct).ConfigureAwait(false)).Vmas;
+    /// <summary>process_vm_readv(2) by a thread of <paramref name="mmId"/> (0: a fresh one) from <paramref name="remoteMmId"/>.</summary>
+    public async Task<ProcessVmReadvResponse> ProcessVmReadvAsync(long mmId, long remoteMmId, IEnumerable<Iovec> local, IEnumerable<Iovec> remote, long threadId = 0, CancellationToken ct = default) =>
+        await Mm.ProcessVmReadvAsync(new ProcessVmReadvRequest { MmId = mmId, ThreadId = threadId, RemoteMmId = remoteMmId, LocalIov = { local }, RemoteIov = { remote } }, cancellationToken: ct).ConfigureAwait(false);
+
+    /// <summary>process_vm_writev(2) by a thread of <paramref name="mmId"/> (0: a fresh one) into <paramref name="remoteMmId"/>.</summary>
+    public async Task<ProcessVmWritevResponse> ProcessVmWritevAsync(long mmId, long remoteMmId, IEnumerable<Iovec> local, IEnumerable<Iovec> remote, long threadId = 0, CancellationToken ct = default) =>
+        await Mm.ProcessVmWritevAsync(new ProcessVmWritevRequest { MmId = mmId, ThreadId = threadId, RemoteMmId = remoteMmId, LocalIov = { local }, RemoteIov = { remote } }, cancellationToken: ct).ConfigureAwait(false);
+
+    /// <summary>Every VMA of the process, page by page.</summary>
+    public async Task<IReadOnlyList<VmaInfo>> ListVmasAsync(long mmId, CancellationToken ct = default)
+    {
+        var all = new List<VmaInfo>();
+        var token = "";
+        do
+        {
+            var r = await Mm.ListVmasAsync(new ListVmasRequest { MmId = mmId, PageSize = Paging, PageToken = token }, cancellationToken: ct).ConfigureAwait(false);
+            all.AddRange(r.Vmas);
+            token = r.NextPageToken;
+        }
+        while (token.Length > 0);
+        return all;
+    }
+
+    private const int Paging = 1000;
 
     public async Task<IReadOnlyList<PageTableEntry>> DumpPageTableAsync(long mmId, ulong start, ulong len, CancellationToken ct = default) =>
         (await Mm.DumpPageTableAsync(new DumpPageTableRequest { MmId = mmId, Start = start, Len = len }, cancellationToken: ct).ConfigureAwait(false)).Entries;
@@ -128,34 +133,52 @@ public sealed class UffdClient : IDisposable
     public async Task<IReadOnlyList<SmapsEntry>> SmapsAsync(long mmId, ulong start, ulong end, CancellationToken ct = default) =>
         (await Mm.SmapsAsync(new SmapsRequest { MmId = mmId, Start = start, End = end }, cancellationToken: ct).ConfigureAwait(false)).Entries;
 
-    public Task<(Errno Errno, PagemapScanResponse? Response)> PagemapScanAsync(PagemapScanRequest request, CancellationToken ct = default) =>
-        Syscall(Mm.PagemapScanAsync(request, cancellationToken: ct));
+    public async Task<PagemapScanResponse> PagemapScanAsync(PagemapScanRequest request, CancellationToken ct = default) =>
+        await Mm.PagemapScanAsync(request, cancellationToken: ct).ConfigureAwait(false);
+
+    /// <summary>Per-page SHA-256 digests of <paramref name="pages"/> pages from <paramref name="start"/> (no side effects).</summary>
+    public async Task<IReadOnlyList<PageDigest>> DigestAsync(long mmId, ulong start, uint pages, CancellationToken ct = default) =>
+        (await Mm.DigestAsync(new DigestRequest { MmId = mmId, Start = start, Pages = pages }, cancellationToken: ct).ConfigureAwait(false)).Pages;
 
     // ------------------------------------------------------------------ threads
 
     public async Task<ThreadInfo> CreateThreadAsync(long mmId, CancellationToken ct = default) =>
-        await Threads.CreateThreadAsync(new CreateThreadRequest { MmId = mmId }, cancellationToken: ct).ConfigureAwait(false);
+        (await Threads.CreateThreadAsync(new CreateThreadRequest { MmId = mmId }, cancellationToken: ct).ConfigureAwait(false)).Thread;
 
     public async Task<ThreadInfo> GetThreadAsync(long threadId, CancellationToken ct = default) =>
-        await Threads.GetThreadAsync(new ThreadRef { ThreadId = threadId }, cancellationToken: ct).ConfigureAwait(false);
+        (await Threads.GetThreadAsync(new GetThreadRequest { ThreadId = threadId }, cancellationToken: ct).ConfigureAwait(false)).Thread;
 
-    /// <summary>Writes <paramref name="value"/> at <paramref name="addr"/>; returns when the write completes (after any userfault is resolved).</summary>
+    /// <summary>Writes <paramref name="value"/> at byte <c>addr &amp; 0xfff</c> of <paramref name="count"/> pages; returns when the write completes (after any userfault is resolved).</summary>
     public Task<ThreadOpResult> WriteAsync(long threadId, ulong addr, byte value, uint count = 1, bool kernel = false, CancellationToken ct = default) =>
-        AccessAsync(threadId, new AccessOp { Addr = addr, Write = true, Value = value, Count = count, Origin = kernel ? AccessOrigin.Kernel : AccessOrigin.User }, ct);
+        AccessAsync(threadId, Touch(addr, true, value, count, kernel), ct);
 
-    /// <summary>Reads byte 0 of <paramref name="count"/> pages from <paramref name="addr"/>.</summary>
+    /// <summary>Reads byte <c>addr &amp; 0xfff</c> of <paramref name="count"/> pages from <paramref name="addr"/>.</summary>
     public Task<ThreadOpResult> ReadAsync(long threadId, ulong addr, uint count = 1, bool kernel = false, CancellationToken ct = default) =>
-        AccessAsync(threadId, new AccessOp { Addr = addr, Count = count, Origin = kernel ? AccessOrigin.Kernel : AccessOrigin.User }, ct);
+        AccessAsync(threadId, Touch(addr, false, 0, count, kernel), ct);
+
+    /// <summary>Writes <paramref name="data"/> at <paramref name="addr"/> (any alignment, across pages and VMAs).</summary>
+    public Task<ThreadOpResult> WriteBytesAsync(long threadId, ulong addr, ReadOnlyMemory<byte> data, bool kernel = false, CancellationToken ct = default) =>
+        AccessAsync(threadId, new AccessOp { Addr = addr, Write = true, Origin = Origin(kernel), Span = new ByteSpan { Data = ByteString.CopyFrom(data.Span) } }, ct);
+
+    /// <summary>Reads <paramref name="length"/> bytes at <paramref name="addr"/>; the result's <c>values</c> hold the bytes read before any signal.</summary>
+    public Task<ThreadOpResult> ReadBytesAsync(long threadId, ulong addr, ulong length, bool kernel = false, CancellationToken ct = default) =>
+        AccessAsync(threadId, new AccessOp { Addr = addr, Origin = Origin(kernel), Span = new ByteSpan { Length = length } }, ct);
+
+    /// <summary>The touch-pattern access: byte <c>addr &amp; 0xfff</c> of each of <paramref name="pages"/> pages.</summary>
+    public static AccessOp Touch(ulong addr, bool write, byte value = 0, uint pages = 1, bool kernel = false) =>
+        new() { Addr = addr, Write = write, Origin = Origin(kernel), Touch = new TouchPattern { Pages = pages, Value = value } };
+
+    private static AccessOrigin Origin(bool kernel) => kernel ? AccessOrigin.Kernel : AccessOrigin.User;
 
     public async Task<ThreadOpResult> AccessAsync(long threadId, AccessOp access, CancellationToken ct = default) =>
-        await Threads.AccessAsync(new AccessRequest { ThreadId = threadId, Access = access }, cancellationToken: ct).ConfigureAwait(false);
+        (await Threads.AccessAsync(new AccessRequest { ThreadId = threadId, Access = access }, cancellationToken: ct).ConfigureAwait(false)).Result;
 
     /// <summary>Starts an operation without waiting for it; returns its id.</summary>
     public async Task<StartOpResponse> StartOpAsync(long threadId, ThreadOp op, CancellationToken ct = default) =>
         await Threads.StartOpAsync(new StartOpRequest { ThreadId = threadId, Op = op }, cancellationToken: ct).ConfigureAwait(false);
 
     public async Task<ThreadOpResult> WaitOpAsync(long opId, CancellationToken ct = default) =>
-        await Threads.WaitOpAsync(new WaitOpRequest { OpId = opId }, cancellationToken: ct).ConfigureAwait(false);
+        (await Threads.WaitOpAsync(new WaitOpRequest { OpId = opId }, cancellationToken: ct).ConfigureAwait(false)).Result;
 
     public async Task<IReadOnlyList<ThreadOpResult>> TakeCompletionsAsync(long machineId, CancellationToken ct = default) =>
         (await Threads.TakeCompletionsAsync(new TakeCompletionsRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false)).Results;
@@ -163,88 +186,87 @@ public sealed class UffdClient : IDisposable
     // ------------------------------------------------------------------ userfaultfd
 
     /// <summary>userfaultfd(2) with <paramref name="flags"/> (O_NONBLOCK 0x800, O_CLOEXEC 0x80000, UFFD_USER_MODE_ONLY 1).</summary>
-    public async Task<(Errno Errno, long UffdId)> CreateUffdAsync(long mmId, uint flags = 0x80800, bool dev = false, CancellationToken ct = default)
+    public async Task<(Errno Errno, long UffdId)> CreateUffdAsync(long mmId, uint flags = 0x80800, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.CreateAsync(new UffdCreateRequest { MmId = mmId, Flags = flags, Dev = dev }, cancellationToken: ct)).ConfigureAwait(false);
-        return (e, r?.UffdId ?? 0);
+        var r = await Uffd.UserfaultfdAsync(new UserfaultfdRequest { MmId = mmId, Flags = flags }, cancellationToken: ct).ConfigureAwait(false);
+        return (r.Errno, r.UffdId);
     }
 
     public async Task<(Errno Errno, ulong Features, ulong Ioctls)> ApiAsync(long uffdId, ulong features = 0, ulong api = 0xAA, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.UffdioApiAsync(new UffdioApiRequest { UffdId = uffdId, Api = api, Features = features }, cancellationToken: ct)).ConfigureAwait(false);
-        return (e, r?.Features ?? 0, r?.Ioctls ?? 0);
+        var r = await Uffd.UffdioApiAsync(new UffdioApiRequest { UffdId = uffdId, Api = api, Features = features }, cancellationToken: ct).ConfigureAwait(false);
+        return (r.Errno, r.Features, r.Ioctls);
     }
 
     /// <summary>UFFDIO_REGISTER (mode: 1 missing, 2 wp, 4 minor).</summary>
     public async Task<(Errno Errno, ulong Ioctls)> RegisterAsync(long uffdId, ulong start, ulong len, ulong mode, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.UffdioRegisterAsync(new UffdioRegisterRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct)).ConfigureAwait(false);
-        return (e, r?.Ioctls ?? 0);
+        var r = await Uffd.UffdioRegisterAsync(new UffdioRegisterRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct).ConfigureAwait(false);
+        return (r.Errno, r.Ioctls);
     }
 
-    public Task<Errno> UnregisterAsync(long uffdId, ulong start, ulong len, CancellationToken ct = default) =>
-        ErrnoOf(Uffd.UffdioUnregisterAsync(new UffdioRangeRequest { UffdId = uffdId, Start = start, Len = len }, cancellationToken: ct));
+    public async Task<Errno> UnregisterAsync(long uffdId, ulong start, ulong len, CancellationToken ct = default) =>
+        (await Uffd.UffdioUnregisterAsync(new UffdioUnregisterRequest { UffdId = uffdId, Start = start, Len = len }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
-    public Task<Errno> WakeAsync(long uffdId, ulong start, ulong len, CancellationToken ct = default) =>
-        ErrnoOf(Uffd.UffdioWakeAsync(new UffdioRangeRequest { UffdId = uffdId, Start = start, Len = len }, cancellationToken: ct));
+    public async Task<Errno> WakeAsync(long uffdId, ulong start, ulong len, CancellationToken ct = default) =>
+        (await Uffd.UffdioWakeAsync(new UffdioWakeRequest { UffdId = uffdId, Start = start, Len = len }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
     /// <summary>UFFDIO_WRITEPROTECT (mode: 1 WP, 2 DONTWAKE; 0 un-protects and wakes).</summary>
-    public Task<Errno> WriteprotectAsync(long uffdId, ulong start, ulong len, ulong mode, CancellationToken ct = default) =>
-        ErrnoOf(Uffd.UffdioWriteprotectAsync(new UffdioWriteprotectRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct));
+    public async Task<Errno> WriteprotectAsync(long uffdId, ulong start, ulong len, ulong mode, CancellationToken ct = default) =>
+        (await Uffd.UffdioWriteprotectAsync(new UffdioWriteprotectRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
     /// <summary>UFFDIO_COPY of <paramref name="data"/> (resume a partial copy from the returned field).</summary>
     public async Task<FillOutcome> CopyAsync(long uffdId, ulong dst, ReadOnlyMemory<byte> data, ulong mode = 0, ulong src = 0x7f00_0000_0000, CancellationToken ct = default)
     {
         var req = new UffdioCopyRequest { UffdId = uffdId, Dst = dst, Src = src, Len = (ulong)data.Length, Mode = mode, Data = ByteString.CopyFrom(data.Span) };
-        var (e, r) = await Syscall(Uffd.UffdioCopyAsync(req, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Copy);
+        var r = await Uffd.UffdioCopyAsync(req, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Copy);
     }
 
     /// <summary>UFFDIO_COPY of <paramref name="len"/> bytes of <paramref name="fill"/> from source address <paramref name="src"/>.</summary>
     public async Task<FillOutcome> CopyFillAsync(long uffdId, ulong dst, ulong src, byte fill, ulong len, ulong mode = 0, CancellationToken ct = default)
     {
-        var req = new UffdioCopyRequest { UffdId = uffdId, Dst = dst, Src = src, Len = len, Mode = mode, Fill = fill };
-        var (e, r) = await Syscall(Uffd.UffdioCopyAsync(req, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Copy);
+        var r = await Uffd.UffdioCopyAsync(new UffdioCopyRequest { UffdId = uffdId, Dst = dst, Src = src, Len = len, Mode = mode, Fill = fill }, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Copy);
     }
 
     public async Task<FillOutcome> ZeropageAsync(long uffdId, ulong start, ulong len, ulong mode = 0, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.UffdioZeropageAsync(new UffdioModeRangeRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Zeropage);
+        var r = await Uffd.UffdioZeropageAsync(new UffdioZeropageRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Zeropage);
     }
 
     public async Task<FillOutcome> ContinueAsync(long uffdId, ulong start, ulong len, ulong mode = 0, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.UffdioContinueAsync(new UffdioModeRangeRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Mapped);
+        var r = await Uffd.UffdioContinueAsync(new UffdioContinueRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Mapped);
     }
 
     public async Task<FillOutcome> PoisonAsync(long uffdId, ulong start, ulong len, ulong mode = 0, CancellationToken ct = default)
     {
-        var (e, r) = await Syscall(Uffd.UffdioPoisonAsync(new UffdioModeRangeRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Updated);
+        var r = await Uffd.UffdioPoisonAsync(new UffdioPoisonRequest { UffdId = uffdId, Start = start, Len = len, Mode = mode }, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Updated);
     }
 
     public async Task<FillOutcome> MoveAsync(long uffdId, ulong dst, ulong src, ulong len, ulong mode = 0, long callerMmId = 0, CancellationToken ct = default)
     {
-        var req = new UffdioMoveRequest { UffdId = uffdId, Dst = dst, Src = src, Len = len, Mode = mode, CallerMmId = callerMmId };
-        var (e, r) = await Syscall(Uffd.UffdioMoveAsync(req, cancellationToken: ct)).ConfigureAwait(false);
-        return new(e, r?.Move);
+        var r = await Uffd.UffdioMoveAsync(new UffdioMoveRequest { UffdId = uffdId, Dst = dst, Src = src, Len = len, Mode = mode, CallerMmId = callerMmId }, cancellationToken: ct).ConfigureAwait(false);
+        return new(r.Errno, r.Move);
     }
 
-    public async Task<PollResponse> PollAsync(long uffdId, CancellationToken ct = default) =>
-        await Uffd.PollAsync(new UffdRef { UffdId = uffdId }, cancellationToken: ct).ConfigureAwait(false);
+    /// <summary>poll(2) with <paramref name="timeoutMs"/> (0: at once; negative: until readable).</summary>
+    public async Task<PollResponse> PollAsync(long uffdId, int timeoutMs = 0, CancellationToken ct = default) =>
+        await Uffd.PollAsync(new PollRequest { UffdId = uffdId, TimeoutMs = timeoutMs }, cancellationToken: ct).ConfigureAwait(false);
 
-    /// <summary>read(2) of one message, non-blocking: (EAGAIN, null) when nothing is queued.</summary>
+    /// <summary>read(2) of one message: (EAGAIN, null) on an O_NONBLOCK uffd with nothing queued.</summary>
     public async Task<(Errno Errno, UffdMsg? Message)> ReadMessageAsync(long uffdId, CancellationToken ct = default)
     {
-        var (e, m) = await Syscall(Uffd.ReadAsync(new UffdRef { UffdId = uffdId }, cancellationToken: ct)).ConfigureAwait(false);
-        return (e, e == Errno.OK ? m : null);
+        var r = await Uffd.ReadAsync(new ReadRequest { UffdId = uffdId }, cancellationToken: ct).ConfigureAwait(false);
+        return (r.Errno, r.Errno == Errno.Unspecified ? r.Msg : null);
     }
 
-    public async Task CloseUffdAsync(long uffdId, CancellationToken ct = default) =>
-        await Uffd.CloseAsync(new UffdRef { UffdId = uffdId }, cancellationToken: ct).ConfigureAwait(false);
+    public async Task<Errno> CloseUffdAsync(long uffdId, CancellationToken ct = default) =>
+        (await Uffd.CloseAsync(new CloseRequest { UffdId = uffdId }, cancellationToken: ct).ConfigureAwait(false)).Errno;
 
     /// <summary>
     /// The uffd's messages as they are read: each one leaves the uffd's queue when the server
@@ -252,8 +274,12 @@ public sealed class UffdClient : IDisposable
     /// </summary>
     public async IAsyncEnumerable<UffdMsg> ReadEventsAsync(long uffdId, [EnumeratorCancellation] CancellationToken ct = default)
     {
-        using var call = Uffd.ReadEvents(new UffdRef { UffdId = uffdId }, cancellationToken: ct);
+        using var call = Uffd.ReadEvents(new ReadEventsRequest { UffdId = uffdId }, cancellationToken: ct);
         await foreach (var m in call.ResponseStream.ReadAllAsync(ct).ConfigureAwait(false))
-            yield return m;
+            yield return m.Msg;
     }
+
+    /// <summary>Opens a batched handler stream (<see cref="ServeSession"/>) on <paramref name="uffdId"/>.</summary>
+    public Task<ServeSession> ServeAsync(long uffdId, uint maxMessages = 0, CancellationToken ct = default) =>
+        ServeSession.OpenAsync(this, uffdId, maxMessages, ct);
 }

@@ -332,10 +332,18 @@ public sealed class Kernel
     {
         public void Dispose()
         {
-            if (kernel._depth == 1)
-                kernel.RunPending();
-            kernel._depth--;
-            Monitor.Exit(kernel.Lock);
+            try
+            {
+                if (kernel._depth == 1)
+                    kernel.RunPending();
+            }
+            finally
+            {
+                // Whatever a woken thread threw, the lock is released and the depth restored:
+                // the caller (the server) decides whether the machine can still be trusted.
+                kernel._depth--;
+                Monitor.Exit(kernel.Lock);
+            }
         }
     }
 

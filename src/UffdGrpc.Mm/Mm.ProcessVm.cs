@@ -246,16 +246,24 @@ public sealed partial class Mm
             return r;
         var local = PresentPageAt(uaddr);
         var loff = (int)(uaddr & (Kernel.PageSize - 1));
+        if (len <= 1)
+        {
+            if (!toUser)
+                remote.Write(offset, [first]);
+            return FaultResult.Ok;
+        }
+        Span<byte> chunk = stackalloc byte[(int)Kernel.PageSize];
+        var rest = chunk[..(len - 1)];
         if (toUser)
         {
-            for (var k = 1; k < len; k++)
-                local.WriteByte(loff + k, remote.ReadByte(offset + k));
+            remote.Read(offset + 1, rest);
+            local.Write(loff + 1, rest);
         }
         else
         {
-            remote.WriteByte(offset, first);
-            for (var k = 1; k < len; k++)
-                remote.WriteByte(offset + k, local.ReadByte(loff + k));
+            remote.Write(offset, [first]);
+            local.Read(loff + 1, rest);
+            remote.Write(offset + 1, rest);
         }
         return FaultResult.Ok;
     }

@@ -107,6 +107,14 @@ public sealed partial class UserfaultfdCtx
     /// <summary>ctx->mmap_changing: non-cooperative events prepared but not yet read.</summary>
     public int MmapChanging { get; internal set; }
 
+    /// <summary>
+    /// The sleepers on ctx->fd_wqh (read, poll, a handler's stream): called under the machine
+    /// lock whenever a message is queued or the context is released, as handle_userfault,
+    /// userfaultfd_event_wait_completion and userfaultfd_release call
+    /// <c>wake_up_poll(&amp;ctx->fd_wqh, ...)</c>. It must not block.
+    /// </summary>
+    public Action? FdWqhWake { get; set; }
+
     public bool WpAsync => (Features & UffdFeatures.WpAsync) != 0;
     public bool WpUnpopulated => (Features & UffdFeatures.WpUnpopulated) != 0;
 
@@ -126,6 +134,7 @@ public sealed partial class UserfaultfdCtx
         var w = new UffdWaiter(t, msg);
         _faultPending.Add(w);
         t.Park(this, w, ThreadState.BlockedInUserfault);
+        FdWqhWake?.Invoke();
     }
 
     /// <summary>Queues a non-cooperative event; <paramref name="t"/> sleeps until it is read.</summary>
@@ -134,6 +143,7 @@ public sealed partial class UserfaultfdCtx
         var w = new UffdWaiter(t, msg);
         _events.Add(w);
         t.Park(this, w, ThreadState.BlockedOnEvent);
+        FdWqhWake?.Invoke();
     }
 
     /// <summary>
@@ -255,6 +265,7 @@ public sealed partial class UserfaultfdCtx
             CompleteEvent(w);
         }
         _events.Clear();
+        FdWqhWake?.Invoke();
     }
 }
 

@@ -29,7 +29,7 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
 
     private static int Handle(long id) => checked((int)id);
 
-    private static Errno E(Client.Errno e) => (Errno)(int)e;
+    private static Errno E(V1.Errno e) => (Errno)(int)e;
 
     public async Task ConfigureAsync(bool? swap, bool? softDirty) =>
         await client.ConfigureMachineAsync(await MachineAsync().ConfigureAwait(false), swap, softDirty).ConfigureAwait(false);
@@ -74,21 +74,24 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
         {
             ThreadOpKind.Access => new V1.ThreadOp
             {
-                Access = new V1.AccessOp
-                {
-                    Addr = request.Addr,
-                    Write = request.Write,
-                    Value = request.Value,
-                    Count = (uint)request.Count,
-                    Origin = request.KernelOrigin ? V1.AccessOrigin.Kernel : V1.AccessOrigin.User,
-                },
+                Access = UffdClient.Touch(request.Addr, request.Write, request.Value, (uint)request.Count, request.KernelOrigin),
             },
             ThreadOpKind.Populate => new V1.ThreadOp { Populate = new V1.PopulateOp { Start = request.Addr, Len = request.Len, Write = request.Write } },
             ThreadOpKind.Madvise => new V1.ThreadOp { Madvise = new V1.MadviseOp { Start = request.Addr, Len = request.Len, Advice = (int)request.Advice } },
             ThreadOpKind.Munmap => new V1.ThreadOp { Munmap = new V1.MunmapOp { Start = request.Addr, Len = request.Len } },
             ThreadOpKind.Mremap => new V1.ThreadOp { Mremap = new V1.MremapOp { OldAddr = request.Addr, Len = request.Len, NewAddr = request.Addr2 } },
             ThreadOpKind.Fork => new V1.ThreadOp { Fork = new V1.ForkOp() },
-            ThreadOpKind.ProcessVm => throw new NotSupportedException("process_vm over gRPC: wired by the server change"),
+            ThreadOpKind.ProcessVm => new V1.ThreadOp
+            {
+                ProcessVm = new V1.ProcessVmOp
+                {
+                    RemoteMmId = request.RemoteProcess,
+                    Write = request.Write,
+                    Flags = request.Flags,
+                    LocalIov = { request.LocalIov.Select(v => new V1.Iovec { Base = v.Base, Len = v.Len }) },
+                    RemoteIov = { request.RemoteIov.Select(v => new V1.Iovec { Base = v.Base, Len = v.Len }) },
+                },
+            },
             _ => throw new ArgumentOutOfRangeException(nameof(request)),
         };
         return (await client.StartOpAsync(thread, op).ConfigureAwait(false)).OpId;
@@ -106,18 +109,20 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
     public async Task<IReadOnlyList<ThreadOpResult>> TakeCompletionsAsync()
     {
         var list = await client.TakeCompletionsAsync(await MachineAsync().ConfigureAwait(false)).ConfigureAwait(false);
-        return list.Select(r => new ThreadOpResult(r.OpId, Handle(r.ThreadId), r.Aborted, (Errno)(r.Errno?.Number ?? 0), ToSig(r.Signal), (int)r.Done, r.Values.ToByteArray())
+        return list.Select(r => new ThreadOpResult(r.OpId, Handle(r.ThreadId), r.Aborted, E(r.Errno), ToSig(r.Signal), (int)r.Done, r.Values.ToByteArray())
         {
             ChildProcess = Handle(r.ChildMmId),
             ChildThread = Handle(r.ChildThreadId),
+            Transferred = (ulong)r.Transferred,
         }).ToList();
     }
 
-    public async Task EndProcessAsync(int process, bool kill) => await client.DestroyMmAsync(process, kill).ConfigureAwait(false);
+    /// <summary>exit and SIGKILL end a process the same way in the model (the trace line differs, and the interpreter prints it).</summary>
+    public async Task EndProcessAsync(int process, bool kill) => await client.DestroyMmAsync(process).ConfigureAwait(false);
 
-    public async Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags, bool dev)
+    public async Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags)
     {
-        var (e, id) = await client.CreateUffdAsync(process, (uint)flags, dev).ConfigureAwait(false);
+        var (e, id) = await client.CreateUffdAsync(process, (uint)flags).ConfigureAwait(false);
         return (E(e), Handle(id));
     }
 
@@ -163,8 +168,17 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
         return (p.Pollin, p.Pollerr);
     }
 
+    /// <summary>
+    /// The interpreter's read: one message, or EAGAIN when none is queued — also on a
+    /// blocking uffd, where the model's read would sleep (the interpreter decides what an
+    /// empty blocking read means, as it does in-process), so an empty queue is found with
+    /// Poll first.
+    /// </summary>
     public async Task<(Errno Errno, UffdMessage? Message)> ReadAsync(int uffd)
     {
+        var p = await client.PollAsync(uffd).ConfigureAwait(false);
+        if (!p.NonBlocking && p.ApiDone && !p.Released && p.Unread == 0)
+            return (Errno.EAGAIN, null);
         var (e, m) = await client.ReadMessageAsync(uffd).ConfigureAwait(false);
         if (m is null)
             return (E(e), null);
@@ -207,8 +221,8 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
             CategoryAnyofMask = arg.CategoryAnyofMask,
             ReturnMask = arg.ReturnMask,
         };
-        var (e, r) = await client.PagemapScanAsync(req).ConfigureAwait(false);
-        return new PmScanResult(E(e), r?.WalkEnd ?? 0, r?.Regions.Select(g => new PageRegion(g.Start, g.End, g.Categories)).ToList() ?? []);
+        var r = await client.PagemapScanAsync(req).ConfigureAwait(false);
+        return new PmScanResult(E(r.Errno), r.WalkEnd, r.Regions.Select(g => new PageRegion(g.Start, g.End, g.Categories)).ToList());
     }
 
     public async ValueTask DisposeAsync()

@@ -74,7 +74,8 @@ public interface IKernelBackend : IAsyncDisposable
     /// <summary>Kills a process (SIGKILL) or lets it exit.</summary>
     Task EndProcessAsync(int process, bool kill);
 
-    Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags, bool dev);
+    /// <summary>userfaultfd(2); `uffd create dev` (/dev/userfaultfd) behaves the same for a privileged caller, so it takes the same path.</summary>
+    Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags);
     Task<(Errno Errno, ulong Features, ulong Ioctls)> UffdApiAsync(int uffd, ulong api, ulong features);
     Task<(Errno Errno, ulong Ioctls)> RegisterAsync(int uffd, ulong start, ulong len, ulong mode);
     Task<Errno> UnregisterAsync(int uffd, ulong start, ulong len);

@@ -131,7 +131,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
         return id;
     }
 
-    public Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags, bool dev)
+    public Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags)
     {
         var e = Kernel.Userfaultfd(_procs[process], flags, out var ctx);
         return Done((e, ctx is null ? 0 : UffdId(ctx)));

@@ -58,7 +58,7 @@ public sealed partial class ScenarioInterpreter
                     }
                     var blocking = HasWord(argv, 2, "blocking");
                     var flags = Uapi.OCloexec | (blocking ? 0 : Uapi.ONonblock) | (HasWord(argv, 2, "usermode") ? Uapi.UffdUserModeOnly : 0);
-                    var (e, h) = await _k.UffdCreateAsync(_mainProc, flags, HasWord(argv, 2, "dev")).ConfigureAwait(false);
+                    var (e, h) = await _k.UffdCreateAsync(_mainProc, flags).ConfigureAwait(false);
                     if (e != Errno.OK)
                     {
                         Emit(e.Name());

@@ -1,16 +1,21 @@
 using UffdGrpc.Server;
+using UffdGrpc.Server.Hosting;
 using UffdGrpc.Server.Services;
 
 var builder = WebApplication.CreateBuilder(ServerStartup.Options(args));
 builder.Services.AddUffdServer();
 
 var app = builder.Build();
-app.MapGrpcService<MachinesService>();
+app.MapGrpcService<MachineService>();
 app.MapGrpcService<MmService>();
-app.MapGrpcService<ThreadsService>();
+app.MapGrpcService<ThreadService>();
 app.MapGrpcService<UserfaultfdService>();
 app.MapGrpcHealthChecksService();
 app.MapGrpcReflectionService();
+// Graceful shutdown (SIGTERM): streams, pending accesses and waits end with UNAVAILABLE at
+// once, so Kestrel's drain finishes well inside the host's shutdown timeout.
+var registry = app.Services.GetRequiredService<MachineRegistry>();
+app.Lifetime.ApplicationStopping.Register(registry.Shutdown);
 app.Run();
 
 /// <summary>The server's entry point (public for WebApplicationFactory).</summary>

@@ -19,7 +19,11 @@ public static class UffdServerServiceCollectionExtensions
         {
             o.MaxReceiveMessageSize = MaxReceiveMessageSize;
             o.EnableDetailedErrors = false;
+            o.Interceptors.Add<ServerErrorInterceptor>();
         });
+        // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
+        // host then has 5 s for everything else.
+        services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(5));
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();

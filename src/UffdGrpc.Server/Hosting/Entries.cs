@@ -31,19 +31,51 @@ public sealed class FileEntry(long id, MachineHost host, Model.MemFile file) : E
     public Model.MemFile File { get; } = file;
 }
 
-/// <summary>A userfaultfd. A closed one stays known: its ioctls give EBADF, as on a stale fd.</summary>
-public sealed class UffdEntry(long id, MachineHost host, Model.UserfaultfdCtx ctx) : Entry(id, host)
+/// <summary>
+/// A userfaultfd and its fd wait queue (ctx->fd_wqh): readers (Read on a blocking uffd,
+/// Poll with a timeout, ReadEvents and Serve streams) sleep on <see cref="WaitTask"/> and
+/// are woken only by this uffd's <see cref="Model.UserfaultfdCtx.FdWqhWake"/> (a message
+/// queued, the context released) or by the machine ending. A closed one stays known: its
+/// ioctls give EBADF, as on a stale fd.
+/// </summary>
+/// <remarks>Everything but <see cref="Readers"/> is protected by the kernel lock.</remarks>
+public sealed class UffdEntry : Entry
 {
     private int _readers;
+    private TaskCompletionSource? _wait;
 
-    public Model.UserfaultfdCtx Ctx { get; } = ctx;
-    public bool Closed { get; set; }
-    /// <summary>Event streams currently reading this uffd.</summary>
+    public UffdEntry(long id, MachineHost host, Model.UserfaultfdCtx ctx)
+        : base(id, host)
+    {
+        Ctx = ctx;
+        ctx.FdWqhWake = WakeAll;
+    }
+
+    public Model.UserfaultfdCtx Ctx { get; }
+    /// <summary>Event and Serve streams currently reading this uffd.</summary>
     public int Readers => Volatile.Read(ref _readers);
+    /// <summary>Someone sleeps on this uffd's wait queue (for tests of who is woken).</summary>
+    public bool Sleeping => Volatile.Read(ref _wait) is not null;
+    /// <summary>Wake-ups of this uffd's wait queue so far (for tests of who is woken).</summary>
+    public long Wakeups { get; private set; }
 
     internal void AddReader() => Interlocked.Increment(ref _readers);
 
     internal void RemoveReader() => Interlocked.Decrement(ref _readers);
+
+    /// <summary>A task that completes at the next wake of this uffd's queue. Caller holds the kernel lock.</summary>
+    internal Task WaitTask() => (_wait ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+
+    /// <summary>wake_up_poll(&amp;ctx->fd_wqh): completes the current wait task, if anyone sleeps on it. Caller holds the kernel lock.</summary>
+    internal void WakeAll()
+    {
+        var w = _wait;
+        if (w is null)
+            return;
+        _wait = null;
+        Wakeups++;
+        w.TrySetResult();
+    }
 }
 
 /// <summary>A thread operation in progress (StartOp or Access) and the promise of its result.</summary>

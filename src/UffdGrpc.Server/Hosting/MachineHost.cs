@@ -1,83 +1,96 @@
+using Grpc.Core;
 using UffdGrpc.Contracts.V1;
+using UffdGrpc.Server.Mapping;
 using Model = UffdGrpc.Mm;
 
 namespace UffdGrpc.Server.Hosting;
 
 /// <summary>
 /// One simulated machine served over the API: its <see cref="Kernel"/>, the ids of its
-/// objects, the log of completed thread operations, and a change signal that wakes event
-/// streams.
+/// objects, the operations in flight and the log of completed ones.
 /// </summary>
 /// <remarks>
-/// Lock order: <see cref="Model.Kernel.Lock"/>, then <c>_signalGate</c>. The id maps and the
-/// completion log are protected by the kernel lock, because the model fills them from
-/// completion callbacks that run under it.
+/// Lock order: <see cref="Model.Kernel.Lock"/> is the only lock a machine has; nothing else
+/// is taken while it is held (the registry's id map is lock-free). The id maps, the pending
+/// operations, the completion log and every uffd's wait queue (<see cref="UffdEntry"/>) are
+/// protected by it, because the model fills them from callbacks that run under it
+/// (completions, <see cref="Model.UserfaultfdCtx.FdWqhWake"/>). Waiters never sleep under
+/// it: they take their wait-queue task under the lock and await it after releasing it, so a
+/// wake that happens in between completes the task they are about to await.
 /// </remarks>
 public sealed class MachineHost(long id, Model.Kernel kernel)
 {
-    private readonly Lock _signalGate = new();
-    private TaskCompletionSource _changed = new(TaskCreationOptions.RunContinuationsAsynchronously);
-
     public long Id { get; } = id;
     public Model.Kernel Kernel { get; } = kernel;
     public bool Destroyed { get; internal set; }
+    /// <summary>Why the machine's state can no longer be trusted (null while it can).</summary>
+    public string? Broken { get; private set; }
 
     /// <summary>The model object → id maps (fork children and FORK uffds get ids when they appear).</summary>
     internal Dictionary<Model.Mm, long> MmIds { get; } = [];
     internal Dictionary<Model.SimThread, long> ThreadIds { get; } = [];
     internal Dictionary<Model.UserfaultfdCtx, long> UffdIds { get; } = [];
     internal Dictionary<Model.MemFile, long> FileIds { get; } = [];
+    internal List<UffdEntry> Uffds { get; } = [];
+    /// <summary>Operations started and not yet completed (their callers may be waiting).</summary>
+    internal HashSet<OpEntry> PendingOps { get; } = [];
     /// <summary>Results of operations started with StartOp, in completion order.</summary>
     internal List<ThreadOpResult> CompletionLog { get; } = [];
 
-    /// <summary>Completes when the machine's state next changes (see <see cref="Pulse"/>).</summary>
-    public Task Changed
+    /// <summary>The status of a call on a machine that is gone, broken or shutting down; null while it serves.</summary>
+    internal RpcException? Unusable(bool shuttingDown)
     {
-        get
-        {
-            lock (_signalGate)
-                return _changed.Task;
-        }
+        if (Destroyed)
+            return new RpcException(new Status(StatusCode.Unavailable, $"machine {Id} was destroyed"));
+        if (Broken is not null)
+            return RequestErrors.Precondition("MACHINE_BROKEN", $"machine {Id} is broken: {Broken}");
+        if (shuttingDown)
+            return new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
+        return null;
     }
 
     /// <summary>
-    /// Signals that an operation ran: event streams retry their read. The model never acts on
-    /// its own, so every message is queued inside some RPC, which pulses when it ends.
+    /// Runs <paramref name="fn"/> under the machine lock; woken threads run before it is
+    /// released. An exception from the model (not a request error) leaves the lock released
+    /// but the state untrustworthy: the machine is marked broken, every waiter is failed, and
+    /// the call fails with INTERNAL.
     /// </summary>
-    public void Pulse()
-    {
-        TaskCompletionSource old;
-        lock (_signalGate)
-        {
-            old = _changed;
-            _changed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        }
-        old.TrySetResult();
-    }
-
-    /// <summary>Runs <paramref name="fn"/> under the machine lock (woken threads run before it is released), then pulses.</summary>
     public T Run<T>(Func<T> fn)
     {
         try
         {
             return Kernel.Locked(fn);
         }
-        finally
+        catch (Exception ex) when (ex is not RpcException)
         {
-            Pulse();
+            MarkBroken(ex);
+            throw new RpcException(new Status(StatusCode.Internal, $"model error on machine {Id}: {ex.GetType().Name}: {ex.Message}"));
         }
     }
 
-    /// <summary>Runs <paramref name="fn"/> under the machine lock, then pulses.</summary>
-    public void Run(Action fn)
+    /// <summary>Runs <paramref name="fn"/> under the machine lock (see <see cref="Run{T}"/>).</summary>
+    public void Run(Action fn) => Run(() =>
     {
-        try
+        fn();
+        return 0;
+    });
+
+    private void MarkBroken(Exception ex)
+    {
+        lock (Kernel.Lock)
         {
-            Kernel.Locked(fn);
+            Broken ??= $"{ex.GetType().Name}: {ex.Message}";
+            EndWaiters(RequestErrors.Precondition("MACHINE_BROKEN", $"machine {Id} is broken: {Broken}"));
         }
-        finally
-        {
-            Pulse();
-        }
+    }
+
+    /// <summary>Fails every pending operation with <paramref name="status"/> and wakes every uffd sleeper (they then see why). Caller holds the kernel lock.</summary>
+    internal void EndWaiters(RpcException status)
+    {
+        foreach (var op in PendingOps)
+            op.Result.TrySetException(status);
+        PendingOps.Clear();
+        foreach (var u in Uffds)
+            u.WakeAll();
     }
 }

@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using Grpc.Core;
 using UffdGrpc.Contracts.V1;
 using UffdGrpc.Server.Mapping;
 using Model = UffdGrpc.Mm;
@@ -13,31 +14,58 @@ namespace UffdGrpc.Server.Hosting;
 public sealed class MachineRegistry
 {
     private readonly ConcurrentDictionary<long, object> _objects = new();
+    private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
     private long _next;
+    private volatile bool _shuttingDown;
+
+    /// <summary>Set once the host begins to stop: every call and wait then ends with UNAVAILABLE.</summary>
+    public bool ShuttingDown => _shuttingDown;
 
     private long NextId() => Interlocked.Increment(ref _next);
 
-    public IEnumerable<MachineHost> Machines => _objects.Values.OfType<MachineHost>().OrderBy(m => m.Id);
+    /// <summary>The live machines in id order.</summary>
+    public IEnumerable<MachineHost> Machines => _machines.Values.OrderBy(m => m.Id);
 
     public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config)
     {
+        if (_shuttingDown)
+            throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
         var host = new MachineHost(NextId(), new Model.Kernel(profile, config));
         _objects[host.Id] = host;
+        _machines[host.Id] = host;
         return host;
     }
 
     /// <summary>The object <paramref name="id"/> of type <typeparamref name="T"/>, or NOT_FOUND / INVALID_ARGUMENT.</summary>
     public T Get<T>(long id, string field)
+        where T : class => Get<T>(id, field, allowBroken: false);
+
+    /// <summary>As <see cref="Get{T}(long, string)"/>; <paramref name="allowBroken"/> lets a broken machine be inspected and destroyed.</summary>
+    private T Get<T>(long id, string field, bool allowBroken)
         where T : class
     {
         if (id <= 0)
             throw RequestErrors.Invalid(field, "required (a positive id)");
         if (!_objects.TryGetValue(id, out var o) || o is not T t || (t is MachineHost { Destroyed: true }) || (t is Entry { Host.Destroyed: true }))
             throw RequestErrors.UnknownId(field, id, typeof(T).Name.Replace("Entry", "", StringComparison.Ordinal).Replace("Host", "", StringComparison.Ordinal).ToLowerInvariant());
+        var host = t as MachineHost ?? ((Entry)(object)t).Host;
+        if (host.Unusable(_shuttingDown) is { } status && !(allowBroken && host.Broken is not null && !_shuttingDown))
+            throw status;
         return t;
     }
 
+    /// <summary>The live object <paramref name="id"/> of type <typeparamref name="T"/>, if there is one.</summary>
+    public bool TryGet<T>(long id, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T? value)
+        where T : Entry
+    {
+        value = _objects.TryGetValue(id, out var o) && o is T t && !t.Host.Destroyed ? t : null;
+        return value is not null;
+    }
+
     public MachineHost Machine(long id) => Get<MachineHost>(id, "machine_id");
+
+    /// <summary>The machine <paramref name="id"/>, broken or not (GetMachine reports why; DestroyMachine frees it).</summary>
+    public MachineHost MachineEvenIfBroken(long id) => Get<MachineHost>(id, "machine_id", allowBroken: true);
 
     public MmEntry Mm(long id, string field = "mm_id") => Get<MmEntry>(id, field);
 
@@ -54,7 +82,12 @@ public sealed class MachineRegistry
     internal long IdOf(MachineHost host, Model.SimThread t) => IdOf(host.ThreadIds, t, id => new ThreadEntry(id, host, t, IdOf(host, t.Mm)));
 
     /// <summary>The id of <paramref name="ctx"/>, registering it (a FORK child context) when new. Caller holds the kernel lock.</summary>
-    internal long IdOf(MachineHost host, Model.UserfaultfdCtx ctx) => IdOf(host.UffdIds, ctx, id => new UffdEntry(id, host, ctx));
+    internal long IdOf(MachineHost host, Model.UserfaultfdCtx ctx) => IdOf(host.UffdIds, ctx, id =>
+    {
+        var u = new UffdEntry(id, host, ctx);
+        host.Uffds.Add(u);
+        return u;
+    });
 
     internal long IdOf(MachineHost host, Model.MemFile f) => IdOf(host.FileIds, f, id => new FileEntry(id, host, f));
 
@@ -89,6 +122,7 @@ public sealed class MachineRegistry
                 throw RequestErrors.Precondition("THREAD_BUSY", $"thread {thread.Id} is running operation {thread.OpId}");
             _objects[entry.Id] = entry;
             thread.OpId = entry.Id;
+            host.PendingOps.Add(entry);
             host.Kernel.Start(thread.Thread, op);
         });
         return entry;
@@ -97,6 +131,7 @@ public sealed class MachineRegistry
     private void OnCompleted(OpEntry entry, Model.SyscallOp o)
     {
         var host = entry.Host;
+        host.PendingOps.Remove(entry);
         if (entry.Thread.OpId == entry.Id)
             entry.Thread.OpId = 0;
         var r = ProtoMapping.ToResult(entry.Id, entry.Thread.Id, o);
@@ -137,16 +172,49 @@ public sealed class MachineRegistry
     /// <summary>Destroys a machine: every process exits, every id of the machine becomes unknown.</summary>
     public void Destroy(MachineHost host)
     {
-        host.Run(() =>
+        var gone = new RpcException(new Status(StatusCode.Unavailable, $"machine {host.Id} was destroyed"));
+        if (host.Broken is not null)
         {
-            foreach (var mm in host.Kernel.Mms.ToList())
-                mm.Exit();
-            host.Destroyed = true;
-        });
+            // Its state cannot be trusted to tear down: drop it whole.
+            lock (host.Kernel.Lock)
+            {
+                host.Destroyed = true;
+                host.EndWaiters(gone);
+            }
+        }
+        else
+        {
+            host.Run(() =>
+            {
+                foreach (var mm in host.Kernel.Mms.ToList())
+                    mm.Exit();
+                host.Destroyed = true;
+                host.EndWaiters(gone);
+            });
+        }
+        _machines.TryRemove(host.Id, out _);
         foreach (var (id, o) in _objects)
         {
             if (o == host || (o is Entry e && e.Host == host))
                 _objects.TryRemove(id, out _);
         }
     }
+
+    /// <summary>
+    /// The host is stopping: new calls get UNAVAILABLE, every pending access and wait fails
+    /// with UNAVAILABLE and every stream wakes and ends with UNAVAILABLE.
+    /// </summary>
+    public void Shutdown()
+    {
+        _shuttingDown = true;
+        var status = new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
+        foreach (var host in _machines.Values)
+        {
+            lock (host.Kernel.Lock)
+                host.EndWaiters(status);
+        }
+    }
+
+    /// <summary>The status that ends a wait or a stream on <paramref name="host"/> now, or null while it serves.</summary>
+    internal RpcException? Unusable(MachineHost host) => host.Unusable(_shuttingDown);
 }

@@ -10,7 +10,14 @@ public static class ProtoMapping
     /// <summary>The most pages an access, pagemap or page-table request may cover (a request bound, not a kernel rule).</summary>
     public const uint MaxPagesPerRequest = 1 << 20;
 
-    public static ErrnoValue ToProto(Model.Errno e) => new() { Number = (int)e, Name = Model.ErrnoExtensions.Name(e) == "ok" ? "ok" : e.ToString() };
+    /// <summary>The most bytes one span access may move (its response must fit a message).</summary>
+    public const ulong MaxSpanBytes = 64UL << 20;
+
+    /// <summary>
+    /// The one mapping of a kernel outcome to the wire: the errno goes in-band, with the
+    /// same x86-64 number (the proto enum and the model's enum share their values).
+    /// </summary>
+    public static Errno ToProto(Model.Errno e) => (Errno)(int)e;
 
     public static Model.KernelProfile ToModel(KernelProfile p) => p switch
     {
@@ -43,7 +50,7 @@ public static class ProtoMapping
         Model.SigCode.SegvAccerr => SignalCode.SegvAccerr,
         Model.SigCode.BusAdrerr => SignalCode.BusAdrerr,
         Model.SigCode.BusMceerrAr => SignalCode.BusMceerrAr,
-        _ => SignalCode.None,
+        _ => SignalCode.Unspecified,
     };
 
     /// <summary>The thread's state as the API reports it.</summary>
@@ -53,6 +60,18 @@ public static class ProtoMapping
         Model.ThreadState.BlockedInUserfault => Contracts.V1.ThreadState.BlockedInUserfault,
         Model.ThreadState.BlockedOnEvent => Contracts.V1.ThreadState.BlockedOnEvent,
         _ => t.Op is null ? Contracts.V1.ThreadState.Idle : Contracts.V1.ThreadState.Running,
+    };
+
+    public static PageState ToProto(Model.PageContentState s) => s switch
+    {
+        Model.PageContentState.Present => PageState.Present,
+        Model.PageContentState.Swapped => PageState.Swapped,
+        Model.PageContentState.NotPresent => PageState.NotPresent,
+        Model.PageContentState.PageCache => PageState.PageCache,
+        Model.PageContentState.Poisoned => PageState.Poisoned,
+        Model.PageContentState.Guard => PageState.Guard,
+        Model.PageContentState.BeyondEof => PageState.BeyondEof,
+        _ => PageState.Unmapped,
     };
 
     public static Model.Prot ToProt(uint prot)
@@ -69,8 +88,8 @@ public static class ProtoMapping
         return (Model.Madv)advice;
     }
 
-    /// <summary>The model operation for a ThreadOp.</summary>
-    public static Model.SyscallOp ToModel(ThreadOp op) => op.OpCase switch
+    /// <summary>The model operation for a ThreadOp run by <paramref name="thread"/> (ids it names are resolved through <paramref name="registry"/>).</summary>
+    public static Model.SyscallOp ToModel(ThreadOp op, Hosting.MachineRegistry registry, Hosting.ThreadEntry thread) => op.OpCase switch
     {
         ThreadOp.OpOneofCase.Access => ToModel(op.Access),
         ThreadOp.OpOneofCase.Populate => new Model.PopulateOp(op.Populate.Start, op.Populate.Len, op.Populate.Write),
@@ -78,36 +97,76 @@ public static class ProtoMapping
         ThreadOp.OpOneofCase.Munmap => new Model.MunmapOp(op.Munmap.Start, op.Munmap.Len),
         ThreadOp.OpOneofCase.Mremap => new Model.MremapOp(op.Mremap.OldAddr, op.Mremap.Len, op.Mremap.NewAddr),
         ThreadOp.OpOneofCase.Fork => new Model.ForkOp(),
-        _ => throw RequestErrors.Invalid("op", "one of access, populate, madvise, munmap, mremap, fork is required"),
+        ThreadOp.OpOneofCase.ProcessVm => ToModel(op.ProcessVm, registry, thread),
+        _ => throw RequestErrors.Invalid("op", "one of access, populate, madvise, munmap, mremap, fork, process_vm is required"),
     };
 
-    public static Model.AccessOp ToModel(AccessOp? a)
+    /// <summary>
+    /// process_vm_readv/writev by <paramref name="thread"/>. An unknown remote process is what
+    /// the kernel calls ESRCH (find_get_task_by_vpid fails), not an unknown id: a pid is not
+    /// an object handle the caller must own.
+    /// </summary>
+    public static Model.SyscallOp ToModel(ProcessVmOp p, Hosting.MachineRegistry registry, Hosting.ThreadEntry thread)
+    {
+        RequestErrors.Require(p.LocalIov.Count <= MaxIovecs, "local_iov", $"at most {MaxIovecs} entries");
+        RequestErrors.Require(p.RemoteIov.Count <= MaxIovecs, "remote_iov", $"at most {MaxIovecs} entries");
+        Model.Mm? remote = null;
+        if (p.RemoteMmId > 0 && registry.TryGet<Hosting.MmEntry>(p.RemoteMmId, out var r) && r.Host == thread.Host)
+            remote = r.Mm;
+        return new Model.ProcessVmOp(remote, p.Write, [.. p.LocalIov.Select(v => new Model.IoVec(v.Base, v.Len))], [.. p.RemoteIov.Select(v => new Model.IoVec(v.Base, v.Len))], p.Flags);
+    }
+
+    /// <summary>The most iovecs the server passes to a process_vm call: UIO_MAXIOV (1024) and one more, so the model answers 1025 with EINVAL as iovec_from_user does; beyond that the request is refused.</summary>
+    public const int MaxIovecs = 1025;
+
+    public static Model.SyscallOp ToModel(AccessOp? a)
     {
         if (a is null)
             throw RequestErrors.Invalid("access", "required");
-        if (a.Value > 255)
-            throw RequestErrors.Invalid("access.value", "a byte (0-255)");
-        if (a.Count > MaxPagesPerRequest)
-            throw RequestErrors.Invalid("access.count", $"at most {MaxPagesPerRequest} pages");
         var origin = a.Origin switch
         {
             AccessOrigin.Unspecified or AccessOrigin.User => Model.AccessOrigin.User,
             AccessOrigin.Kernel => Model.AccessOrigin.Kernel,
             _ => throw RequestErrors.Invalid("access.origin", "unknown origin"),
         };
-        var count = a.Count == 0 ? 1 : (int)a.Count;
-        return new Model.AccessOp(a.Addr, a.Write, (byte)a.Value, count, origin);
+        switch (a.FormCase)
+        {
+            case AccessOp.FormOneofCase.Touch:
+                RequestErrors.Require(a.Touch.Value <= 255, "access.touch.value", "a byte (0-255)");
+                RequestErrors.Require(a.Touch.Pages <= MaxPagesPerRequest, "access.touch.pages", $"at most {MaxPagesPerRequest} pages");
+                return new Model.AccessOp(a.Addr, a.Write, (byte)a.Touch.Value, a.Touch.Pages == 0 ? 1 : (int)a.Touch.Pages, origin);
+            case AccessOp.FormOneofCase.Span when a.Write:
+                RequestErrors.Require(a.Span.Length == 0 || a.Span.Length == (ulong)a.Span.Data.Length, "access.span.length", "0 or the length of data for a write");
+                RequestErrors.Require((ulong)a.Span.Data.Length <= MaxSpanBytes, "access.span.data", $"at most {MaxSpanBytes} bytes");
+                return Model.BytesAccessOp.Write(a.Addr, a.Span.Data.Memory, origin);
+            case AccessOp.FormOneofCase.Span:
+                RequestErrors.Require(a.Span.Data.IsEmpty, "access.span.data", "empty for a read");
+                RequestErrors.Require(a.Span.Length <= MaxSpanBytes, "access.span.length", $"at most {MaxSpanBytes} bytes");
+                return Model.BytesAccessOp.Read(a.Addr, (int)a.Span.Length, origin);
+            default:
+                throw RequestErrors.Invalid("access.form", "touch or span is required");
+        }
     }
 
     /// <summary>The result of a finished (or aborted) operation. Fork ids are filled in by the registry.</summary>
     public static ThreadOpResult ToResult(long opId, long threadId, Model.SyscallOp o)
     {
         var r = new ThreadOpResult { OpId = opId, ThreadId = threadId, Aborted = o.Aborted, Errno = ToProto(o.Result) };
-        if (o is Model.AccessOp a)
+        switch (o)
         {
-            r.Signal = ToProto(a.Signal);
-            r.Done = (uint)a.Done;
-            r.Values = ByteString.CopyFrom(a.Values);
+            case Model.AccessOp a:
+                r.Signal = ToProto(a.Signal);
+                r.Done = (uint)a.Done;
+                r.Values = ByteString.CopyFrom(a.Values);
+                break;
+            case Model.BytesAccessOp b:
+                r.Signal = ToProto(b.Signal);
+                r.DoneBytes = (ulong)b.Done;
+                r.Values = ByteString.CopyFrom(b.Data.Span);
+                break;
+            case Model.ProcessVmOp pv:
+                r.Transferred = (long)pv.Transferred;
+                break;
         }
         return r;
     }

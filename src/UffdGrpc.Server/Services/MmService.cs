@@ -7,7 +7,7 @@ using Model = UffdGrpc.Mm;
 namespace UffdGrpc.Server.Services;
 
 /// <summary>Address spaces: the memory syscalls, files, and the /proc views.</summary>
-public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
+public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService.MmServiceBase
 {
     private const ulong PageSize = Model.Kernel.PageSize;
 
@@ -18,19 +18,23 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         return info;
     });
 
-    public override Task<MmInfo> CreateMm(CreateMmRequest request, ServerCallContext context)
+    public override Task<CreateMmResponse> CreateMm(CreateMmRequest request, ServerCallContext context)
     {
         var h = registry.Machine(request.MachineId);
         var id = h.Run(() => registry.IdOf(h, h.Kernel.CreateMm()));
-        return Task.FromResult(Info(registry.Mm(id)));
+        return Task.FromResult(new CreateMmResponse { Mm = Info(registry.Mm(id)) });
     }
+
+    public override Task<GetMmResponse> GetMm(GetMmRequest request, ServerCallContext context) =>
+        Task.FromResult(new GetMmResponse { Mm = Info(registry.Mm(request.MmId)) });
 
     public override Task<ListMmsResponse> ListMms(ListMmsRequest request, ServerCallContext context)
     {
         var h = registry.Machine(request.MachineId);
         var ids = h.Kernel.Locked(() => h.MmIds.Values.Order().ToList());
-        var r = new ListMmsResponse();
-        r.Mms.AddRange(ids.Select(id => Info(registry.Mm(id))));
+        var (page, next) = Paging.Take(ids, id => id, request.PageSize, request.PageToken);
+        var r = new ListMmsResponse { NextPageToken = next };
+        r.Mms.AddRange(page.Select(id => Info(registry.Mm(id))));
         return Task.FromResult(r);
     }
 
@@ -49,7 +53,7 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         if (file is not null && file.Host != e.Host)
             throw RequestErrors.Invalid("file_id", "the file belongs to another machine");
         var errno = e.Host.Run(() => e.Mm.Mmap(request.Addr, request.Len, prot, request.Shared, file?.File, request.Offset, request.ReadOnlyFd, request.Populate));
-        return Task.FromResult(ErrnoStatus.Check(errno, new MmapResponse { Addr = errno == Model.Errno.OK ? request.Addr : 0 }, "mmap"));
+        return Task.FromResult(new MmapResponse { Errno = ProtoMapping.ToProto(errno), Addr = errno == Model.Errno.OK ? request.Addr : 0 });
     }
 
     public override Task<MprotectResponse> Mprotect(MprotectRequest request, ServerCallContext context)
@@ -57,7 +61,7 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         var e = registry.Mm(request.MmId);
         var prot = ProtoMapping.ToProt(request.Prot);
         var errno = e.Host.Run(() => e.Mm.Mprotect(request.Start, request.Len, prot));
-        return Task.FromResult(ErrnoStatus.Check(errno, new MprotectResponse(), "mprotect"));
+        return Task.FromResult(new MprotectResponse { Errno = ProtoMapping.ToProto(errno) });
     }
 
     public override Task<ClearRefsResponse> ClearRefs(ClearRefsRequest request, ServerCallContext context)
@@ -65,7 +69,7 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         var e = registry.Mm(request.MmId);
         RequestErrors.Require(request.Value.Length <= 32, "value", "at most 32 characters");
         var errno = e.Host.Run(() => e.Mm.ClearRefs(request.Value));
-        return Task.FromResult(ErrnoStatus.Check(errno, new ClearRefsResponse(), "clear_refs"));
+        return Task.FromResult(new ClearRefsResponse { Errno = ProtoMapping.ToProto(errno) });
     }
 
     /// <summary>The thread a parking syscall runs on: the given one (of this process) or a fresh one.</summary>
@@ -79,67 +83,94 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         return t;
     }
 
-    private async Task<ThreadOpResult> RunSyscallAsync(MmEntry e, long threadId, Model.SyscallOp op, ServerCallContext context)
+    private async Task<ThreadOpResult> RunSyscallAsync(MmEntry e, long threadId, Func<ThreadEntry, Model.SyscallOp> make, ServerCallContext context)
     {
         var t = SyscallThread(e, threadId);
-        var entry = registry.Start(t, op, logged: false);
-        return await entry.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false);
-    }
-
-    private static SyscallResponse Done(ThreadOpResult r, string what)
-    {
+        var entry = registry.Start(t, make(t), logged: false);
+        var r = await entry.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false);
+        // The thread died before the call returned: the kernel has no return value to give.
         if (r.Aborted)
-            throw ErrnoStatus.ToException(Model.Errno.EINTR, null, what + " (the thread was killed)");
-        return ErrnoStatus.Check((Model.Errno)r.Errno.Number, new SyscallResponse { ThreadId = r.ThreadId }, what);
+            throw new RpcException(new Status(StatusCode.Aborted, $"thread {t.Id} was killed before the call returned"));
+        return r;
     }
 
-    public override async Task<SyscallResponse> Munmap(MunmapRequest request, ServerCallContext context)
+    public override async Task<MunmapResponse> Munmap(MunmapRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
-        return Done(await RunSyscallAsync(e, request.ThreadId, new Model.MunmapOp(request.Start, request.Len), context).ConfigureAwait(false), "munmap");
+        var r = await RunSyscallAsync(e, request.ThreadId, _ => new Model.MunmapOp(request.Start, request.Len), context).ConfigureAwait(false);
+        return new MunmapResponse { Errno = r.Errno, ThreadId = r.ThreadId };
     }
 
-    public override async Task<SyscallResponse> Mremap(MremapRequest request, ServerCallContext context)
+    public override async Task<MremapResponse> Mremap(MremapRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
-        return Done(await RunSyscallAsync(e, request.ThreadId, new Model.MremapOp(request.OldAddr, request.Len, request.NewAddr), context).ConfigureAwait(false), "mremap");
+        var r = await RunSyscallAsync(e, request.ThreadId, _ => new Model.MremapOp(request.OldAddr, request.Len, request.NewAddr), context).ConfigureAwait(false);
+        return new MremapResponse { Errno = r.Errno, ThreadId = r.ThreadId };
     }
 
-    public override async Task<SyscallResponse> Madvise(MadviseRequest request, ServerCallContext context)
+    public override async Task<MadviseResponse> Madvise(MadviseRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
-        var op = Model.MadviseOp.Create(request.Start, request.Len, ProtoMapping.ToAdvice(request.Advice));
-        return Done(await RunSyscallAsync(e, request.ThreadId, op, context).ConfigureAwait(false), "madvise");
+        var advice = ProtoMapping.ToAdvice(request.Advice);
+        var r = await RunSyscallAsync(e, request.ThreadId, _ => Model.MadviseOp.Create(request.Start, request.Len, advice), context).ConfigureAwait(false);
+        return new MadviseResponse { Errno = r.Errno, ThreadId = r.ThreadId };
     }
 
     public override async Task<ForkResponse> Fork(ForkRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
-        var r = await RunSyscallAsync(e, request.ThreadId, new Model.ForkOp(), context).ConfigureAwait(false);
-        if (r.Aborted)
-            throw ErrnoStatus.ToException(Model.Errno.EINTR, null, "fork (the thread was killed)");
-        return new ForkResponse { ChildMmId = r.ChildMmId, ChildThreadId = r.ChildThreadId, ChildTid = r.ChildTid };
+        var r = await RunSyscallAsync(e, request.ThreadId, _ => new Model.ForkOp(), context).ConfigureAwait(false);
+        return new ForkResponse { Errno = r.Errno, ThreadId = r.ThreadId, ChildMmId = r.ChildMmId, ChildThreadId = r.ChildThreadId, ChildTid = r.ChildTid };
     }
 
-    public override Task<Contracts.V1.FileInfo> CreateFile(CreateFileRequest request, ServerCallContext context)
+    public override async Task<ProcessVmReadvResponse> ProcessVmReadv(ProcessVmReadvRequest request, ServerCallContext context)
+    {
+        var e = registry.Mm(request.MmId);
+        var op = new ProcessVmOp { RemoteMmId = request.RemoteMmId, Write = false, Flags = request.Flags, LocalIov = { request.LocalIov }, RemoteIov = { request.RemoteIov } };
+        var r = await RunSyscallAsync(e, request.ThreadId, t => ProtoMapping.ToModel(op, registry, t), context).ConfigureAwait(false);
+        return new ProcessVmReadvResponse { Errno = r.Errno, Transferred = r.Transferred, ThreadId = r.ThreadId };
+    }
+
+    public override async Task<ProcessVmWritevResponse> ProcessVmWritev(ProcessVmWritevRequest request, ServerCallContext context)
+    {
+        var e = registry.Mm(request.MmId);
+        var op = new ProcessVmOp { RemoteMmId = request.RemoteMmId, Write = true, Flags = request.Flags, LocalIov = { request.LocalIov }, RemoteIov = { request.RemoteIov } };
+        var r = await RunSyscallAsync(e, request.ThreadId, t => ProtoMapping.ToModel(op, registry, t), context).ConfigureAwait(false);
+        return new ProcessVmWritevResponse { Errno = r.Errno, Transferred = r.Transferred, ThreadId = r.ThreadId };
+    }
+
+    public override Task<CreateFileResponse> CreateFile(CreateFileRequest request, ServerCallContext context)
     {
         var h = registry.Machine(request.MachineId);
         RequestErrors.Require(request.Name.Length <= 255, "name", "at most 255 characters (NAME_MAX)");
         RequestErrors.Require(request.Size <= (1UL << 40), "size", "at most 1 TiB");
         var id = h.Run(() => registry.IdOf(h, h.Kernel.CreateFile(request.Name, request.Shmem, request.Size)));
         var f = registry.File(id).File;
-        return Task.FromResult(new Contracts.V1.FileInfo { FileId = id, Name = f.Name, Shmem = f.IsShmem, Size = f.Size });
+        return Task.FromResult(new CreateFileResponse { File = new Contracts.V1.FileInfo { FileId = id, Name = f.Name, Shmem = f.IsShmem, Size = f.Size } });
     }
 
     public override Task<ListVmasResponse> ListVmas(ListVmasRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
         var r = new ListVmasResponse();
+        RequestErrors.Require(request.PageSize is >= 0 and <= Paging.MaxSize, "page_size", $"0 (the default, {Paging.DefaultSize}) to {Paging.MaxSize}");
+        ulong after = 0;
+        if (request.PageToken.Length > 0 && !ulong.TryParse(request.PageToken, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out after))
+            throw RequestErrors.Invalid("page_token", "not a token this list returned");
+        var size = request.PageSize == 0 ? Paging.DefaultSize : request.PageSize;
         e.Host.Kernel.Locked(() =>
         {
+            // VMAs are listed by address; the token is the end of the last one listed.
             foreach (var v in e.Mm.Vmas)
             {
-                var view = new VmaView
+                if (v.End <= after)
+                    continue;
+                if (r.Vmas.Count == size)
+                {
+                    r.NextPageToken = r.Vmas[^1].End.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                    break;
+                }
+                var view = new VmaInfo
                 {
                     Start = v.Start,
                     End = v.End,
@@ -253,8 +284,35 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.Mm.MmBase
         };
         RequestErrors.Require(request.VecLen <= ProtoMapping.MaxPagesPerRequest, "vec_len", $"at most {ProtoMapping.MaxPagesPerRequest} regions");
         var res = e.Host.Run(() => e.Mm.PagemapScan(arg));
-        var r = new PagemapScanResponse { WalkEnd = res.WalkEnd };
+        var r = new PagemapScanResponse { Errno = ProtoMapping.ToProto(res.Errno), WalkEnd = res.WalkEnd, Count = res.Errno == Model.Errno.OK ? res.Regions.Count : 0 };
         r.Regions.AddRange(res.Regions.Select(g => new Contracts.V1.PageRegion { Start = g.Start, End = g.End, Categories = g.Categories }));
-        return Task.FromResult(ErrnoStatus.Check(res.Errno, r, "PAGEMAP_SCAN"));
+        return Task.FromResult(r);
+    }
+
+    /// <summary>The most pages one Digest call covers.</summary>
+    public const uint MaxDigestPages = 65536;
+
+    public override Task<DigestResponse> Digest(DigestRequest request, ServerCallContext context)
+    {
+        var e = registry.Mm(request.MmId);
+        RequestErrors.Require(request.Start % PageSize == 0, "start", "page-aligned");
+        RequestErrors.Require(request.Pages <= MaxDigestPages, "pages", $"at most {MaxDigestPages}");
+        CheckRange(request.Start, (ulong)request.Pages * PageSize);
+        var n = (int)request.Pages;
+        var states = new Model.PageContentState[n];
+        var hashes = new byte[n * Model.Mm.DigestSize];
+        e.Host.Run(() => e.Mm.Digest(request.Start, (ulong)n, states, hashes));
+        var r = new DigestResponse();
+        for (var i = 0; i < n; i++)
+        {
+            var state = ProtoMapping.ToProto(states[i]);
+            var hasContents = state is PageState.Present or PageState.Swapped or PageState.NotPresent or PageState.PageCache;
+            r.Pages.Add(new PageDigest
+            {
+                State = state,
+                Sha256 = hasContents ? Google.Protobuf.ByteString.CopyFrom(hashes, i * Model.Mm.DigestSize, Model.Mm.DigestSize) : Google.Protobuf.ByteString.Empty,
+            });
+        }
+        return Task.FromResult(r);
     }
 }

@@ -6,7 +6,7 @@ using UffdGrpc.Server.Mapping;
 namespace UffdGrpc.Server.Services;
 
 /// <summary>Simulated threads: accesses and parked syscalls, waited for or started and observed.</summary>
-public sealed class ThreadsService(MachineRegistry registry) : Threads.ThreadsBase
+public sealed class ThreadService(MachineRegistry registry) : Contracts.V1.ThreadService.ThreadServiceBase
 {
     private ThreadInfo Info(ThreadEntry t) => t.Host.Kernel.Locked(() => new ThreadInfo
     {
@@ -18,33 +18,37 @@ public sealed class ThreadsService(MachineRegistry registry) : Threads.ThreadsBa
         BlockedOnUffdId = t.Thread.BlockedOn is { } ctx ? registry.IdOf(t.Host, ctx) : 0,
     });
 
-    public override Task<ThreadInfo> CreateThread(CreateThreadRequest request, ServerCallContext context)
+    public override Task<CreateThreadResponse> CreateThread(CreateThreadRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
-        if (e.Host.Kernel.Locked(() => e.Mm.Exited))
-            throw RequestErrors.Precondition("PROCESS_EXITED", $"process {e.Id} has exited");
-        var id = e.Host.Run(() => registry.IdOf(e.Host, e.Host.Kernel.CreateThread(e.Mm)));
-        return Task.FromResult(Info(registry.Thread(id)));
+        var id = e.Host.Run(() =>
+        {
+            if (e.Mm.Exited)
+                throw RequestErrors.Precondition("PROCESS_EXITED", $"process {e.Id} has exited");
+            return registry.IdOf(e.Host, e.Host.Kernel.CreateThread(e.Mm));
+        });
+        return Task.FromResult(new CreateThreadResponse { Thread = Info(registry.Thread(id)) });
     }
 
-    public override Task<ThreadInfo> GetThread(ThreadRef request, ServerCallContext context) =>
-        Task.FromResult(Info(registry.Thread(request.ThreadId)));
+    public override Task<GetThreadResponse> GetThread(GetThreadRequest request, ServerCallContext context) =>
+        Task.FromResult(new GetThreadResponse { Thread = Info(registry.Thread(request.ThreadId)) });
 
     public override Task<ListThreadsResponse> ListThreads(ListThreadsRequest request, ServerCallContext context)
     {
         var e = registry.Mm(request.MmId);
         var ids = e.Host.Kernel.Locked(() => e.Host.ThreadIds.Where(p => p.Key.Mm == e.Mm).Select(p => p.Value).Order().ToList());
-        var r = new ListThreadsResponse();
-        r.Threads.AddRange(ids.Select(id => Info(registry.Thread(id))));
+        var (page, next) = Paging.Take(ids, id => id, request.PageSize, request.PageToken);
+        var r = new ListThreadsResponse { NextPageToken = next };
+        r.Threads.AddRange(page.Select(id => Info(registry.Thread(id))));
         return Task.FromResult(r);
     }
 
-    public override async Task<ThreadOpResult> Access(AccessRequest request, ServerCallContext context)
+    public override async Task<AccessResponse> Access(AccessRequest request, ServerCallContext context)
     {
         var t = registry.Thread(request.ThreadId);
         var op = ProtoMapping.ToModel(request.Access);
         var entry = registry.Start(t, op, logged: false);
-        return await entry.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false);
+        return new AccessResponse { Result = await entry.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false) };
     }
 
     public override Task<StartOpResponse> StartOp(StartOpRequest request, ServerCallContext context)
@@ -52,17 +56,17 @@ public sealed class ThreadsService(MachineRegistry registry) : Threads.ThreadsBa
         var t = registry.Thread(request.ThreadId);
         if (request.Op is null)
             throw RequestErrors.Invalid("op", "required");
-        var op = ProtoMapping.ToModel(request.Op);
+        var op = ProtoMapping.ToModel(request.Op, registry, t);
         var entry = registry.Start(t, op, logged: true);
         return Task.FromResult(new StartOpResponse { OpId = entry.Id, State = Info(t).State });
     }
 
-    public override async Task<ThreadOpResult> WaitOp(WaitOpRequest request, ServerCallContext context)
+    public override async Task<WaitOpResponse> WaitOp(WaitOpRequest request, ServerCallContext context)
     {
         var op = registry.Get<OpEntry>(request.OpId, "op_id");
         var r = await op.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false);
         registry.Forget(op);
-        return r;
+        return new WaitOpResponse { Result = r };
     }
 
     public override Task<TakeCompletionsResponse> TakeCompletions(TakeCompletionsRequest request, ServerCallContext context)

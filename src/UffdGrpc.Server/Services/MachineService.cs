@@ -6,8 +6,8 @@ using Model = UffdGrpc.Mm;
 
 namespace UffdGrpc.Server.Services;
 
-/// <summary>Machines: create (profile + settings), configure, list, destroy, kpageflags.</summary>
-public sealed class MachinesService(MachineRegistry registry, ILogger<MachinesService> logger) : Machines.MachinesBase
+/// <summary>MachineService: create (profile + settings), configure, list, destroy, kpageflags.</summary>
+public sealed class MachineService(MachineRegistry registry, ILogger<MachineService> logger) : Contracts.V1.MachineService.MachineServiceBase
 {
     internal static MachineInfo Info(MachineHost h) => h.Kernel.Locked(() =>
     {
@@ -24,6 +24,7 @@ public sealed class MachinesService(MachineRegistry registry, ILogger<MachinesSe
             PagemapScan = k.IsV6,
             MaxCopyBytes = k.Config.MaxCopyBytes,
             LiveFrames = k.LiveFrames,
+            Broken = h.Broken ?? "",
         };
         info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
         return info;
@@ -37,36 +38,37 @@ public sealed class MachinesService(MachineRegistry registry, ILogger<MachinesSe
         Thp = ProtoMapping.ToModel(s.Thp, c.Thp),
     };
 
-    public override Task<MachineInfo> CreateMachine(CreateMachineRequest request, ServerCallContext context)
+    public override Task<CreateMachineResponse> CreateMachine(CreateMachineRequest request, ServerCallContext context)
     {
         var profile = ProtoMapping.ToModel(request.Profile);
         var config = Apply(new Model.MachineConfig(), request.Settings);
         var h = registry.CreateMachine(profile, config);
         Log.MachineCreated(logger, h.Id, profile);
-        return Task.FromResult(Info(h));
+        return Task.FromResult(new CreateMachineResponse { Machine = Info(h) });
     }
 
-    public override Task<MachineInfo> GetMachine(MachineRef request, ServerCallContext context) =>
-        Task.FromResult(Info(registry.Machine(request.MachineId)));
+    public override Task<GetMachineResponse> GetMachine(GetMachineRequest request, ServerCallContext context) =>
+        Task.FromResult(new GetMachineResponse { Machine = Info(registry.MachineEvenIfBroken(request.MachineId)) });
 
     public override Task<ListMachinesResponse> ListMachines(ListMachinesRequest request, ServerCallContext context)
     {
-        var r = new ListMachinesResponse();
-        r.Machines.AddRange(registry.Machines.Select(Info));
+        var (page, next) = Paging.Take(registry.Machines, m => m.Id, request.PageSize, request.PageToken);
+        var r = new ListMachinesResponse { NextPageToken = next };
+        r.Machines.AddRange(page.Select(Info));
         return Task.FromResult(r);
     }
 
-    public override Task<MachineInfo> ConfigureMachine(ConfigureMachineRequest request, ServerCallContext context)
+    public override Task<ConfigureMachineResponse> ConfigureMachine(ConfigureMachineRequest request, ServerCallContext context)
     {
         var h = registry.Machine(request.MachineId);
         _ = ProtoMapping.ToModel(request.Settings?.Thp ?? ThpMode.Unspecified, Model.ThpMode.Madvise);
         h.Run(() => h.Kernel.Configure(c => Apply(c, request.Settings)));
-        return Task.FromResult(Info(h));
+        return Task.FromResult(new ConfigureMachineResponse { Machine = Info(h) });
     }
 
-    public override Task<DestroyMachineResponse> DestroyMachine(MachineRef request, ServerCallContext context)
+    public override Task<DestroyMachineResponse> DestroyMachine(DestroyMachineRequest request, ServerCallContext context)
     {
-        var h = registry.Machine(request.MachineId);
+        var h = registry.MachineEvenIfBroken(request.MachineId);
         registry.Destroy(h);
         Log.MachineDestroyed(logger, h.Id);
         return Task.FromResult(new DestroyMachineResponse());

@@ -1,0 +1,60 @@
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+
+namespace UffdGrpc.Server.Hosting;
+
+/// <summary>
+/// The last line of defence: an exception that is not a status (a bug in the server or the
+/// model) becomes INTERNAL with a log line, never an UNKNOWN with a stack trace, and the
+/// server keeps serving. Cancellations pass through (the call's status is already set).
+/// </summary>
+public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorInterceptor> logger) : Interceptor
+{
+    [LoggerMessage(EventId = 20, EventName = "InternalError", Level = LogLevel.Error, Message = "{Method} failed with an internal error")]
+    private static partial void InternalError(ILogger logger, string method, Exception exception);
+
+    private RpcException Internal(ServerCallContext context, Exception ex)
+    {
+        InternalError(logger, context.Method, ex);
+        return new RpcException(new Status(StatusCode.Internal, $"internal error: {ex.GetType().Name}: {ex.Message}"));
+    }
+
+    private static bool IsBug(Exception ex, ServerCallContext context) =>
+        ex is not RpcException && !(ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested);
+
+    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        try
+        {
+            return await continuation(request, context).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (IsBug(ex, context))
+        {
+            throw Internal(context, ex);
+        }
+    }
+
+    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        try
+        {
+            await continuation(request, responseStream, context).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (IsBug(ex, context))
+        {
+            throw Internal(context, ex);
+        }
+    }
+
+    public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        try
+        {
+            await continuation(requestStream, responseStream, context).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (IsBug(ex, context))
+        {
+            throw Internal(context, ex);
+        }
+    }
+}

@@ -1,0 +1,192 @@
+using Grpc.Core;
+using UffdGrpc.Contracts.V1;
+using UffdGrpc.Server.Hosting;
+using UffdGrpc.Server.Mapping;
+
+namespace UffdGrpc.Server.Services;
+
+/// <summary>The handler streams: ReadEvents (messages out) and Serve (messages out, resolutions in).</summary>
+public sealed partial class UserfaultfdService
+{
+    private const int DefaultBatch = 64;
+    private const int MaxBatch = 1024;
+
+    /// <summary>
+    /// Reads up to <paramref name="max"/> messages under the machine lock (they leave the
+    /// queue now: a read FORK installs the child uffd, a read event completes and its syscall
+    /// resumes), or returns the wait-queue task to sleep on when none is queued. Null wait
+    /// and no message: the uffd is gone and the stream ends.
+    /// </summary>
+    private (List<UffdMsg>? Msgs, Task? Wait) ReadBatch(UffdEntry u, int max) => u.Host.Run(() =>
+    {
+        if (u.Ctx.Released)
+            return (null, (Task?)null);
+        List<UffdMsg>? msgs = null;
+        while (msgs is null || msgs.Count < max)
+        {
+            var errno = u.Ctx.Read(out var m);
+            if (m is null)
+            {
+                if (errno != Mm.Errno.EAGAIN)
+                    throw RequestErrors.Precondition("UFFD_NOT_READY", $"uffd {u.Id}: read gives {errno} (UFFDIO_API first)");
+                break;
+            }
+            (msgs ??= []).Add(UffdIoctls.ToProto(registry, u, m));
+        }
+        return (msgs, msgs is null ? u.WaitTask() : null);
+    });
+
+    public override async Task ReadEvents(ReadEventsRequest request, IServerStreamWriter<ReadEventsResponse> responseStream, ServerCallContext context)
+    {
+        var u = registry.Uffd(request.UffdId);
+        var ct = context.CancellationToken;
+        long sent = 0;
+        // Headers first: the handler knows its stream is open before any message, and a
+        // deadline or cancellation then ends the call with a status rather than a reset.
+        await context.WriteResponseHeadersAsync([]).ConfigureAwait(false);
+        u.AddReader();
+        Log.EventStreamOpened(logger, u.Id);
+        try
+        {
+            while (true)
+            {
+                var (msgs, wait) = ReadBatch(u, 1);
+                if (msgs is not null)
+                {
+                    var msg = msgs[0];
+                    try
+                    {
+                        await responseStream.WriteAsync(new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
+                    }
+                    catch (Exception) when (ct.IsCancellationRequested)
+                    {
+                        Log.MessageLostWithStream(logger, u.Id, msg.Event.ToString());
+                        throw;
+                    }
+                    sent++;
+                    continue;
+                }
+                if (wait is null)
+                    return;
+                await wait.WaitAsync(ct).ConfigureAwait(false);
+                if (registry.Unusable(u.Host) is { } status)
+                    throw status;
+            }
+        }
+        finally
+        {
+            u.RemoveReader();
+            Log.EventStreamClosed(logger, u.Id, sent);
+        }
+    }
+
+    /// <summary>
+    /// The batched handler stream. One loop reads messages for this stream (as ReadEvents
+    /// does, many per response); the request loop runs each request's resolutions in order
+    /// under one machine lock and answers them in one response. Responses are written one at
+    /// a time (the stream writer is not concurrent).
+    /// </summary>
+    public override async Task Serve(IAsyncStreamReader<ServeRequest> requestStream, IServerStreamWriter<ServeResponse> responseStream, ServerCallContext context)
+    {
+        var ct = context.CancellationToken;
+        if (!await requestStream.MoveNext(ct).ConfigureAwait(false))
+            return;
+        var first = requestStream.Current;
+        var u = registry.Uffd(first.UffdId);
+        RequestErrors.Require(first.MaxMessages <= MaxBatch, "max_messages", $"0 (the default, {DefaultBatch}) to {MaxBatch}");
+        var max = first.MaxMessages == 0 ? DefaultBatch : (int)first.MaxMessages;
+        using var writeGate = new SemaphoreSlim(1, 1);
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+
+        async Task WriteAsync(ServeResponse r)
+        {
+            await writeGate.WaitAsync(ct).ConfigureAwait(false);
+            try
+            {
+                await responseStream.WriteAsync(r, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                writeGate.Release();
+            }
+        }
+
+        async Task ResolveAsync(ServeRequest req)
+        {
+            if (req.UffdId != 0 && req.UffdId != u.Id)
+                throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
+            if (req.Resolutions.Count == 0)
+                return;
+            var prepared = new UffdIoctls.Prepared[req.Resolutions.Count];
+            for (var i = 0; i < prepared.Length; i++)
+                prepared[i] = UffdIoctls.Prepare(registry, u, req.Resolutions[i], i);
+            var response = new ServeResponse();
+            u.Host.Run(() =>
+            {
+                foreach (var p in prepared)
+                    response.Results.Add(UffdIoctls.Run(p));
+            });
+            await WriteAsync(response).ConfigureAwait(false);
+        }
+
+        async Task ReadLoopAsync()
+        {
+            var token = stop.Token;
+            while (!token.IsCancellationRequested)
+            {
+                var (msgs, wait) = ReadBatch(u, max);
+                if (msgs is not null)
+                {
+                    var r = new ServeResponse();
+                    r.Messages.AddRange(msgs);
+                    await WriteAsync(r).ConfigureAwait(false);
+                    continue;
+                }
+                if (wait is null)
+                    return;
+                await wait.WaitAsync(token).ConfigureAwait(false);
+                if (registry.Unusable(u.Host) is { } status)
+                    throw status;
+            }
+        }
+
+        u.AddReader();
+        Log.EventStreamOpened(logger, u.Id);
+        var reader = ReadLoopAsync();
+        try
+        {
+            await ResolveAsync(first).ConfigureAwait(false);
+            while (true)
+            {
+                var next = requestStream.MoveNext(ct);
+                // The stream ends when the client half-closes, or when the reader stops (the
+                // uffd was closed, the machine destroyed, the server is stopping).
+                var done = await Task.WhenAny(next, reader).ConfigureAwait(false);
+                if (done == reader)
+                {
+                    await reader.ConfigureAwait(false);
+                    return;
+                }
+                if (!await next.ConfigureAwait(false))
+                    break;
+                await ResolveAsync(requestStream.Current).ConfigureAwait(false);
+            }
+            // Half-closed: keep delivering messages until the uffd closes or the call ends.
+            await reader.ConfigureAwait(false);
+        }
+        finally
+        {
+            await stop.CancelAsync().ConfigureAwait(false);
+            try
+            {
+                await reader.ConfigureAwait(false);
+            }
+            catch (Exception) when (stop.IsCancellationRequested)
+            {
+                // The reader ended with the call.
+            }
+            u.RemoveReader();
+            Log.EventStreamClosed(logger, u.Id, 0);
+        }
+    }
+}

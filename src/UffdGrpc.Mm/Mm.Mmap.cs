@@ -19,8 +19,9 @@ public sealed partial class Mm
             return Errno.ENOMEM;
         if (len == 0 || addr % Kernel.PageSize != 0 || offset % Kernel.PageSize != 0)
             return Errno.EINVAL;
+        // do_mmap: PAGE_ALIGN of a length within a page of 2^64 wraps to 0: ENOMEM.
         len = PageAlign(len);
-        if (addr + len < addr || addr + len > Kernel.TaskSize)
+        if (len == 0 || addr + len < addr || addr + len > Kernel.TaskSize)
             return Errno.ENOMEM;
         if (VmasIn(addr, addr + len).Count > 0)
             return Errno.EEXIST;
@@ -69,11 +70,13 @@ public sealed partial class Mm
     /// </summary>
     internal Errno DoMunmap(ulong start, ulong len, List<(UserfaultfdCtx Ctx, ulong Start, ulong End)>? unmapEvents)
     {
-        if (start % Kernel.PageSize != 0 || len == 0 || start >= Kernel.TaskSize)
+        // do_vmi_munmap: the unaligned length is checked against TASK_SIZE first, then an
+        // empty range (len 0) is EINVAL.
+        if (start % Kernel.PageSize != 0 || start > Kernel.TaskSize || len > Kernel.TaskSize - start)
             return Errno.EINVAL;
         len = PageAlign(len);
         var end = start + len;
-        if (end < start || len > Kernel.TaskSize - start)
+        if (end == start)
             return Errno.EINVAL;
         var vmas = VmasIn(start, end);
         if (vmas.Count == 0)

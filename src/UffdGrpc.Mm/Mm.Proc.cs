@@ -132,6 +132,10 @@ public sealed partial class Mm
                     continue;
                 }
                 var table = st.PteTable;
+                // No PTE table: nothing resident or swapped here, unless a shmem file's
+                // swapped pages count under the hole (the work is bounded by what exists).
+                if (table is null && !countShmemUnderHoles)
+                    continue;
                 for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
                 {
                     var pte = table?.Entries[PageTable.PteIndex(a)] ?? Pte.None;

@@ -15,7 +15,7 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
     public AccessOrigin Origin { get; } = origin;
     /// <summary>Pages completed so far.</summary>
     public int Done { get; private set; }
-    /// <summary>Bytes read, one per page.</summary>
+    /// <summary>The byte read (or, for a write, written) on each completed page.</summary>
     public byte[] Values { get; } = new byte[count];
     /// <summary>The signal that ended a user access, or None.</summary>
     public SigCode Signal { get; private set; }
@@ -29,7 +29,7 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
             switch (r)
             {
                 case FaultResult.Ok:
-                    Values[Done++] = v;
+                    Values[Done++] = Write ? Value : v;
                     continue;
                 case FaultResult.Blocked:
                     return false;

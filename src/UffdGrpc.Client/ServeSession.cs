@@ -70,6 +70,11 @@ public sealed class ServeSession : IAsyncDisposable
             await _call.RequestStream.WriteAsync(req, ct).ConfigureAwait(false);
             return await _results.Reader.ReadAsync(ct).ConfigureAwait(false);
         }
+        catch (ChannelClosedException ex) when (ex.InnerException is RpcException rpc)
+        {
+            // The call ended (a malformed batch, the uffd closed): its status is the answer.
+            throw rpc;
+        }
         finally
         {
             _resolveGate.Release();

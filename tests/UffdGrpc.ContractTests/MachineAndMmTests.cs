@@ -1,6 +1,6 @@
 namespace UffdGrpc.ContractTests;
 
-/// <summary>The Machines and Mm services over a real HTTP/2 channel.</summary>
+/// <summary>MachineService and MmService over a real HTTP/2 channel.</summary>
 public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
 {
     [Fact]
@@ -10,7 +10,7 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var c = fx.NewClient();
 
         // Act
-        var m = await c.Machines.CreateMachineAsync(new CreateMachineRequest { Profile = KernelProfile.V57, Settings = new MachineSettings { Swap = true } });
+        var m = (await c.Machines.CreateMachineAsync(new CreateMachineRequest { Profile = KernelProfile.V57, Settings = new MachineSettings { Swap = true } })).Machine;
         var configured = await c.ConfigureMachineAsync(m.MachineId, swap: null, softDirty: true);
         var listed = await c.Machines.ListMachinesAsync(new ListMachinesRequest());
         var got = await c.GetMachineAsync(m.MachineId);
@@ -46,7 +46,7 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var other = await c.CreateMmAsync(s.Machine);
 
         var list = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine });
-        await c.DestroyMmAsync(other, kill: true);
+        await c.DestroyMmAsync(other);
         var after = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine });
         var machine = await c.GetMachineAsync(s.Machine);
 
@@ -67,15 +67,15 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var c = fx.NewClient();
         await using var s = await CreateAsync(c, pages: 3);
 
-        Assert.Equal(Errno.OK, await c.MprotectAsync(s.Mm, A + Page, Page, 1));
+        Assert.Equal(Errno.Unspecified, await c.MprotectAsync(s.Mm, A + Page, Page, 1));
         var vmas = await c.ListVmasAsync(s.Mm);
         var overlap = await c.MmapAsync(s.Mm, A + 1, Page, 3);
         var badProt = await c.MprotectAsync(s.Mm, A + 1, Page, 1);
 
         Assert.Equal(["rw-p", "r--p", "rw-p"], vmas.Select(v => v.Perms));
         Assert.Equal([A, A + Page, A + (2 * Page)], vmas.Select(v => v.Start));
-        Assert.Equal(Errno.EINVAL, overlap);
-        Assert.Equal(Errno.EINVAL, badProt);
+        Assert.Equal(Errno.Einval, overlap);
+        Assert.Equal(Errno.Einval, badProt);
         var w = await c.WriteAsync(s.Thread, A + Page, 0x11);
         Assert.Equal(SignalCode.SegvAccerr, w.Signal);
     }
@@ -97,14 +97,14 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var badClear = await c.ClearRefsAsync(s.Mm, "9");
         var badAdvice = await Assert.ThrowsAsync<RpcException>(() => c.MadviseAsync(s.Mm, A, Page, 999));
 
-        Assert.Equal(Errno.OK, dontneed);
+        Assert.Equal(Errno.Unspecified, dontneed);
         Assert.Equal([0x00, 0x11], zeroAgain.Values.ToByteArray());
-        Assert.Equal(Errno.OK, remap);
+        Assert.Equal(Errno.Unspecified, remap);
         Assert.Equal(0x11, moved.Values[0]);
-        Assert.Equal(Errno.OK, unmap);
+        Assert.Equal(Errno.Unspecified, unmap);
         Assert.Equal(SignalCode.SegvMaperr, gone.Signal);
-        Assert.Equal(Errno.OK, clear);
-        Assert.Equal(Errno.EINVAL, badClear);
+        Assert.Equal(Errno.Unspecified, clear);
+        Assert.Equal(Errno.Einval, badClear);
         Assert.Equal(StatusCode.InvalidArgument, badAdvice.StatusCode);
     }
 
@@ -115,14 +115,15 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         await using var s = await CreateAsync(c, pages: 1);
         await c.WriteAsync(s.Thread, A, 0x11);
 
-        var (e, fork) = await c.ForkAsync(s.Mm, s.Thread);
-        var shared = (await c.PagemapAsync(s.Mm, A, 1))[0].Pfn == (await c.PagemapAsync(fork!.ChildMmId, A, 1))[0].Pfn;
+        var fork = await c.ForkAsync(s.Mm, s.Thread);
+        var shared = (await c.PagemapAsync(s.Mm, A, 1))[0].Pfn == (await c.PagemapAsync(fork.ChildMmId, A, 1))[0].Pfn;
         await c.WriteAsync(fork.ChildThreadId, A, 0x22);
         var parent = await c.ReadAsync(s.Thread, A);
         var child = await c.ReadAsync(fork.ChildThreadId, A);
         var childThread = await c.GetThreadAsync(fork.ChildThreadId);
 
-        Assert.Equal(Errno.OK, e);
+        Assert.Equal(Errno.Unspecified, fork.Errno);
+        Assert.Equal(s.Thread, fork.ThreadId);
         Assert.True(shared);
         Assert.Equal(0x11, parent.Values[0]);
         Assert.Equal(0x22, child.Values[0]);
@@ -138,8 +139,8 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         await using var s = await CreateAsync(c);
         var f = await c.CreateFileAsync(s.Machine, "guest-ram", shmem: true, size: 2 * Page);
 
-        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, A, 2 * Page, 3, shared: true, fileId: f.FileId));
-        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, B, 2 * Page, 3, shared: true, fileId: f.FileId));
+        Assert.Equal(Errno.Unspecified, await c.MmapAsync(s.Mm, A, 2 * Page, 3, shared: true, fileId: f.FileId));
+        Assert.Equal(Errno.Unspecified, await c.MmapAsync(s.Mm, B, 2 * Page, 3, shared: true, fileId: f.FileId));
         await c.WriteAsync(s.Thread, A + Page, 0x5a);
         var viaB = await c.ReadAsync(s.Thread, B + Page);
         var vmas = await c.ListVmasAsync(s.Mm);
@@ -162,7 +163,7 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         await c.ReadAsync(s.Thread, A + Page);
 
         var before = await c.DumpPageTableAsync(s.Mm, A, 2 * Page);
-        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
         var after = await c.DumpPageTableAsync(s.Mm, A, 2 * Page);
         var pm = await c.PagemapAsync(s.Mm, A, 2);
         var kf = await c.KpageflagsAsync(s.Machine, pm.Select(p => p.Pfn));
@@ -191,14 +192,38 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         await c.WriteAsync(s.Thread, A + Page, 0x11, count: 2);
         const ulong present = 1 << 3;
 
-        var (ok, r) = await c.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Start = A, End = A + (4 * Page), VecLen = 8, CategoryMask = present, ReturnMask = present });
-        var (bad, partial) = await c.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Flags = 0x100, Start = A, End = A + (4 * Page), VecLen = 8 });
+        var r = await OkAsync(c.Mm.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Start = A, End = A + (4 * Page), VecLen = 8, CategoryMask = present, ReturnMask = present }));
+        var bad = await OkAsync(c.Mm.PagemapScanAsync(new PagemapScanRequest { MmId = s.Mm, Flags = 0x100, Start = A, End = A + (4 * Page), VecLen = 8 }));
 
-        Assert.Equal(Errno.OK, ok);
-        var region = Assert.Single(r!.Regions);
+        Assert.Equal((Errno.Unspecified, 1L), (r.Errno, r.Count));
+        var region = Assert.Single(r.Regions);
         Assert.Equal((A + Page, A + (3 * Page), present), (region.Start, region.End, region.Categories));
         Assert.Equal(A + (4 * Page), r.WalkEnd);
-        Assert.Equal(Errno.EINVAL, bad);
-        Assert.NotNull(partial);
+        // A rejected argument: the ioctl fails before the walk, so no region and no walk_end.
+        Assert.Equal((Errno.Einval, 0L, 0UL), (bad.Errno, bad.Count, bad.WalkEnd));
+        Assert.Empty(bad.Regions);
+    }
+
+    [Fact]
+    public async Task Lists_paginate_in_id_order_and_a_bad_page_token_is_rejected()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c);
+        var extra = new List<long> { s.Thread };
+        for (var i = 0; i < 4; i++)
+            extra.Add((await s.NewThreadAsync()).ThreadId);
+
+        var first = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm, PageSize = 2 });
+        var second = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm, PageSize = 2, PageToken = first.NextPageToken });
+        var last = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm, PageSize = 2, PageToken = second.NextPageToken });
+        var badToken = await Assert.ThrowsAsync<RpcException>(() => c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm, PageToken = "nope" }).ResponseAsync);
+        var badSize = await Assert.ThrowsAsync<RpcException>(() => c.Machines.ListMachinesAsync(new ListMachinesRequest { PageSize = 1001 }).ResponseAsync);
+
+        Assert.Equal(extra, first.Threads.Concat(second.Threads).Concat(last.Threads).Select(t => t.ThreadId));
+        Assert.Equal((2, 2, 1), (first.Threads.Count, second.Threads.Count, last.Threads.Count));
+        Assert.NotEmpty(first.NextPageToken);
+        Assert.Empty(last.NextPageToken);
+        Assert.Equal((StatusCode.InvalidArgument, "page_token"), (badToken.StatusCode, BadFieldOf(badToken)));
+        Assert.Equal((StatusCode.InvalidArgument, "page_size"), (badSize.StatusCode, BadFieldOf(badSize)));
     }
 }

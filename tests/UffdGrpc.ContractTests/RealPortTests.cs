@@ -27,7 +27,7 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
         using var c = new UffdClient(channel);
         await using var s = await CreateAsync(c, pages: 1, registerMode: 2);
         await c.WriteAsync(s.Thread, A, 0x11);
-        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
         using var stop = new CancellationTokenSource();
         var seen = new List<UffdMsg>();
         var handler = new FaultHandlerLoop(new UffdClient(channel), s.Uffd) { OnMessage = seen.Add };
@@ -40,7 +40,7 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
 
         // Assert
         Assert.StartsWith("http://127.0.0.1:", fx.Server.Address, StringComparison.Ordinal);
-        Assert.Equal("ok", r.Errno.Name);
+        Assert.Equal("ok", r.Errno.Name());
         Assert.True(Assert.Single(seen).Pagefault is { Wp: true, Write: true });
         Assert.Equal(0x22, (await c.ReadAsync(s.Thread, A)).Values[0]);
     }
@@ -52,7 +52,7 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
         using var c = new UffdClient(channel);
         await using var s = await CreateAsync(c, pages: 1, registerMode: 1);
 
-        using var timed = c.Uffd.ReadEvents(new UffdRef { UffdId = s.Uffd }, deadline: DateTime.UtcNow.AddMilliseconds(300));
+        using var timed = c.Uffd.ReadEvents(new ReadEventsRequest { UffdId = s.Uffd }, deadline: DateTime.UtcNow.AddMilliseconds(300));
         var de = await Assert.ThrowsAsync<Grpc.Core.RpcException>(() => timed.ResponseStream.MoveNext(CancellationToken.None));
         await EventuallyAsync(async () => (await c.PollAsync(s.Uffd)).Readers == 0, "the server ended the stream");
 
@@ -80,26 +80,31 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
         await call.RequestStream.WriteAsync(new ServerReflectionRequest { ListServices = "" });
         Assert.True(await call.ResponseStream.MoveNext(CancellationToken.None));
         var services = call.ResponseStream.Current.ListServicesResponse.Service.Select(x => x.Name).ToList();
-        await call.RequestStream.WriteAsync(new ServerReflectionRequest { FileContainingSymbol = "uffd.v1.Userfaultfd" });
+        await call.RequestStream.WriteAsync(new ServerReflectionRequest { FileContainingSymbol = "uffd.v1.UserfaultfdService" });
         Assert.True(await call.ResponseStream.MoveNext(CancellationToken.None));
         var files = call.ResponseStream.Current.FileDescriptorResponse.FileDescriptorProto
             .Select(b => Google.Protobuf.Reflection.FileDescriptorProto.Parser.ParseFrom(b)).ToList();
         await call.RequestStream.CompleteAsync();
 
-        Assert.Contains("uffd.v1.Machines", services);
-        Assert.Contains("uffd.v1.Mm", services);
-        Assert.Contains("uffd.v1.Threads", services);
-        Assert.Contains("uffd.v1.Userfaultfd", services);
+        Assert.Contains("uffd.v1.MachineService", services);
+        Assert.Contains("uffd.v1.MmService", services);
+        Assert.Contains("uffd.v1.ThreadService", services);
+        Assert.Contains("uffd.v1.UserfaultfdService", services);
         Assert.Contains("grpc.health.v1.Health", services);
         var uffd = files.Single(f => f.Name == "uffd/v1/userfaultfd.proto");
-        Assert.Contains(uffd.Service.Single().Method, m => m.Name == "ReadEvents" && m.ServerStreaming);
-        Assert.Contains(uffd.MessageType, m => m.Name == "UffdioCopyResponse" && m.Field.Single().TypeName == ".google.protobuf.Int64Value");
+        Assert.Equal("UserfaultfdService", uffd.Service.Single().Name);
+        Assert.Contains(uffd.Service.Single().Method, m => m.Name == "ReadEvents" && m.ServerStreaming && !m.ClientStreaming);
+        Assert.Contains(uffd.Service.Single().Method, m => m.Name == "Serve" && m.ServerStreaming && m.ClientStreaming);
+        var copy = uffd.MessageType.Single(m => m.Name == "UffdioCopyResponse");
+        Assert.Equal(".uffd.v1.Errno", copy.Field.Single(f => f.Name == "errno").TypeName);
+        Assert.Equal(".google.protobuf.Int64Value", copy.Field.Single(f => f.Name == "copy").TypeName);
     }
 
     /// <summary>
     /// Any-language use: Debian's python3-grpcio with stubs generated from protos/ by
     /// python3-grpc-tools drives the whole story (health, map, register WP, write-protect, a
-    /// blocked write, the fault read from the stream, the resolution, the write completing).
+    /// blocked write, the fault read from the stream, the resolution, the write completing),
+    /// then sees a failed ioctl answer OK with its errno in-band and an unknown id as NOT_FOUND.
     /// </summary>
     [Fact]
     public async Task A_python_client_generated_from_protos_serves_a_fault()
@@ -126,6 +131,8 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
             Assert.Contains("event: pagefault WRITE|WP", text, StringComparison.Ordinal);
             Assert.Contains("write blocked while the fault is unresolved: True", text, StringComparison.Ordinal);
             Assert.Contains("write completed: ok, value 0x22", text, StringComparison.Ordinal);
+            Assert.Contains("second UFFDIO_API: status OK, errno EINVAL", text, StringComparison.Ordinal);
+            Assert.Contains("unknown uffd: NOT_FOUND", text, StringComparison.Ordinal);
         }
         finally
         {

@@ -1,6 +1,6 @@
 namespace UffdGrpc.ContractTests;
 
-/// <summary>The Threads service: accesses that block in a userfault, started operations, thread states.</summary>
+/// <summary>The ThreadService: accesses that block in a userfault, started operations, thread states.</summary>
 public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
 {
     [Fact]
@@ -15,11 +15,11 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         var efault = await c.ReadAsync(s.Thread, B, kernel: true);
         var threads = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm });
 
-        Assert.Equal(("ok", SignalCode.None, 2u), (w.Errno.Name, w.Signal, w.Done));
+        Assert.Equal(("ok", SignalCode.Unspecified, 2u), (w.Errno.Name(), w.Signal, w.Done));
         Assert.Equal([0x42, 0x42], r.Values.ToByteArray());
         Assert.Equal((SignalCode.SegvMaperr, 1u), (segv.Signal, segv.Done));
-        Assert.Equal(("EFAULT", 14), (efault.Errno.Name, efault.Errno.Number));
-        Assert.Equal(SignalCode.None, efault.Signal);
+        Assert.Equal(("EFAULT", 14), (efault.Errno.Name(), (int)efault.Errno));
+        Assert.Equal(SignalCode.Unspecified, efault.Signal);
         var t = Assert.Single(threads.Threads);
         Assert.Equal((s.Thread, s.Tid, ThreadState.Idle, 0L), (t.ThreadId, t.Tid, t.State, t.OpId));
     }
@@ -31,21 +31,21 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         var c = fx.NewClient();
         await using var s = await CreateAsync(c, pages: 1, registerMode: 2);
         await c.WriteAsync(s.Thread, A, 0x11);
-        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
 
         // Act
         var write = c.WriteAsync(s.Thread, A, 0x22);
         await EventuallyAsync(async () => (await c.GetThreadAsync(s.Thread)).State == ThreadState.BlockedInUserfault, "the writer sleeps in the userfault");
         var blocked = await c.GetThreadAsync(s.Thread);
         var stillPending = !write.IsCompleted;
-        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, Page, 0));
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 0));
         var done = await write;
 
         // Assert
         Assert.True(stillPending);
         Assert.Equal(s.Uffd, blocked.BlockedOnUffdId);
         Assert.NotEqual(0, blocked.OpId);
-        Assert.Equal("ok", done.Errno.Name);
+        Assert.Equal("ok", done.Errno.Name());
         Assert.Equal(0x22, (await c.ReadAsync(s.Thread, A)).Values[0]);
     }
 
@@ -56,8 +56,8 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         await using var s = await CreateAsync(c, pages: 2, registerMode: 1);
         var t2 = await s.NewThreadAsync();
 
-        var op1 = await c.StartOpAsync(s.Thread, new ThreadOp { Access = new AccessOp { Addr = A, Write = true, Value = 7 } });
-        var op2 = await c.StartOpAsync(t2.ThreadId, new ThreadOp { Access = new AccessOp { Addr = A + Page } });
+        var op1 = await c.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(A, write: true, value: 7) });
+        var op2 = await c.StartOpAsync(t2.ThreadId, new ThreadOp { Access = UffdClient.Touch(A + Page, write: false) });
         var busy = await Assert.ThrowsAsync<RpcException>(() => c.StartOpAsync(s.Thread, new ThreadOp { Fork = new ForkOp() }));
         var none = await c.TakeCompletionsAsync(s.Machine);
         var z2 = await c.ZeropageAsync(s.Uffd, A + Page, Page);
@@ -70,14 +70,14 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         Assert.Equal(ThreadState.BlockedInUserfault, op1.State);
         Assert.Equal(ThreadState.BlockedInUserfault, op2.State);
         Assert.Equal(StatusCode.FailedPrecondition, busy.StatusCode);
-        Assert.Equal("THREAD_BUSY", UffdErrors.ErrorInfoOf(busy)!.Reason);
+        Assert.Equal("THREAD_BUSY", ErrorInfoOf(busy)!.Reason);
         Assert.Empty(none);
-        Assert.Equal((Errno.OK, 4096L), (z2.Errno, z2.Field));
-        Assert.Equal(Errno.OK, z1.Errno);
+        Assert.Equal((Errno.Unspecified, 4096L), (z2.Errno, z2.Field));
+        Assert.Equal(Errno.Unspecified, z1.Errno);
         Assert.Equal([op2.OpId, op1.OpId], completions.Select(r => r.OpId));
         Assert.Equal([t2.ThreadId, s.Thread], completions.Select(r => r.ThreadId));
         Assert.Equal(StatusCode.NotFound, waitTaken.StatusCode);
-        Assert.Equal("ok", waited.Errno.Name);
+        Assert.Equal("ok", waited.Errno.Name());
         Assert.Empty(await c.TakeCompletionsAsync(s.Machine));
     }
 
@@ -89,7 +89,7 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         var c = fx.NewClient();
         await using var s = await CreateAsync(c, pages: n, registerMode: 2);
         await c.WriteAsync(s.Thread, A, 0x01, count: n);
-        Assert.Equal(Errno.OK, await c.WriteprotectAsync(s.Uffd, A, n * Page, 1));
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, n * Page, 1));
         var threads = new List<long>();
         for (var i = 0; i < n; i++)
             threads.Add((await s.NewThreadAsync()).ThreadId);
@@ -105,7 +105,7 @@ public class ThreadTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
         await Assert.ThrowsAnyAsync<Exception>(() => serving);
 
         // Assert
-        Assert.All(results, r => Assert.Equal("ok", r.Errno.Name));
+        Assert.All(results, r => Assert.Equal("ok", r.Errno.Name()));
         Assert.Equal(n, handler.Handled);
         var values = await c.ReadAsync(s.Thread, A, count: n);
         Assert.Equal(Enumerable.Range(0, n).Select(i => (byte)(0x80 + i)), values.Values.ToByteArray());

@@ -20,15 +20,15 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         var poll = await c.PollAsync(uffd);
         var vmas = await c.ListVmasAsync(s.Mm);
 
-        Assert.Equal(Errno.EINVAL, badFlags);
-        Assert.Equal(Errno.OK, ok);
+        Assert.Equal(Errno.Einval, badFlags);
+        Assert.Equal(Errno.Unspecified, ok);
         Assert.True(beforeApi is { Pollerr: true, ApiDone: false, NonBlocking: true });
-        Assert.Equal((Errno.OK, 0x1ffffUL, (1UL << 0) | (1UL << 1) | (1UL << 63)), api);
-        Assert.Equal(Errno.EINVAL, again.Errno);
-        Assert.Equal(Errno.OK, reg.Errno);
+        Assert.Equal((Errno.Unspecified, 0x1ffffUL, (1UL << 0) | (1UL << 1) | (1UL << 63)), api);
+        Assert.Equal(Errno.Einval, again.Errno);
+        Assert.Equal(Errno.Unspecified, reg.Errno);
         Assert.NotEqual(0UL, reg.Ioctls & (1UL << 3));
-        Assert.Equal(Errno.EINVAL, badReg.Errno);
-        Assert.Equal(Errno.OK, unreg);
+        Assert.Equal(Errno.Einval, badReg.Errno);
+        Assert.Equal(Errno.Unspecified, unreg);
         Assert.True(poll is { Pollin: false, Pollerr: false, ApiDone: true, Unread: 0, Released: false });
         Assert.Equal((ulong)0x1ffff & (1 << 8), poll.Features & (1 << 8));
         Assert.Equal([uffd, 0L], vmas.Select(v => v.UffdId));
@@ -47,11 +47,11 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         var wake = await c.WakeAsync(s.Uffd, A, 4 * Page);
         var values = await c.ReadAsync(s.Thread, A, count: 3);
 
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), copy);
-        Assert.Equal(new FillOutcome(Errno.EEXIST, -17), exists);
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), zero);
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), fill);
-        Assert.Equal(Errno.OK, wake);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), copy);
+        Assert.Equal(new FillOutcome(Errno.Eexist, -17), exists);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), zero);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), fill);
+        Assert.Equal(Errno.Unspecified, wake);
         Assert.Equal([0x5a, 0x00, 0x33], values.Values.ToByteArray());
     }
 
@@ -63,14 +63,14 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         var (_, uffd) = await c.CreateUffdAsync(s.Mm);
 
         // Before UFFDIO_API the ioctl fails without writing uffdio_copy.copy.
-        var call = c.Uffd.UffdioCopyAsync(new UffdioCopyRequest { UffdId = uffd, Dst = A, Src = 0x7f00_0000_0000, Len = Page, Fill = 1 });
-        var ex = await Assert.ThrowsAsync<RpcException>(() => call.ResponseAsync);
-        var partial = UffdErrors.PartialResult<UffdioCopyResponse>(ex);
+        var r = await OkAsync(c.Uffd.UffdioCopyAsync(new UffdioCopyRequest { UffdId = uffd, Dst = A, Src = 0x7f00_0000_0000, Len = Page, Fill = 1 }));
+        var zero = await OkAsync(c.Uffd.UffdioZeropageAsync(new UffdioZeropageRequest { UffdId = uffd, Start = A, Len = Page }));
 
-        Assert.Equal(StatusCode.InvalidArgument, ex.StatusCode);
-        Assert.NotNull(partial);
-        Assert.Null(partial!.Copy);
-        Assert.Equal(new FillOutcome(Errno.EINVAL, null), await c.CopyFillAsync(uffd, A, 0x7f00_0000_0000, 1, Page));
+        Assert.Equal(Errno.Einval, r.Errno);
+        Assert.Null(r.Copy);
+        Assert.Equal((Errno.Einval, (long?)null), (zero.Errno, zero.Zeropage));
+        Assert.Equal(new FillOutcome(Errno.Einval, null), await c.CopyFillAsync(uffd, A, 0x7f00_0000_0000, 1, Page));
+        Assert.False((await c.PagemapAsync(s.Mm, A, 1))[0].Present);
     }
 
     [Fact]
@@ -79,21 +79,21 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         var c = fx.NewClient();
         await using var s = await CreateAsync(c);
         var f = await c.CreateFileAsync(s.Machine, "shm", shmem: true, size: Page);
-        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, A, Page, 3, shared: true, fileId: f.FileId));
-        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, B, Page, 3, shared: true, fileId: f.FileId));
+        Assert.Equal(Errno.Unspecified, await c.MmapAsync(s.Mm, A, Page, 3, shared: true, fileId: f.FileId));
+        Assert.Equal(Errno.Unspecified, await c.MmapAsync(s.Mm, B, Page, 3, shared: true, fileId: f.FileId));
         await c.WriteAsync(s.Thread, B, 0x66);
         var (_, uffd) = await c.CreateUffdAsync(s.Mm);
         await c.ApiAsync(uffd, features: 1 << 10);
-        Assert.Equal(Errno.OK, (await c.RegisterAsync(uffd, A, Page, 4)).Errno);
+        Assert.Equal(Errno.Unspecified, (await c.RegisterAsync(uffd, A, Page, 4)).Errno);
 
-        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = new AccessOp { Addr = A } });
+        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(A, write: false) });
         var (_, msg) = await c.ReadMessageAsync(uffd);
         var cont = await c.ContinueAsync(uffd, A, Page);
         var r = await c.WaitOpAsync(op.OpId);
 
         Assert.Equal(ThreadState.BlockedInUserfault, op.State);
         Assert.True(msg!.Pagefault is { Minor: true, Write: false });
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), cont);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), cont);
         Assert.Equal(0x66, r.Values[0]);
     }
 
@@ -106,7 +106,7 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         var poison = await c.PoisonAsync(s.Uffd, A, Page);
         var r = await c.ReadAsync(s.Thread, A);
 
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), poison);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), poison);
         Assert.Equal(SignalCode.BusAdrerr, r.Signal);
     }
 
@@ -115,15 +115,15 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
     {
         var c = fx.NewClient();
         await using var s = await CreateAsync(c, pages: 1, registerMode: 1, features: 1 << 16);
-        Assert.Equal(Errno.OK, await c.MmapAsync(s.Mm, B, Page, 3));
+        Assert.Equal(Errno.Unspecified, await c.MmapAsync(s.Mm, B, Page, 3));
         await c.WriteAsync(s.Thread, B, 0x77);
 
         var move = await c.MoveAsync(s.Uffd, A, B, Page, callerMmId: s.Mm);
         var again = await c.MoveAsync(s.Uffd, A, B, Page);
         var dst = await c.ReadAsync(s.Thread, A);
 
-        Assert.Equal(new FillOutcome(Errno.OK, 4096), move);
-        Assert.Equal(Errno.EEXIST, again.Errno);
+        Assert.Equal(new FillOutcome(Errno.Unspecified, 4096), move);
+        Assert.Equal(Errno.Eexist, again.Errno);
         Assert.Equal(0x77, dst.Values[0]);
     }
 
@@ -134,25 +134,30 @@ public class UserfaultfdTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtur
         await using var s = await CreateAsync(c, pages: 1, registerMode: 1, features: 1 << 8);
 
         var empty = await c.ReadMessageAsync(s.Uffd);
-        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = new AccessOp { Addr = A + 5, Write = true, Value = 9 } });
+        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(A + 5, write: true, value: 9) });
         var poll = await c.PollAsync(s.Uffd);
         var (e, msg) = await c.ReadMessageAsync(s.Uffd);
         var afterRead = await c.PollAsync(s.Uffd);
-        await c.CloseUffdAsync(s.Uffd);
+        var close = await c.CloseUffdAsync(s.Uffd);
         var r = await c.WaitOpAsync(op.OpId);
         var closed = await c.WriteprotectAsync(s.Uffd, A, Page, 1);
+        var closeAgain = await OkAsync(c.Uffd.CloseAsync(new CloseRequest { UffdId = s.Uffd }));
+        var readClosed = await OkAsync(c.Uffd.ReadAsync(new ReadRequest { UffdId = s.Uffd }));
         var polled = await c.PollAsync(s.Uffd);
 
-        Assert.Equal((Errno.EAGAIN, (UffdMsg?)null), empty);
+        Assert.Equal((Errno.Eagain, (UffdMsg?)null), empty);
         Assert.True(poll is { Pollin: true, Unread: 1, BlockedFaults: 1 });
-        Assert.Equal(Errno.OK, e);
+        Assert.Equal(Errno.Unspecified, e);
         Assert.Equal(UffdEvent.Pagefault, msg!.Event);
         Assert.Equal(s.Uffd, msg.UffdId);
         Assert.True(msg.Pagefault is { Write: true, Wp: false, Address: A });
         Assert.Equal((uint)s.Tid, msg.Pagefault.Ptid);
         Assert.True(afterRead is { Pollin: false, Unread: 0, BlockedFaults: 1 });
-        Assert.Equal("ok", r.Errno.Name);
-        Assert.Equal(Errno.EBADF, closed);
+        Assert.Equal("ok", r.Errno.Name());
+        Assert.Equal(Errno.Unspecified, close);
+        Assert.Equal(Errno.Ebadf, closed);
+        Assert.Equal(Errno.Ebadf, closeAgain.Errno);
+        Assert.Equal((Errno.Ebadf, (UffdMsg?)null), (readClosed.Errno, readClosed.Msg));
         Assert.True(polled.Released);
     }
 }

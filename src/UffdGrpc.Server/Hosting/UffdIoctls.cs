@@ -12,18 +12,19 @@ namespace UffdGrpc.Server.Hosting;
 internal static class UffdIoctls
 {
     /// <summary>Checks the parts of a COPY request the server (not the kernel) bounds.</summary>
-    public static void ValidateCopy(UffdioCopyRequest r, ulong maxCopyBytes, string field)
+    public static void ValidateCopy(UffdioCopyRequest r, ulong maxCopyBytes, string prefix)
     {
+        var field = prefix.Length == 0 ? "" : prefix + ".";
         switch (r.SourceCase)
         {
             case UffdioCopyRequest.SourceOneofCase.Data:
-                RequestErrors.Require((ulong)r.Data.Length <= maxCopyBytes, field + ".data", $"at most {maxCopyBytes} bytes");
+                RequestErrors.Require((ulong)r.Data.Length <= maxCopyBytes, field + "data", $"at most {maxCopyBytes} bytes");
                 break;
             case UffdioCopyRequest.SourceOneofCase.Fill:
-                RequestErrors.Require(r.Fill <= 255, field + ".fill", "a byte (0-255)");
+                RequestErrors.Require(r.Fill <= 255, field + "fill", "a byte (0-255)");
                 break;
             default:
-                throw RequestErrors.Invalid(field + ".source", "data or fill is required");
+                throw RequestErrors.Invalid(field + "source", "data or fill is required");
         }
     }
 

@@ -1,3 +1,5 @@
+using Google.Rpc;
+
 namespace UffdGrpc.ContractTests.Infrastructure;
 
 /// <summary>A fresh machine with one process, a thread and (optionally) a WP-registered anon mapping with a uffd.</summary>
@@ -26,14 +28,14 @@ public sealed class Sandbox : IAsyncDisposable
         s.Tid = t.Tid;
         if (pages > 0)
         {
-            Assert.Equal(Errno.OK, await client.MmapAsync(s.Mm, A, pages * Page, 3));
+            Assert.Equal(Errno.Unspecified, await client.MmapAsync(s.Mm, A, pages * Page, 3));
             if (registerMode != 0)
             {
                 var (e, uffd) = await client.CreateUffdAsync(s.Mm);
-                Assert.Equal(Errno.OK, e);
+                Assert.Equal(Errno.Unspecified, e);
                 s.Uffd = uffd;
-                Assert.Equal(Errno.OK, (await client.ApiAsync(uffd, features)).Errno);
-                Assert.Equal(Errno.OK, (await client.RegisterAsync(uffd, A, pages * Page, registerMode)).Errno);
+                Assert.Equal(Errno.Unspecified, (await client.ApiAsync(uffd, features)).Errno);
+                Assert.Equal(Errno.Unspecified, (await client.RegisterAsync(uffd, A, pages * Page, registerMode)).Errno);
             }
         }
         return s;
@@ -50,6 +52,23 @@ public sealed class Sandbox : IAsyncDisposable
             if (DateTime.UtcNow > deadline)
                 throw new TimeoutException("timed out waiting until " + what);
             await Task.Delay(5);
+        }
+    }
+
+    /// <summary>The google.rpc.ErrorInfo of a rejected request (null when the status carries none).</summary>
+    public static ErrorInfo? ErrorInfoOf(RpcException ex) => ex.GetRpcStatus()?.GetDetail<ErrorInfo>();
+
+    /// <summary>The field the server's google.rpc.BadRequest names first (null when there is none).</summary>
+    public static string? BadFieldOf(RpcException ex) => ex.GetRpcStatus()?.GetDetail<BadRequest>()?.FieldViolations.FirstOrDefault()?.Field;
+
+    /// <summary>Runs a unary call and asserts it answered OK: a kernel errno travels in the response, never in the status.</summary>
+    public static async Task<T> OkAsync<T>(AsyncUnaryCall<T> call)
+    {
+        using (call)
+        {
+            var r = await call.ResponseAsync;
+            Assert.Equal(StatusCode.OK, call.GetStatus().StatusCode);
+            return r;
         }
     }
 

@@ -4,7 +4,9 @@ usage: uffd_client.py HOST:PORT STUBS_DIR
 
 Health check, map a page, register it for WP, write-protect it, start a write that blocks
 in the userfault, read the fault event from the stream, resolve it with
-UFFDIO_WRITEPROTECT mode=0, and see the write complete.
+UFFDIO_WRITEPROTECT mode=0, and see the write complete. Kernel errnos come back in-band
+(status OK, the response's `errno` field); only a malformed request or an unknown id is a
+gRPC status.
 """
 import sys
 import threading
@@ -12,13 +14,24 @@ import threading
 sys.path.insert(0, sys.argv[2])
 
 import grpc  # noqa: E402
+from uffd.v1 import errno_pb2  # noqa: E402
 from uffd.v1 import machine_pb2, machine_pb2_grpc  # noqa: E402
 from uffd.v1 import mm_pb2, mm_pb2_grpc  # noqa: E402
-from uffd.v1 import threads_pb2, threads_pb2_grpc  # noqa: E402
+from uffd.v1 import thread_pb2, thread_pb2_grpc  # noqa: E402
 from uffd.v1 import userfaultfd_pb2, userfaultfd_pb2_grpc  # noqa: E402
 
 A = 0x7E0000000000
 PAGE = 4096
+
+
+def errno_name(e):
+    # The in-band errno: ERRNO_UNSPECIFIED (0) is success, else ERRNO_EEXIST etc.
+    return "ok" if e == errno_pb2.ERRNO_UNSPECIFIED else errno_pb2.Errno.Name(e)[len("ERRNO_"):]
+
+
+def expect_ok(what, e):
+    if e != errno_pb2.ERRNO_UNSPECIFIED:
+        raise RuntimeError("%s: %s" % (what, errno_name(e)))
 
 
 def health(channel):
@@ -32,66 +45,81 @@ def health(channel):
     return {1: "SERVING", 2: "NOT_SERVING"}.get(status, "UNKNOWN")
 
 
+def touch(addr, write=False, value=0):
+    return thread_pb2.AccessOp(addr=addr, write=write, touch=thread_pb2.TouchPattern(pages=1, value=value))
+
+
 def main():
     channel = grpc.insecure_channel(sys.argv[1])
     print("health:", health(channel))
-    machines = machine_pb2_grpc.MachinesStub(channel)
-    mm = mm_pb2_grpc.MmStub(channel)
-    threads = threads_pb2_grpc.ThreadsStub(channel)
-    uffd = userfaultfd_pb2_grpc.UserfaultfdStub(channel)
+    machines = machine_pb2_grpc.MachineServiceStub(channel)
+    mm = mm_pb2_grpc.MmServiceStub(channel)
+    threads = thread_pb2_grpc.ThreadServiceStub(channel)
+    uffd = userfaultfd_pb2_grpc.UserfaultfdServiceStub(channel)
 
-    machine = machines.CreateMachine(machine_pb2.CreateMachineRequest()).machine_id
+    machine = machines.CreateMachine(machine_pb2.CreateMachineRequest()).machine.machine_id
     try:
-        proc = mm.CreateMm(mm_pb2.CreateMmRequest(machine_id=machine)).mm_id
-        thread = threads.CreateThread(threads_pb2.CreateThreadRequest(mm_id=proc)).thread_id
-        mm.Mmap(mm_pb2.MmapRequest(mm_id=proc, addr=A, len=PAGE, prot=3))
-        first = threads.Access(threads_pb2.AccessRequest(
-            thread_id=thread, access=threads_pb2.AccessOp(addr=A, write=True, value=0x11)))
-        print("map + first write:", first.errno.name)
+        proc = mm.CreateMm(mm_pb2.CreateMmRequest(machine_id=machine)).mm.mm_id
+        thread = threads.CreateThread(thread_pb2.CreateThreadRequest(mm_id=proc)).thread.thread_id
+        mapped = mm.Mmap(mm_pb2.MmapRequest(mm_id=proc, addr=A, len=PAGE, prot=3))
+        expect_ok("mmap", mapped.errno)
+        first = threads.Access(thread_pb2.AccessRequest(thread_id=thread, access=touch(A, True, 0x11))).result
+        print("map 0x%x + first write: %s" % (mapped.addr, errno_name(first.errno)))
 
-        u = uffd.Create(userfaultfd_pb2.UffdCreateRequest(mm_id=proc, flags=0x80800)).uffd_id
+        created = uffd.Userfaultfd(userfaultfd_pb2.UserfaultfdRequest(mm_id=proc, flags=0x80800))
+        expect_ok("userfaultfd", created.errno)
+        u = created.uffd_id
         api = uffd.UffdioApi(userfaultfd_pb2.UffdioApiRequest(uffd_id=u, api=0xAA, features=1 << 8))
+        expect_ok("UFFDIO_API", api.errno)
         reg = uffd.UffdioRegister(userfaultfd_pb2.UffdioRegisterRequest(uffd_id=u, start=A, len=PAGE, mode=2))
+        expect_ok("UFFDIO_REGISTER", reg.errno)
         print("api features=0x%x register ioctls=0x%x" % (api.features, reg.ioctls))
-        uffd.UffdioWriteprotect(userfaultfd_pb2.UffdioWriteprotectRequest(uffd_id=u, start=A, len=PAGE, mode=1))
+        wp = uffd.UffdioWriteprotect(userfaultfd_pb2.UffdioWriteprotectRequest(uffd_id=u, start=A, len=PAGE, mode=1))
+        expect_ok("UFFDIO_WRITEPROTECT", wp.errno)
         print("write-protected")
 
         # The handler's stream, read on this thread; the write runs on another.
-        events = uffd.ReadEvents(userfaultfd_pb2.UffdRef(uffd_id=u))
+        events = uffd.ReadEvents(userfaultfd_pb2.ReadEventsRequest(uffd_id=u))
         result = {}
 
         def writer():
-            result["r"] = threads.Access(threads_pb2.AccessRequest(
-                thread_id=thread, access=threads_pb2.AccessOp(addr=A, write=True, value=0x22)))
+            result["r"] = threads.Access(thread_pb2.AccessRequest(thread_id=thread, access=touch(A, True, 0x22))).result
 
         w = threading.Thread(target=writer)
         w.start()
-        msg = next(events)
+        msg = next(events).msg
         pf = msg.pagefault
         flags = "|".join(n for n, b in (("WRITE", pf.write), ("WP", pf.wp), ("MINOR", pf.minor)) if b)
         print("event: pagefault %s at 0x%x ptid=%d" % (flags, pf.address, pf.ptid))
-        state = threads.GetThread(threads_pb2.ThreadRef(thread_id=thread)).state
+        state = threads.GetThread(thread_pb2.GetThreadRequest(thread_id=thread)).thread.state
         blocked = w.is_alive() and state == 3  # THREAD_STATE_BLOCKED_IN_USERFAULT
         print("write blocked while the fault is unresolved:", blocked)
 
-        uffd.UffdioWriteprotect(userfaultfd_pb2.UffdioWriteprotectRequest(
+        resolved = uffd.UffdioWriteprotect(userfaultfd_pb2.UffdioWriteprotectRequest(
             uffd_id=u, start=pf.address & ~(PAGE - 1), len=PAGE, mode=0))
+        expect_ok("UFFDIO_WRITEPROTECT mode=0", resolved.errno)
         print("resolved: UFFDIO_WRITEPROTECT mode=0")
         w.join(30)
         r = result["r"]
-        value = threads.Access(threads_pb2.AccessRequest(
-            thread_id=thread, access=threads_pb2.AccessOp(addr=A))).values[0]
-        print("write completed: %s, value 0x%02x" % (r.errno.name, value))
+        value = threads.Access(thread_pb2.AccessRequest(thread_id=thread, access=touch(A))).result.values[0]
+        print("write completed: %s, value 0x%02x" % (errno_name(r.errno), value))
         events.cancel()
 
-        # A failed ioctl: the errno travels in google.rpc.ErrorInfo; the status code is mapped.
+        # A failed ioctl is a result: status OK, the errno in the response.
+        again, call = uffd.UffdioApi.with_call(userfaultfd_pb2.UffdioApiRequest(uffd_id=u, api=0xAA))
+        print("second UFFDIO_API: status %s, errno %s" % (call.code().name, errno_name(again.errno)))
+        # A request naming no uffd is the server's rejection: a status.
         try:
-            uffd.UffdioApi(userfaultfd_pb2.UffdioApiRequest(uffd_id=u, api=0xAA))
+            uffd.UffdioApi(userfaultfd_pb2.UffdioApiRequest(uffd_id=987654321, api=0xAA))
+            unknown = "OK"
         except grpc.RpcError as e:
-            print("second UFFDIO_API:", e.code().name)
-        return 0 if blocked and r.errno.name == "ok" and value == 0x22 else 1
+            unknown = e.code().name
+        print("unknown uffd:", unknown)
+        ok = (blocked and r.errno == errno_pb2.ERRNO_UNSPECIFIED and value == 0x22
+              and again.errno == errno_pb2.ERRNO_EINVAL and unknown == "NOT_FOUND")
+        return 0 if ok else 1
     finally:
-        machines.DestroyMachine(machine_pb2.MachineRef(machine_id=machine))
+        machines.DestroyMachine(machine_pb2.DestroyMachineRequest(machine_id=machine))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
             Assert.Contains("event: pagefault WRITE|WP", text, StringComparison.Ordinal);
             Assert.Contains("write blocked while the fault is unresolved: True", text, StringComparison.Ordinal);
             Assert.Contains("write completed: ok, value 0x22", text, StringComparison.Ordinal);
+            Assert.Contains("serve: 1 fault(s) read, results 0:ok/- 99:EEXIST/-17", text, StringComparison.Ordinal);
+            Assert.Contains("serve write completed: ok", text, StringComparison.Ordinal);
             Assert.Contains("second UFFDIO_API: status OK, errno EINVAL", text, StringComparison.Ordinal);
             Assert.Contains("unknown uffd: NOT_FOUND", text, StringComparison.Ordinal);
         }

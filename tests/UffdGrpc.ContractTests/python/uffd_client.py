@@ -4,10 +4,12 @@ usage: uffd_client.py HOST:PORT STUBS_DIR
 
 Health check, map a page, register it for WP, write-protect it, start a write that blocks
 in the userfault, read the fault event from the stream, resolve it with
-UFFDIO_WRITEPROTECT mode=0, and see the write complete. Kernel errnos come back in-band
+UFFDIO_WRITEPROTECT mode=0, and see the write complete; then the same through the batched
+Serve stream (with an EEXIST in the same batch). Kernel errnos come back in-band
 (status OK, the response's `errno` field); only a malformed request or an unknown id is a
 gRPC status.
 """
+import queue
 import sys
 import threading
 
@@ -105,6 +107,35 @@ def main():
         print("write completed: %s, value 0x%02x" % (errno_name(r.errno), value))
         events.cancel()
 
+        # The batched handler: a Serve stream. Requests go through a queue that feeds the
+        # request iterator; the first names the uffd.
+        expect_ok("UFFDIO_WRITEPROTECT", uffd.UffdioWriteprotect(
+            userfaultfd_pb2.UffdioWriteprotectRequest(uffd_id=u, start=A, len=PAGE, mode=1)).errno)
+        requests = queue.Queue()
+        requests.put(userfaultfd_pb2.ServeRequest(uffd_id=u, max_messages=16))
+        serve = uffd.Serve(iter(requests.get, None))
+        w = threading.Thread(target=lambda: result.__setitem__(
+            "s", threads.Access(thread_pb2.AccessRequest(thread_id=thread, access=touch(A, True, 0x33))).result))
+        w.start()
+        batch = next(serve)
+        faults = [m.pagefault for m in batch.messages]
+        resolutions = [userfaultfd_pb2.Resolution(
+            tag=i, uffdio_writeprotect=userfaultfd_pb2.UffdioWriteprotectRequest(start=f.address & ~(PAGE - 1), len=PAGE, mode=0))
+            for i, f in enumerate(faults)]
+        # One more in the same request: ZEROPAGE onto the present page is EEXIST, in-band.
+        resolutions.append(userfaultfd_pb2.Resolution(
+            tag=99, uffdio_zeropage=userfaultfd_pb2.UffdioZeropageRequest(start=A, len=PAGE)))
+        requests.put(userfaultfd_pb2.ServeRequest(resolutions=resolutions))
+        answers = next(serve).results
+        w.join(30)
+        print("serve: %d fault(s) read, results %s" % (
+            len(faults), " ".join("%d:%s/%s" % (a.tag, errno_name(a.errno), a.field.value if a.HasField("field") else "-")
+                                  for a in answers)))
+        served = result["s"]
+        print("serve write completed: %s" % errno_name(served.errno))
+        requests.put(None)
+        serve.cancel()
+
         # A failed ioctl is a result: status OK, the errno in the response.
         again, call = uffd.UffdioApi.with_call(userfaultfd_pb2.UffdioApiRequest(uffd_id=u, api=0xAA))
         print("second UFFDIO_API: status %s, errno %s" % (call.code().name, errno_name(again.errno)))
@@ -116,6 +147,7 @@ def main():
             unknown = e.code().name
         print("unknown uffd:", unknown)
         ok = (blocked and r.errno == errno_pb2.ERRNO_UNSPECIFIED and value == 0x22
+              and served.errno == errno_pb2.ERRNO_UNSPECIFIED and len(faults) == 1
               and again.errno == errno_pb2.ERRNO_EINVAL and unknown == "NOT_FOUND")
         return 0 if ok else 1
     finally:

@@ -78,6 +78,7 @@ public sealed class Kernel
     private readonly List<UserfaultfdCtx> _ctxs = [];
     private int _depth;
     private long _liveFrames;
+    private List<Action> _afterUnlock = [];
 
     public Kernel(KernelProfile profile = KernelProfile.V6_18, MachineConfig? config = null)
     {
@@ -342,9 +343,32 @@ public sealed class Kernel
                 // Whatever a woken thread threw, the lock is released and the depth restored:
                 // the caller (the server) decides whether the machine can still be trusted.
                 kernel._depth--;
+                List<Action>? after = null;
+                if (kernel._depth == 0 && kernel._afterUnlock.Count > 0)
+                {
+                    after = kernel._afterUnlock;
+                    kernel._afterUnlock = [];
+                }
                 Monitor.Exit(kernel.Lock);
+                if (after is not null)
+                {
+                    foreach (var a in after)
+                        a();
+                }
             }
         }
+    }
+
+    /// <summary>
+    /// Runs <paramref name="action"/> once the outermost holder has released the machine lock,
+    /// as the kernel wakes a waiter after dropping its spinlock: wakeups of sleepers outside
+    /// the model (a reader of a uffd, a caller waiting for an operation) may then run their
+    /// continuation at once, on the releasing thread, without holding the lock.
+    /// </summary>
+    public void DeferUntilUnlocked(Action action)
+    {
+        Debug.Assert(Monitor.IsEntered(Lock));
+        _afterUnlock.Add(action);
     }
 
     /// <summary>Marks a parked thread runnable: it retries when the current operation ends.</summary>

@@ -64,9 +64,13 @@ public sealed class UffdEntry : Entry
     internal void RemoveReader() => Interlocked.Decrement(ref _readers);
 
     /// <summary>A task that completes at the next wake of this uffd's queue. Caller holds the kernel lock.</summary>
-    internal Task WaitTask() => (_wait ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+    internal Task WaitTask() => (_wait ??= new TaskCompletionSource()).Task;
 
-    /// <summary>wake_up_poll(&amp;ctx->fd_wqh): completes the current wait task, if anyone sleeps on it. Caller holds the kernel lock.</summary>
+    /// <summary>
+    /// wake_up_poll(&amp;ctx->fd_wqh): completes the current wait task, if anyone sleeps on it,
+    /// once the lock is released (its continuation — a reader's loop — then runs on the
+    /// releasing thread, without a thread-pool hop). Caller holds the kernel lock.
+    /// </summary>
     internal void WakeAll()
     {
         var w = _wait;
@@ -74,7 +78,7 @@ public sealed class UffdEntry : Entry
             return;
         _wait = null;
         Wakeups++;
-        w.TrySetResult();
+        Host.Kernel.DeferUntilUnlocked(() => w.TrySetResult());
     }
 }
 
@@ -84,5 +88,6 @@ public sealed class OpEntry(long id, MachineHost host, ThreadEntry thread, bool 
     public ThreadEntry Thread { get; } = thread;
     /// <summary>The result also goes to the machine's completion log (StartOp).</summary>
     public bool Logged { get; } = logged;
-    public TaskCompletionSource<ThreadOpResult> Result { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    /// <summary>Completed after the machine lock is released (see <see cref="Model.Kernel.DeferUntilUnlocked"/>), so its continuation may run inline.</summary>
+    public TaskCompletionSource<ThreadOpResult> Result { get; } = new();
 }

@@ -77,18 +77,39 @@ public sealed class MachineHost(long id, Model.Kernel kernel)
 
     private void MarkBroken(Exception ex)
     {
-        lock (Kernel.Lock)
+        LockedEvenIfBroken(() =>
         {
             Broken ??= $"{ex.GetType().Name}: {ex.Message}";
             EndWaiters(RequestErrors.Precondition("MACHINE_BROKEN", $"machine {Id} is broken: {Broken}"));
+        });
+    }
+
+    /// <summary>
+    /// Runs <paramref name="fn"/> in a kernel scope (so the wakeups it defers run once the lock
+    /// is released) on a machine whose model may already have failed: a second failure while
+    /// woken threads run is ignored, the machine being broken or going away anyway.
+    /// </summary>
+    internal void LockedEvenIfBroken(Action fn)
+    {
+        try
+        {
+            Kernel.Locked(fn);
+        }
+        catch (Exception) when (Broken is not null)
+        {
+            // Already broken: nothing more to learn from it.
         }
     }
 
-    /// <summary>Fails every pending operation with <paramref name="status"/> and wakes every uffd sleeper (they then see why). Caller holds the kernel lock.</summary>
+    /// <summary>
+    /// Fails every pending operation with <paramref name="status"/> and wakes every uffd
+    /// sleeper (they then see why), once the lock is released. Caller holds the kernel lock
+    /// inside a kernel scope.
+    /// </summary>
     internal void EndWaiters(RpcException status)
     {
         foreach (var op in PendingOps)
-            op.Result.TrySetException(status);
+            Kernel.DeferUntilUnlocked(() => op.Result.TrySetException(status));
         PendingOps.Clear();
         foreach (var u in Uffds)
             u.WakeAll();

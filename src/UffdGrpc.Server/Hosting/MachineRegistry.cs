@@ -149,7 +149,7 @@ public sealed class MachineRegistry
         {
             _objects.TryRemove(entry.Id, out _);
         }
-        entry.Result.TrySetResult(r);
+        host.Kernel.DeferUntilUnlocked(() => entry.Result.TrySetResult(r));
     }
 
     /// <summary>Drains the completion log; the drained operations are forgotten.</summary>
@@ -176,11 +176,11 @@ public sealed class MachineRegistry
         if (host.Broken is not null)
         {
             // Its state cannot be trusted to tear down: drop it whole.
-            lock (host.Kernel.Lock)
+            host.LockedEvenIfBroken(() =>
             {
                 host.Destroyed = true;
                 host.EndWaiters(gone);
-            }
+            });
         }
         else
         {
@@ -210,8 +210,7 @@ public sealed class MachineRegistry
         var status = new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
         foreach (var host in _machines.Values)
         {
-            lock (host.Kernel.Lock)
-                host.EndWaiters(status);
+            host.LockedEvenIfBroken(() => host.EndWaiters(status));
         }
     }
 

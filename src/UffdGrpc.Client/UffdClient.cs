@@ -22,11 +22,32 @@ public sealed class UffdClient : IDisposable
 
     private readonly GrpcChannel? _owned;
 
-    /// <summary>Connects to <paramref name="address"/> (h2c for http://).</summary>
-    public UffdClient(string address)
-        : this(GrpcChannel.ForAddress(address, new GrpcChannelOptions { MaxReceiveMessageSize = 80 << 20, MaxSendMessageSize = 80 << 20 }))
+    /// <summary>Connects to <paramref name="address"/> (h2c for http://), with a bearer token when the server requires one.</summary>
+    public UffdClient(string address, string? bearerToken = null)
+        : this(GrpcChannel.ForAddress(address, ChannelOptions(bearerToken)))
     {
         _owned = (GrpcChannel)Channel;
+    }
+
+    /// <summary>
+    /// Channel options for a UffdGrpc server: message limits that fit a 64 MiB COPY, and the
+    /// bearer token (when given) on every call — also over h2c, where gRPC otherwise refuses
+    /// call credentials (use TLS, or a loopback or private network, for real secrets).
+    /// </summary>
+    public static GrpcChannelOptions ChannelOptions(string? bearerToken = null)
+    {
+        var o = new GrpcChannelOptions { MaxReceiveMessageSize = 80 << 20, MaxSendMessageSize = 80 << 20 };
+        if (bearerToken is not null)
+        {
+            var token = bearerToken;
+            o.Credentials = ChannelCredentials.Create(ChannelCredentials.Insecure, CallCredentials.FromInterceptor((_, metadata) =>
+            {
+                metadata.Add("authorization", "Bearer " + token);
+                return Task.CompletedTask;
+            }));
+            o.UnsafeUseInsecureChannelCallCredentials = true;
+        }
+        return o;
     }
 
     /// <summary>Uses an existing channel (not disposed by this client).</summary>

@@ -27,7 +27,25 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
         return _machine;
     }
 
-    private static int Handle(long id) => checked((int)id);
+    private readonly Dictionary<long, int> _handles = [];
+    private readonly List<long> _ids = [];
+
+    /// <summary>The interpreter's small handle for a server id (ids are random 64-bit values); 0 stays 0.</summary>
+    private int Handle(long id)
+    {
+        if (id == 0)
+            return 0;
+        if (!_handles.TryGetValue(id, out var h))
+        {
+            _ids.Add(id);
+            h = _ids.Count;
+            _handles[id] = h;
+        }
+        return h;
+    }
+
+    /// <summary>The server id of a handle; 0 and negative handles (no such process) pass through.</summary>
+    private long Id(int handle) => handle > 0 && handle <= _ids.Count ? _ids[handle - 1] : handle;
 
     private static Errno E(V1.Errno e) => (Errno)(int)e;
 
@@ -51,22 +69,22 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
 
     public async Task<(int Thread, int Tid)> CreateThreadAsync(int process)
     {
-        var t = await client.CreateThreadAsync(process).ConfigureAwait(false);
+        var t = await client.CreateThreadAsync(Id(process)).ConfigureAwait(false);
         return (Handle(t.ThreadId), t.Tid);
     }
 
-    public async Task<int> ThreadTidAsync(int thread) => (await client.GetThreadAsync(thread).ConfigureAwait(false)).Tid;
+    public async Task<int> ThreadTidAsync(int thread) => (await client.GetThreadAsync(Id(thread)).ConfigureAwait(false)).Tid;
 
     public async Task<int> CreateFileAsync(string name, bool shmem, ulong size) =>
         Handle((await client.CreateFileAsync(await MachineAsync().ConfigureAwait(false), name, shmem, size).ConfigureAwait(false)).FileId);
 
     public async Task<Errno> MmapAsync(int process, ulong addr, ulong len, Prot prot, bool shared, int file, ulong offset, bool readOnlyFd, bool populate) =>
-        E(await client.MmapAsync(process, addr, len, (uint)prot, shared, file, offset, readOnlyFd, populate).ConfigureAwait(false));
+        E(await client.MmapAsync(Id(process), addr, len, (uint)prot, shared, Id(file), offset, readOnlyFd, populate).ConfigureAwait(false));
 
     public async Task<Errno> MprotectAsync(int process, ulong start, ulong len, Prot prot) =>
-        E(await client.MprotectAsync(process, start, len, (uint)prot).ConfigureAwait(false));
+        E(await client.MprotectAsync(Id(process), start, len, (uint)prot).ConfigureAwait(false));
 
-    public async Task<Errno> ClearRefsAsync(int process, string value) => E(await client.ClearRefsAsync(process, value).ConfigureAwait(false));
+    public async Task<Errno> ClearRefsAsync(int process, string value) => E(await client.ClearRefsAsync(Id(process), value).ConfigureAwait(false));
 
     public async Task<long> StartAsync(int thread, ThreadOpRequest request)
     {
@@ -85,7 +103,7 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
             {
                 ProcessVm = new V1.ProcessVmOp
                 {
-                    RemoteMmId = request.RemoteProcess,
+                    RemoteMmId = Id(request.RemoteProcess),
                     Write = request.Write,
                     Flags = request.Flags,
                     LocalIov = { request.LocalIov.Select(v => new V1.Iovec { Base = v.Base, Len = v.Len }) },
@@ -94,7 +112,7 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
             },
             _ => throw new ArgumentOutOfRangeException(nameof(request)),
         };
-        return (await client.StartOpAsync(thread, op).ConfigureAwait(false)).OpId;
+        return (await client.StartOpAsync(Id(thread), op).ConfigureAwait(false)).OpId;
     }
 
     private static SigCode ToSig(V1.SignalCode s) => s switch
@@ -118,53 +136,53 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
     }
 
     /// <summary>exit and SIGKILL end a process the same way in the model (the trace line differs, and the interpreter prints it).</summary>
-    public async Task EndProcessAsync(int process, bool kill) => await client.DestroyMmAsync(process).ConfigureAwait(false);
+    public async Task EndProcessAsync(int process, bool kill) => await client.DestroyMmAsync(Id(process)).ConfigureAwait(false);
 
     public async Task<(Errno Errno, int Uffd)> UffdCreateAsync(int process, int flags)
     {
-        var (e, id) = await client.CreateUffdAsync(process, (uint)flags).ConfigureAwait(false);
+        var (e, id) = await client.CreateUffdAsync(Id(process), (uint)flags).ConfigureAwait(false);
         return (E(e), Handle(id));
     }
 
     public async Task<(Errno Errno, ulong Features, ulong Ioctls)> UffdApiAsync(int uffd, ulong api, ulong features)
     {
-        var (e, f, io) = await client.ApiAsync(uffd, features, api).ConfigureAwait(false);
+        var (e, f, io) = await client.ApiAsync(Id(uffd), features, api).ConfigureAwait(false);
         return (E(e), f, io);
     }
 
     public async Task<(Errno Errno, ulong Ioctls)> RegisterAsync(int uffd, ulong start, ulong len, ulong mode)
     {
-        var (e, io) = await client.RegisterAsync(uffd, start, len, mode).ConfigureAwait(false);
+        var (e, io) = await client.RegisterAsync(Id(uffd), start, len, mode).ConfigureAwait(false);
         return (E(e), io);
     }
 
-    public async Task<Errno> UnregisterAsync(int uffd, ulong start, ulong len) => E(await client.UnregisterAsync(uffd, start, len).ConfigureAwait(false));
+    public async Task<Errno> UnregisterAsync(int uffd, ulong start, ulong len) => E(await client.UnregisterAsync(Id(uffd), start, len).ConfigureAwait(false));
 
-    public async Task<Errno> WakeAsync(int uffd, ulong start, ulong len) => E(await client.WakeAsync(uffd, start, len).ConfigureAwait(false));
+    public async Task<Errno> WakeAsync(int uffd, ulong start, ulong len) => E(await client.WakeAsync(Id(uffd), start, len).ConfigureAwait(false));
 
     public async Task<Errno> WriteprotectAsync(int uffd, ulong start, ulong len, ulong mode) =>
-        E(await client.WriteprotectAsync(uffd, start, len, mode).ConfigureAwait(false));
+        E(await client.WriteprotectAsync(Id(uffd), start, len, mode).ConfigureAwait(false));
 
     private static FillResult Fill(FillOutcome o) => new(E(o.Errno), o.Field);
 
     public async Task<FillResult> CopyAsync(int uffd, ulong dst, ulong srcAddr, byte fill, ulong len, ulong mode) =>
-        Fill(await client.CopyFillAsync(uffd, dst, srcAddr, fill, len, mode).ConfigureAwait(false));
+        Fill(await client.CopyFillAsync(Id(uffd), dst, srcAddr, fill, len, mode).ConfigureAwait(false));
 
     public async Task<FillResult> ZeropageAsync(int uffd, ulong start, ulong len, ulong mode) =>
-        Fill(await client.ZeropageAsync(uffd, start, len, mode).ConfigureAwait(false));
+        Fill(await client.ZeropageAsync(Id(uffd), start, len, mode).ConfigureAwait(false));
 
     public async Task<FillResult> ContinueAsync(int uffd, ulong start, ulong len, ulong mode) =>
-        Fill(await client.ContinueAsync(uffd, start, len, mode).ConfigureAwait(false));
+        Fill(await client.ContinueAsync(Id(uffd), start, len, mode).ConfigureAwait(false));
 
     public async Task<FillResult> PoisonAsync(int uffd, ulong start, ulong len, ulong mode) =>
-        Fill(await client.PoisonAsync(uffd, start, len, mode).ConfigureAwait(false));
+        Fill(await client.PoisonAsync(Id(uffd), start, len, mode).ConfigureAwait(false));
 
     public async Task<FillResult> MoveAsync(int uffd, int callerProcess, ulong dst, ulong src, ulong len, ulong mode) =>
-        Fill(await client.MoveAsync(uffd, dst, src, len, mode, callerProcess).ConfigureAwait(false));
+        Fill(await client.MoveAsync(Id(uffd), dst, src, len, mode, Id(callerProcess)).ConfigureAwait(false));
 
     public async Task<(bool PollIn, bool PollErr)> PollAsync(int uffd)
     {
-        var p = await client.PollAsync(uffd).ConfigureAwait(false);
+        var p = await client.PollAsync(Id(uffd)).ConfigureAwait(false);
         return (p.Pollin, p.Pollerr);
     }
 
@@ -176,10 +194,10 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
     /// </summary>
     public async Task<(Errno Errno, UffdMessage? Message)> ReadAsync(int uffd)
     {
-        var p = await client.PollAsync(uffd).ConfigureAwait(false);
+        var p = await client.PollAsync(Id(uffd)).ConfigureAwait(false);
         if (!p.NonBlocking && p.ApiDone && !p.Released && p.Unread == 0)
             return (Errno.EAGAIN, null);
-        var (e, m) = await client.ReadMessageAsync(uffd).ConfigureAwait(false);
+        var (e, m) = await client.ReadMessageAsync(Id(uffd)).ConfigureAwait(false);
         if (m is null)
             return (E(e), null);
         var msg = m.ArgCase switch
@@ -194,23 +212,23 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
         return (E(e), msg);
     }
 
-    public async Task CloseAsync(int uffd) => await client.CloseUffdAsync(uffd).ConfigureAwait(false);
+    public async Task CloseAsync(int uffd) => await client.CloseUffdAsync(Id(uffd)).ConfigureAwait(false);
 
     public async Task<ulong[]> PagemapAsync(int process, ulong start, int pages) =>
-        (await client.PagemapAsync(process, start, (uint)pages).ConfigureAwait(false)).Select(e => e.Raw).ToArray();
+        (await client.PagemapAsync(Id(process), start, (uint)pages).ConfigureAwait(false)).Select(e => e.Raw).ToArray();
 
     public async Task<ulong> KpageflagsAsync(ulong pfn) =>
         (await client.KpageflagsAsync(await MachineAsync().ConfigureAwait(false), [pfn]).ConfigureAwait(false)).Flags[0];
 
     public async Task<IReadOnlyList<SmapsEntry>> SmapsAsync(int process, ulong start, ulong end) =>
-        (await client.SmapsAsync(process, start, end).ConfigureAwait(false))
+        (await client.SmapsAsync(Id(process), start, end).ConfigureAwait(false))
             .Select(s => new SmapsEntry(s.Start, s.End, s.Perms, (VmFlags)s.VmFlags, s.RssPages, s.SwapPages, s.PmdMapped)).ToList();
 
     public async Task<PmScanResult> PagemapScanAsync(int process, PmScanArg arg)
     {
         var req = new V1.PagemapScanRequest
         {
-            MmId = process,
+            MmId = Id(process),
             Flags = arg.Flags,
             Start = arg.Start,
             End = arg.End,

@@ -17,4 +17,10 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 5, EventName = "MessageLostWithStream", Level = LogLevel.Warning, Message = "Uffd {UffdId}: a {Event} message was read but its stream broke; it stays read")]
     public static partial void MessageLostWithStream(ILogger logger, long uffdId, string @event);
+
+    [LoggerMessage(EventId = 6, EventName = "AnonymousAccess", Level = LogLevel.Warning, Message = "Anonymous access is allowed from any address (Auth:Anonymous=Allow): every caller without a token shares the principal 'anonymous'. Set Auth:Tokens and Auth:Anonymous=Deny to require tokens.")]
+    public static partial void AnonymousFromAnywhere(ILogger logger);
+
+    [LoggerMessage(EventId = 7, EventName = "AuthMode", Level = LogLevel.Information, Message = "Auth: anonymous access {Anonymous}, {Tokens} bearer token(s) configured")]
+    public static partial void AuthMode(ILogger logger, UffdGrpc.Server.Security.AnonymousAccess anonymous, int tokens);
 }

@@ -15,6 +15,11 @@ app.MapGrpcReflectionService();
 // Graceful shutdown (SIGTERM): streams, pending accesses and waits end with UNAVAILABLE at
 // once, so Kestrel's drain finishes well inside the host's shutdown timeout.
 var registry = app.Services.GetRequiredService<MachineRegistry>();
+var auth = app.Services.GetRequiredService<Microsoft.Extensions.Options.IOptions<UffdGrpc.Server.Security.AuthOptions>>().Value;
+var startupLog = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("UffdGrpc.Server");
+Log.AuthMode(startupLog, auth.Anonymous, auth.Tokens.Count);
+if (auth.Anonymous == UffdGrpc.Server.Security.AnonymousAccess.Allow)
+    Log.AnonymousFromAnywhere(startupLog);
 app.Lifetime.ApplicationStopping.Register(registry.Shutdown);
 app.Run();
 

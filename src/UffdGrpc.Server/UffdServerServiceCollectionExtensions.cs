@@ -20,6 +20,7 @@ public static class UffdServerServiceCollectionExtensions
             o.MaxReceiveMessageSize = MaxReceiveMessageSize;
             o.EnableDetailedErrors = false;
             o.Interceptors.Add<ServerErrorInterceptor>();
+            o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
         });
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
         // host then has 5 s for everything else.
@@ -27,6 +28,15 @@ public static class UffdServerServiceCollectionExtensions
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();
+        services.AddOptions<UffdGrpc.Server.Security.AuthOptions>()
+            .BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section)
+            .Validate(o => o.Tokens.All(t => t.Key.Length > 0 && t.Value.Length >= 16), "Auth:Tokens: every token must have a principal name and at least 16 characters")
+            .Validate(o => o.Tokens.Values.Distinct(StringComparer.Ordinal).Count() == o.Tokens.Count, "Auth:Tokens: two principals share a token")
+            .Validate(o => Enum.IsDefined(o.Anonymous), "Auth:Anonymous must be Loopback, Allow or Deny")
+            .ValidateOnStart();
+        // One message limit for the whole transport: gRPC's per-message limit above is the
+        // only bound on a request (a Serve stream's body is as long as the stream lives).
+        services.Configure<Microsoft.AspNetCore.Server.Kestrel.Core.KestrelServerOptions>(o => o.Limits.MaxRequestBodySize = null);
         return services;
     }
 }

@@ -50,9 +50,10 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var after = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine });
         var machine = await c.GetMachineAsync(s.Machine);
 
-        Assert.Equal([s.Mm, other], list.Mms.Select(m => m.MmId));
-        Assert.Equal([s.Thread], list.Mms[0].ThreadIds);
-        Assert.Equal(1, list.Mms[0].VmaCount);
+        // Listed in id order; ids are random, so not in creation order.
+        Assert.Equal(new[] { s.Mm, other }.Order(), list.Mms.Select(m => m.MmId));
+        Assert.Equal([s.Thread], list.Mms.Single(m => m.MmId == s.Mm).ThreadIds);
+        Assert.Equal(1, list.Mms.Single(m => m.MmId == s.Mm).VmaCount);
         Assert.True(after.Mms.Single(m => m.MmId == other).Exited);
         Assert.Equal([s.Mm], machine.MmIds);
         await c.DestroyMmAsync(s.Mm);
@@ -219,7 +220,7 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
         var badToken = await Assert.ThrowsAsync<RpcException>(() => c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = s.Mm, PageToken = "nope" }).ResponseAsync);
         var badSize = await Assert.ThrowsAsync<RpcException>(() => c.Machines.ListMachinesAsync(new ListMachinesRequest { PageSize = 1001 }).ResponseAsync);
 
-        Assert.Equal(extra, first.Threads.Concat(second.Threads).Concat(last.Threads).Select(t => t.ThreadId));
+        Assert.Equal(extra.Order(), first.Threads.Concat(second.Threads).Concat(last.Threads).Select(t => t.ThreadId));
         Assert.Equal((2, 2, 1), (first.Threads.Count, second.Threads.Count, last.Threads.Count));
         Assert.NotEmpty(first.NextPageToken);
         Assert.Empty(last.NextPageToken);

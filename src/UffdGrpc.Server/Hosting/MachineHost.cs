@@ -10,18 +10,54 @@ namespace UffdGrpc.Server.Hosting;
 /// objects, the operations in flight and the log of completed ones.
 /// </summary>
 /// <remarks>
-/// Lock order: <see cref="Model.Kernel.Lock"/> is the only lock a machine has; nothing else
-/// is taken while it is held (the registry's id map is lock-free). The id maps, the pending
+/// Lock order: <see cref="Model.Kernel.Lock"/> is the machine's lock; the only lock taken
+/// while holding it is the grantee set's own (a leaf: nothing is taken under it), and the
+/// registry's id map is lock-free. The id maps, the pending
 /// operations, the completion log and every uffd's wait queue (<see cref="UffdEntry"/>) are
 /// protected by it, because the model fills them from callbacks that run under it
 /// (completions, <see cref="Model.UserfaultfdCtx.FdWqhWake"/>). Waiters never sleep under
 /// it: they take their wait-queue task under the lock and await it after releasing it, so a
 /// wake that happens in between completes the task they are about to await.
 /// </remarks>
-public sealed class MachineHost(long id, Model.Kernel kernel)
+public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
 {
+    private readonly HashSet<string> _grantees = [];
+
     public long Id { get; } = id;
     public Model.Kernel Kernel { get; } = kernel;
+    /// <summary>The principal that created the machine: it alone grants, revokes and destroys.</summary>
+    public string Owner { get; } = owner;
+
+    /// <summary>Principals the owner granted access to (a snapshot).</summary>
+    public IReadOnlyList<string> Grantees
+    {
+        get
+        {
+            lock (_grantees)
+                return [.. _grantees.Order(StringComparer.Ordinal)];
+        }
+    }
+
+    /// <summary>Whether <paramref name="principal"/> may see and use the machine (null: an in-process caller, which sees all).</summary>
+    public bool VisibleTo(string? principal)
+    {
+        if (principal is null || principal == Owner)
+            return true;
+        lock (_grantees)
+            return _grantees.Contains(principal);
+    }
+
+    internal void Grant(string principal)
+    {
+        lock (_grantees)
+            _grantees.Add(principal);
+    }
+
+    internal void Revoke(string principal)
+    {
+        lock (_grantees)
+            _grantees.Remove(principal);
+    }
     public bool Destroyed { get; internal set; }
     /// <summary>Why the machine's state can no longer be trusted (null while it can).</summary>
     public string? Broken { get; private set; }

@@ -15,22 +15,37 @@ public sealed class MachineRegistry
 {
     private readonly ConcurrentDictionary<long, object> _objects = new();
     private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
-    private long _next;
     private volatile bool _shuttingDown;
 
     /// <summary>Set once the host begins to stop: every call and wait then ends with UNAVAILABLE.</summary>
     public bool ShuttingDown => _shuttingDown;
 
-    private long NextId() => Interlocked.Increment(ref _next);
+    /// <summary>
+    /// A fresh id: a random positive 63-bit value, so ids name objects without telling a
+    /// caller which other ids exist. It differs from every live id; that it differs from every
+    /// id ever used holds with the odds of a 63-bit collision (no history is kept, so the
+    /// registry does not grow with the server's age).
+    /// </summary>
+    private long NextId()
+    {
+        Span<byte> b = stackalloc byte[8];
+        while (true)
+        {
+            System.Security.Cryptography.RandomNumberGenerator.Fill(b);
+            var id = (long)(BitConverter.ToUInt64(b) >> 1);
+            if (id != 0 && !_objects.ContainsKey(id))
+                return id;
+        }
+    }
 
-    /// <summary>The live machines in id order.</summary>
-    public IEnumerable<MachineHost> Machines => _machines.Values.OrderBy(m => m.Id);
+    /// <summary>The live machines the current caller may see, in id order.</summary>
+    public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
-    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config)
+    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config, string owner = Security.AuthOptions.AnonymousPrincipal)
     {
         if (_shuttingDown)
             throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
-        var host = new MachineHost(NextId(), new Model.Kernel(profile, config));
+        var host = new MachineHost(NextId(), new Model.Kernel(profile, config), owner);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
         return host;
@@ -46,7 +61,9 @@ public sealed class MachineRegistry
     {
         if (id <= 0)
             throw RequestErrors.Invalid(field, "required (a positive id)");
-        if (!_objects.TryGetValue(id, out var o) || o is not T t || (t is MachineHost { Destroyed: true }) || (t is Entry { Host.Destroyed: true }))
+        // Another principal's object is as unknown as one that never existed.
+        if (!_objects.TryGetValue(id, out var o) || o is not T t || (t is MachineHost { Destroyed: true }) || (t is Entry { Host.Destroyed: true })
+            || !(t as MachineHost ?? ((Entry)(object)t).Host).VisibleTo(Security.Caller.Principal))
             throw RequestErrors.UnknownId(field, id, typeof(T).Name.Replace("Entry", "", StringComparison.Ordinal).Replace("Host", "", StringComparison.Ordinal).ToLowerInvariant());
         var host = t as MachineHost ?? ((Entry)(object)t).Host;
         if (host.Unusable(_shuttingDown) is { } status && !(allowBroken && host.Broken is not null && !_shuttingDown))
@@ -58,7 +75,7 @@ public sealed class MachineRegistry
     public bool TryGet<T>(long id, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T? value)
         where T : Entry
     {
-        value = _objects.TryGetValue(id, out var o) && o is T t && !t.Host.Destroyed ? t : null;
+        value = _objects.TryGetValue(id, out var o) && o is T t && !t.Host.Destroyed && t.Host.VisibleTo(Security.Caller.Principal) ? t : null;
         return value is not null;
     }
 

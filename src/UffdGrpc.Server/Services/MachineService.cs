@@ -25,7 +25,9 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             MaxCopyBytes = k.Config.MaxCopyBytes,
             LiveFrames = k.LiveFrames,
             Broken = h.Broken ?? "",
+            Owner = h.Owner,
         };
+        info.Grantees.AddRange(h.Grantees);
         info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
         return info;
     });
@@ -42,7 +44,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
     {
         var profile = ProtoMapping.ToModel(request.Profile);
         var config = Apply(new Model.MachineConfig(), request.Settings);
-        var h = registry.CreateMachine(profile, config);
+        var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal);
         Log.MachineCreated(logger, h.Id, profile);
         return Task.FromResult(new CreateMachineResponse { Machine = Info(h) });
     }
@@ -66,9 +68,34 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         return Task.FromResult(new ConfigureMachineResponse { Machine = Info(h) });
     }
 
+    /// <summary>The machine <paramref name="id"/>, which the caller must own (a grantee gets PERMISSION_DENIED).</summary>
+    private MachineHost Owned(long id, string what)
+    {
+        var h = registry.MachineEvenIfBroken(id);
+        if (Security.Caller.Principal is { } p && p != h.Owner)
+            throw new RpcException(new Status(StatusCode.PermissionDenied, $"only the owner of machine {id} may {what}"));
+        return h;
+    }
+
+    public override Task<GrantMachineAccessResponse> GrantMachineAccess(GrantMachineAccessRequest request, ServerCallContext context)
+    {
+        RequestErrors.Require(request.Principal.Length is > 0 and <= 256, "principal", "a principal name (1-256 characters)");
+        var h = Owned(request.MachineId, "grant access");
+        h.Grant(request.Principal);
+        return Task.FromResult(new GrantMachineAccessResponse { Machine = Info(h) });
+    }
+
+    public override Task<RevokeMachineAccessResponse> RevokeMachineAccess(RevokeMachineAccessRequest request, ServerCallContext context)
+    {
+        RequestErrors.Require(request.Principal.Length is > 0 and <= 256, "principal", "a principal name (1-256 characters)");
+        var h = Owned(request.MachineId, "revoke access");
+        h.Revoke(request.Principal);
+        return Task.FromResult(new RevokeMachineAccessResponse { Machine = Info(h) });
+    }
+
     public override Task<DestroyMachineResponse> DestroyMachine(DestroyMachineRequest request, ServerCallContext context)
     {
-        var h = registry.MachineEvenIfBroken(request.MachineId);
+        var h = Owned(request.MachineId, "destroy it");
         registry.Destroy(h);
         Log.MachineDestroyed(logger, h.Id);
         return Task.FromResult(new DestroyMachineResponse());

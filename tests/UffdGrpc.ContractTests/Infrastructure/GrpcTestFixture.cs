@@ -11,7 +11,7 @@ namespace UffdGrpc.ContractTests.Infrastructure;
 /// The real server startup on an in-memory HTTP/2 TestServer, with a GrpcChannel over it.
 /// Server errors are collected: a test that does not expect one asserts <see cref="Errors"/> is empty.
 /// </summary>
-public sealed class GrpcTestFixture : WebApplicationFactory<Program>
+public class GrpcTestFixture : WebApplicationFactory<Program>
 {
     private readonly ConcurrentQueue<string> _errors = new();
     private GrpcChannel? _channel;
@@ -20,16 +20,22 @@ public sealed class GrpcTestFixture : WebApplicationFactory<Program>
 
     public GrpcChannel Channel => _channel ??= CreateChannel();
 
-    public GrpcChannel CreateChannel() => GrpcChannel.ForAddress(Server.BaseAddress, new GrpcChannelOptions
+    public GrpcChannel CreateChannel(string? bearerToken = null)
     {
-        HttpHandler = Server.CreateHandler(),
-        MaxReceiveMessageSize = 64 << 20,
-    });
+        var o = UffdClient.ChannelOptions(bearerToken);
+        o.HttpHandler = Server.CreateHandler();
+        return GrpcChannel.ForAddress(Server.BaseAddress, o);
+    }
+
+    /// <summary>Settings the server starts with (for example Auth:Tokens:alice), on top of appsettings.json.</summary>
+    protected virtual IReadOnlyDictionary<string, string?> Settings { get; } = new Dictionary<string, string?>();
 
     public UffdClient NewClient() => new(Channel);
 
     protected override void ConfigureWebHost(IWebHostBuilder builder)
     {
+        foreach (var (key, value) in Settings)
+            builder.UseSetting(key, value);
         builder.ConfigureServices(s => s.AddSingleton<ILoggerProvider>(new SinkProvider(_errors)));
     }
 

@@ -28,6 +28,11 @@ public static class UffdServerServiceCollectionExtensions
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();
+        services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
+        services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
+            .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
+            .Validate(o => o.MachinesPerPrincipal > 0 && o.StreamsPerPrincipal > 0 && o.MmsPerMachine > 0 && o.ThreadsPerMachine > 0 && o.UffdsPerMachine > 0 && o.FilesPerMachine > 0 && o.CompletionLogPerMachine > 0, "Limits: every limit must be positive")
+            .ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.AuthOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section)
             .Validate(o => o.Tokens.All(t => t.Key.Length > 0 && t.Value.Length >= 16), "Auth:Tokens: every token must have a principal name and at least 16 characters")

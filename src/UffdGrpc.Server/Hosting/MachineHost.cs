@@ -70,6 +70,9 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     internal List<UffdEntry> Uffds { get; } = [];
     /// <summary>Operations started and not yet completed (their callers may be waiting).</summary>
     internal HashSet<OpEntry> PendingOps { get; } = [];
+    /// <summary>Threads of the machine that have not exited. Caller holds the kernel lock.</summary>
+    internal int LiveThreads => Kernel.Mms.Sum(m => m.Threads.Count(t => t.State != Model.ThreadState.Exited));
+
     /// <summary>Results of operations started with StartOp, in completion order.</summary>
     internal List<ThreadOpResult> CompletionLog { get; } = [];
 

@@ -11,8 +11,11 @@ namespace UffdGrpc.Server.Hosting;
 /// across the server and never reused. The registry itself is thread-safe; the model objects
 /// it names are protected by their machine's lock.
 /// </summary>
-public sealed class MachineRegistry
+public sealed class MachineRegistry(Security.Quotas quotas)
 {
+    /// <summary>The limits every creation checks.</summary>
+    public Security.Quotas Quotas { get; } = quotas;
+
     private readonly ConcurrentDictionary<long, object> _objects = new();
     private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
     private volatile bool _shuttingDown;
@@ -45,6 +48,7 @@ public sealed class MachineRegistry
     {
         if (_shuttingDown)
             throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
+        Security.Quotas.Check(_machines.Values.Count(m => m.Owner == owner), Quotas.Limits.MachinesPerPrincipal, nameof(Security.LimitOptions.MachinesPerPrincipal), "principal " + owner);
         var host = new MachineHost(NextId(), new Model.Kernel(profile, config), owner);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
@@ -137,6 +141,13 @@ public sealed class MachineRegistry
                 throw RequestErrors.Precondition("THREAD_EXITED", $"thread {thread.Id} has exited");
             if (thread.Thread.Op is not null)
                 throw RequestErrors.Precondition("THREAD_BUSY", $"thread {thread.Id} is running operation {thread.OpId}");
+            if (logged)
+                Security.Quotas.Check(host.CompletionLog.Count + host.PendingOps.Count(p => p.Logged), Quotas.Limits.CompletionLogPerMachine, nameof(Security.LimitOptions.CompletionLogPerMachine), $"machine {host.Id}");
+            if (op is Model.ForkOp)
+            {
+                Security.Quotas.Check(host.Kernel.Mms.Count, Quotas.Limits.MmsPerMachine, nameof(Security.LimitOptions.MmsPerMachine), $"machine {host.Id}");
+                Security.Quotas.Check(host.LiveThreads, Quotas.Limits.ThreadsPerMachine, nameof(Security.LimitOptions.ThreadsPerMachine), $"machine {host.Id}");
+            }
             _objects[entry.Id] = entry;
             thread.OpId = entry.Id;
             host.PendingOps.Add(entry);

@@ -21,7 +21,11 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
     public override Task<CreateMmResponse> CreateMm(CreateMmRequest request, ServerCallContext context)
     {
         var h = registry.Machine(request.MachineId);
-        var id = h.Run(() => registry.IdOf(h, h.Kernel.CreateMm()));
+        var id = h.Run(() =>
+        {
+            Security.Quotas.Check(h.Kernel.Mms.Count, registry.Quotas.Limits.MmsPerMachine, nameof(Security.LimitOptions.MmsPerMachine), $"machine {h.Id}");
+            return registry.IdOf(h, h.Kernel.CreateMm());
+        });
         return Task.FromResult(new CreateMmResponse { Mm = Info(registry.Mm(id)) });
     }
 
@@ -76,7 +80,13 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
     private ThreadEntry SyscallThread(MmEntry e, long threadId)
     {
         if (threadId == 0)
-            return registry.Thread(e.Host.Run(() => registry.IdOf(e.Host, e.Host.Kernel.CreateThread(e.Mm))));
+        {
+            return registry.Thread(e.Host.Run(() =>
+            {
+                Security.Quotas.Check(e.Host.LiveThreads, registry.Quotas.Limits.ThreadsPerMachine, nameof(Security.LimitOptions.ThreadsPerMachine), $"machine {e.Host.Id}");
+                return registry.IdOf(e.Host, e.Host.Kernel.CreateThread(e.Mm));
+            }));
+        }
         var t = registry.Thread(threadId);
         if (t.MmId != e.Id)
             throw RequestErrors.Invalid("thread_id", "the thread belongs to another process");
@@ -144,7 +154,11 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
         var h = registry.Machine(request.MachineId);
         RequestErrors.Require(request.Name.Length <= 255, "name", "at most 255 characters (NAME_MAX)");
         RequestErrors.Require(request.Size <= (1UL << 40), "size", "at most 1 TiB");
-        var id = h.Run(() => registry.IdOf(h, h.Kernel.CreateFile(request.Name, request.Shmem, request.Size)));
+        var id = h.Run(() =>
+        {
+            Security.Quotas.Check(h.FileIds.Count, registry.Quotas.Limits.FilesPerMachine, nameof(Security.LimitOptions.FilesPerMachine), $"machine {h.Id}");
+            return registry.IdOf(h, h.Kernel.CreateFile(request.Name, request.Shmem, request.Size));
+        });
         var f = registry.File(id).File;
         return Task.FromResult(new CreateFileResponse { File = new Contracts.V1.FileInfo { FileId = id, Name = f.Name, Shmem = f.IsShmem, Size = f.Size } });
     }

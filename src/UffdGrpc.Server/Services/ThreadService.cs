@@ -25,6 +25,7 @@ public sealed class ThreadService(MachineRegistry registry) : Contracts.V1.Threa
         {
             if (e.Mm.Exited)
                 throw RequestErrors.Precondition("PROCESS_EXITED", $"process {e.Id} has exited");
+            Security.Quotas.Check(e.Host.LiveThreads, registry.Quotas.Limits.ThreadsPerMachine, nameof(Security.LimitOptions.ThreadsPerMachine), $"machine {e.Host.Id}");
             return registry.IdOf(e.Host, e.Host.Kernel.CreateThread(e.Mm));
         });
         return Task.FromResult(new CreateThreadResponse { Thread = Info(registry.Thread(id)) });

@@ -39,6 +39,7 @@ public sealed partial class UserfaultfdService
     public override async Task ReadEvents(ReadEventsRequest request, IServerStreamWriter<ReadEventsResponse> responseStream, ServerCallContext context)
     {
         var u = registry.Uffd(request.UffdId);
+        using var lease = registry.Quotas.OpenStream();
         var ct = context.CancellationToken;
         long sent = 0;
         // Headers first: the handler knows its stream is open before any message, and a
@@ -93,6 +94,7 @@ public sealed partial class UserfaultfdService
             return;
         var first = requestStream.Current;
         var u = registry.Uffd(first.UffdId);
+        using var lease = registry.Quotas.OpenStream();
         RequestErrors.Require(first.MaxMessages <= MaxBatch, "max_messages", $"0 (the default, {DefaultBatch}) to {MaxBatch}");
         var max = first.MaxMessages == 0 ? DefaultBatch : (int)first.MaxMessages;
         using var writeGate = new SemaphoreSlim(1, 1);

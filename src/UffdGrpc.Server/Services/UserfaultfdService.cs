@@ -16,6 +16,7 @@ public sealed partial class UserfaultfdService(MachineRegistry registry, ILogger
         var e = registry.Mm(request.MmId);
         var (errno, id) = e.Host.Run(() =>
         {
+            Security.Quotas.Check(e.Host.Kernel.Contexts.Count(c => !c.Released), registry.Quotas.Limits.UffdsPerMachine, nameof(Security.LimitOptions.UffdsPerMachine), $"machine {e.Host.Id}");
             var r = e.Host.Kernel.Userfaultfd(e.Mm, (int)request.Flags, out var ctx);
             return (r, ctx is null ? 0 : registry.IdOf(e.Host, ctx));
         });

@@ -1,0 +1,24 @@
+namespace UffdGrpc.Server.Security;
+
+/// <summary>
+/// The <c>Limits</c> configuration section: what one principal may hold. A machine belongs to
+/// one principal, so the per-machine counts bound a principal at <c>MachinesPerPrincipal</c>
+/// times each. Over a limit a call fails with RESOURCE_EXHAUSTED and a
+/// <c>google.rpc.QuotaFailure</c> naming it; nothing changes.
+/// </summary>
+public sealed class LimitOptions
+{
+    public const string Section = "Limits";
+
+    public int MachinesPerPrincipal { get; set; } = 64;
+    /// <summary>Open ReadEvents and Serve streams of one principal.</summary>
+    public int StreamsPerPrincipal { get; set; } = 1024;
+    /// <summary>Processes (mm) of one machine, fork children included.</summary>
+    public int MmsPerMachine { get; set; } = 1024;
+    /// <summary>Threads of one machine, fork children included (each blocked thread holds at most one queued uffd message, so this also bounds the queued events).</summary>
+    public int ThreadsPerMachine { get; set; } = 4096;
+    public int UffdsPerMachine { get; set; } = 1024;
+    public int FilesPerMachine { get; set; } = 1024;
+    /// <summary>Undrained StartOp results of one machine (TakeCompletions drains them).</summary>
+    public int CompletionLogPerMachine { get; set; } = 65536;
+}

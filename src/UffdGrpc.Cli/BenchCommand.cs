@@ -37,8 +37,8 @@ internal static class BenchCommand
             return 1;
         }
         // Two connections: the guest's and the handler's, as two processes would have.
-        using var guest = new UffdClient(url);
-        using var handler = new UffdClient(url);
+        using var guest = CliCommands.Connect(url);
+        using var handler = CliCommands.Connect(url);
         var inv = CultureInfo.InvariantCulture;
         Console.Out.WriteLine(string.Create(inv, $"fault round trip over {url} ({iterations} timed after {warmup} warm-up; WP write -> message -> un-protect -> access returns)"));
         Console.Out.WriteLine("shape                      p50 us   p99 us  mean us   faults/s");

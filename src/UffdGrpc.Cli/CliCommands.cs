@@ -14,7 +14,14 @@ namespace UffdGrpc.Cli;
 public static class CliCommands
 {
     /// <summary>The server address when none is given.</summary>
-    public const string DefaultServer = "http://127.0.0.1:5051";
+    public const string DefaultServer = UffdClient.DefaultAddress;
+
+    /// <summary>The environment variable holding the bearer token the client commands send (none: anonymous).</summary>
+    public const string TokenVariable = "UFFDGRPC_TOKEN";
+
+    /// <summary>A client for <paramref name="url"/>, with the token of <see cref="TokenVariable"/> when it is set.</summary>
+    internal static UffdClient Connect(string url) =>
+        new(url, Environment.GetEnvironmentVariable(TokenVariable) is { Length: > 0 } t ? t : null);
 
     public static RootCommand Build()
     {
@@ -77,7 +84,7 @@ public static class CliCommands
                 var stdout = new StreamWriter(Console.OpenStandardOutput()) { AutoFlush = false, NewLine = "\n" };
                 await using (stdout.ConfigureAwait(false))
                 {
-                    using var client = url is null ? null : new UffdClient(url);
+                    using var client = url is null ? null : Connect(url);
                     IKernelBackend backend = client is null ? new InProcessBackend(new Kernel(prof.Value)) : new GrpcBackend(client, prof.Value);
                     await using (backend.ConfigureAwait(false))
                     {

@@ -55,7 +55,7 @@ internal static class DemoCommand
 
     private static async Task<int> RunGuestAsync(string url, CancellationToken ct)
     {
-        using var c = new UffdClient(url);
+        using var c = CliCommands.Connect(url);
         var machine = (await c.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
         Process? handler = null;
         try
@@ -148,7 +148,7 @@ internal static class DemoCommand
 
     private static async Task<int> RunHandlerAsync(string url, long uffd, CancellationToken ct)
     {
-        using var c = new UffdClient(url);
+        using var c = CliCommands.Connect(url);
         Say("handler", $"process {Environment.ProcessId}: reading uffd {uffd}'s events");
         await foreach (var msg in c.ReadEventsAsync(uffd, ct).ConfigureAwait(false))
         {

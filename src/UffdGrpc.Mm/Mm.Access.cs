@@ -82,4 +82,60 @@ public sealed partial class Mm
             page.Read(offset, dst);
         return true;
     }
+
+    /// <summary>follow_page_mask with FOLL_TOUCH (GUP for populate): a mapped page with the needed permission, marked young.</summary>
+    internal bool GupFollow(ulong addr, bool write) => FollowPageMask(addr, write, pin: false, out _, out _);
+
+    /// <summary>
+    /// Models follow_page_mask with FOLL_TOUCH (and FOLL_PIN when <paramref name="pin"/>): a
+    /// present entry that allows the access gives its page (the zero page for a zero-page
+    /// entry) and is marked young. With FOLL_PIN, a read of an anon page without
+    /// PageAnonExclusive needs an unshare fault first (gup_must_unshare).
+    /// </summary>
+    internal bool FollowPageMask(ulong addr, bool write, bool pin, out Page? page, out bool unshare)
+    {
+        page = null;
+        unshare = false;
+        var pmdt = PageTable.PmdTableOf(addr, false);
+        if (pmdt is null)
+            return false;
+        var pi = PageTable.PmdIndex(addr);
+        var pmd = pmdt.Entries[pi];
+        if (pmd.TransHuge)
+        {
+            if (!pmd.HwPresent || (write && !pmd.Write))
+                return false;
+            if (pin)
+            {
+                var sub = Kernel.PageOf(pmd.Pfn)!.Folio!.Pages[PageTable.PteIndex(addr)];
+                if (!write && sub.IsAnon && !sub.AnonExclusive)
+                {
+                    unshare = true;
+                    return false;
+                }
+                page = sub;
+            }
+            pmdt.Entries[pi] = pmd.MkYoung();
+            return true;
+        }
+        var table = pmdt.Tables[pi];
+        if (table is null)
+            return false;
+        var i = PageTable.PteIndex(addr);
+        var pte = table.Entries[i];
+        if (!pte.HwPresent || (write && !pte.Write))
+            return false;
+        if (pin)
+        {
+            var p = PteToPage(pte);
+            if (!write && p.IsAnon && !p.AnonExclusive)
+            {
+                unshare = true;
+                return false;
+            }
+            page = p;
+        }
+        table.Entries[i] = pte.MkYoung();
+        return true;
+    }
 }

@@ -60,32 +60,6 @@ public sealed partial class Mm
         throw new InvalidOperationException("populate livelock");
     }
 
-    /// <summary>follow_page_mask: a mapped page with the needed permission (FOLL_TOUCH marks it young).</summary>
-    internal bool GupFollow(ulong addr, bool write)
-    {
-        var pmdt = PageTable.PmdTableOf(addr, false);
-        if (pmdt is null)
-            return false;
-        var pi = PageTable.PmdIndex(addr);
-        var pmd = pmdt.Entries[pi];
-        if (pmd.TransHuge)
-        {
-            if (!pmd.HwPresent || (write && !pmd.Write))
-                return false;
-            pmdt.Entries[pi] = pmd.MkYoung();
-            return true;
-        }
-        var table = pmdt.Tables[pi];
-        if (table is null)
-            return false;
-        var i = PageTable.PteIndex(addr);
-        var pte = table.Entries[i];
-        if (!pte.HwPresent || (write && !pte.Write))
-            return false;
-        table.Entries[i] = pte.MkYoung();
-        return true;
-    }
-
     internal static bool IsKnownAdvice(Madv a) => a is Madv.Normal or Madv.Random or Madv.Sequential or Madv.Willneed
         or Madv.Dontneed or Madv.Free or Madv.Remove or Madv.Dontfork or Madv.Dofork or Madv.Hugepage
         or Madv.Nohugepage or Madv.Wipeonfork or Madv.Keeponfork or Madv.Cold or Madv.Pageout

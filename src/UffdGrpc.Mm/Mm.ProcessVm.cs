@@ -115,7 +115,7 @@ public sealed partial class Mm
             return FaultResult.SigSegvAccerr;
         for (var tries = 0; tries < 64; tries++)
         {
-            if (FollowPageForPin(addr, write, out page, out var unshare))
+            if (FollowPageMask(addr, write, pin: true, out page, out var unshare))
             {
                 if (!page!.IsZeroPage)
                     page.Pins++;
@@ -141,52 +141,6 @@ public sealed partial class Mm
         page.Pins--;
         if (page.Pins == 0)
             Kernel.MaybeFree(page);
-    }
-
-    /// <summary>
-    /// follow_page_mask with FOLL_PIN | FOLL_TOUCH: a present entry that allows the access
-    /// gives its page (the zero page for a zero-page entry) and is marked young. A read of
-    /// an anon page without PageAnonExclusive needs an unshare fault first.
-    /// </summary>
-    private bool FollowPageForPin(ulong addr, bool write, out Page? page, out bool unshare)
-    {
-        page = null;
-        unshare = false;
-        var pmdt = PageTable.PmdTableOf(addr, false);
-        if (pmdt is null)
-            return false;
-        var pi = PageTable.PmdIndex(addr);
-        var pmd = pmdt.Entries[pi];
-        if (pmd.TransHuge)
-        {
-            if (!pmd.HwPresent || (write && !pmd.Write))
-                return false;
-            var sub = Kernel.PageOf(pmd.Pfn)!.Folio!.Pages[PageTable.PteIndex(addr)];
-            if (!write && sub.IsAnon && !sub.AnonExclusive)
-            {
-                unshare = true;
-                return false;
-            }
-            pmdt.Entries[pi] = pmd.MkYoung();
-            page = sub;
-            return true;
-        }
-        var table = pmdt.Tables[pi];
-        if (table is null)
-            return false;
-        var i = PageTable.PteIndex(addr);
-        var pte = table.Entries[i];
-        if (!pte.HwPresent || (write && !pte.Write))
-            return false;
-        var p = PteToPage(pte);
-        if (!write && p.IsAnon && !p.AnonExclusive)
-        {
-            unshare = true;
-            return false;
-        }
-        table.Entries[i] = pte.MkYoung();
-        page = p;
-        return true;
     }
 
     /// <summary>

@@ -36,6 +36,14 @@ public sealed partial class UserfaultfdService
         return (msgs, msgs is null ? u.WaitTask() : null);
     });
 
+    /// <summary>Sleeps on <paramref name="u"/>'s wait queue; a wake by the machine ending (destroyed, broken, shutdown) ends the sleeper with that status.</summary>
+    private async Task SleepAsync(UffdEntry u, Task wait, CancellationToken ct)
+    {
+        await wait.WaitAsync(ct).ConfigureAwait(false);
+        if (registry.Unusable(u.Host) is { } status)
+            throw status;
+    }
+
     public override async Task ReadEvents(ReadEventsRequest request, IServerStreamWriter<ReadEventsResponse> responseStream, ServerCallContext context)
     {
         var u = registry.Uffd(request.UffdId);
@@ -69,9 +77,7 @@ public sealed partial class UserfaultfdService
                 }
                 if (wait is null)
                     return;
-                await wait.WaitAsync(ct).ConfigureAwait(false);
-                if (registry.Unusable(u.Host) is { } status)
-                    throw status;
+                await SleepAsync(u, wait, ct).ConfigureAwait(false);
             }
         }
         finally
@@ -146,9 +152,7 @@ public sealed partial class UserfaultfdService
                 }
                 if (wait is null)
                     return;
-                await wait.WaitAsync(token).ConfigureAwait(false);
-                if (registry.Unusable(u.Host) is { } status)
-                    throw status;
+                await SleepAsync(u, wait, token).ConfigureAwait(false);
             }
         }
 

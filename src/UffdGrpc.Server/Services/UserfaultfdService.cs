@@ -170,9 +170,7 @@ public sealed partial class UserfaultfdService(MachineRegistry registry, ILogger
             });
             if (wait is null)
                 return new ReadResponse { Errno = E(errno), Msg = msg };
-            await wait.WaitAsync(context.CancellationToken).ConfigureAwait(false);
-            if (registry.Unusable(u.Host) is { } status)
-                throw status;
+            await SleepAsync(u, wait, context.CancellationToken).ConfigureAwait(false);
         }
     }
 

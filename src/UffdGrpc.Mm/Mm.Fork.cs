@@ -22,6 +22,8 @@ public sealed partial class Mm
             {
                 AnonVma = (v.Flags & VmFlags.WipeOnFork) != 0 ? null : v.AnonVma,
             };
+            // anon_vma_fork: the child's chain also links the parent's anon_vma.
+            cv.AnonVmaChainSingular = cv.AnonVma is null;
             if (v.UffdCtx is { } octx)
             {
                 if ((octx.Features & UffdFeatures.EventFork) != 0 && !octx.Released)

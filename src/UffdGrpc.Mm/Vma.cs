@@ -60,6 +60,11 @@ public sealed class Vma
     /// <summary>vm_userfaultfd_ctx.ctx.</summary>
     public UserfaultfdCtx? UffdCtx { get; internal set; }
     public AnonVma? AnonVma { get; internal set; }
+    /// <summary>
+    /// list_is_singular(&amp;vma->anon_vma_chain): the VMA's anon_vma chain holds only its own
+    /// anon_vma (false for a VMA forked from one that had an anon_vma).
+    /// </summary>
+    public bool AnonVmaChainSingular { get; internal set; } = true;
 
     public ulong Pages => (End - Start) / Kernel.PageSize;
 
@@ -109,6 +114,7 @@ public sealed class Vma
         {
             UffdCtx = UffdCtx,
             AnonVma = AnonVma,
+            AnonVmaChainSingular = AnonVmaChainSingular,
         };
         return v;
     }

@@ -17,6 +17,8 @@ public enum VmFlags : ulong
     Locked = 0x2000,
     UffdWp = 0x1000,
     DontCopy = 0x20000,
+    /// <summary>VM_ACCOUNT: the mapping is charged to the commit limit.</summary>
+    Account = 0x10_0000,
     UffdMinor = 0x2_0000_0000,
     SoftDirty = 0x800_0000,
     HugePage = 0x2000_0000,

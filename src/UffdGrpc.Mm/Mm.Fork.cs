@@ -20,8 +20,11 @@ public sealed partial class Mm
                 continue;
             var cv = new Vma(child, v.Start, v.End, v.Flags & ~VmFlags.Locked, v.File, v.PgOff)
             {
-                AnonVma = (v.Flags & VmFlags.WipeOnFork) != 0 ? null : v.AnonVma,
+                // anon_vma_fork: each child VMA gets an anon_vma of its own, and its chain
+                // also links the parent's (so it is not singular).
+                AnonVma = (v.Flags & VmFlags.WipeOnFork) != 0 || v.AnonVma is null ? null : new AnonVma(),
             };
+            cv.AnonVmaChainSingular = cv.AnonVma is null;
             if (v.UffdCtx is { } octx)
             {
                 if ((octx.Features & UffdFeatures.EventFork) != 0 && !octx.Released)

@@ -40,12 +40,20 @@ public sealed partial class Mm
         }
         if (Kernel.Config.SoftDirty)
             flags |= VmFlags.SoftDirty;
+        if (AccountableMapping(flags))
+            flags |= VmFlags.Account;
         var vma = new Vma(this, addr, addr + len, flags, file, file is null ? addr / Kernel.PageSize : offset / Kernel.PageSize);
         InsertVma(vma);
         if (populate && (flags & VmFlags.AccessFlags) != 0)
             PopulateVmaPageRange(vma);
         return Errno.OK;
     }
+
+    /// <summary>
+    /// Models accountable_mapping (mm/mmap.c): a private writable mapping is charged
+    /// (VM_ACCOUNT); the model has no VM_NORESERVE and no hugetlb mappings.
+    /// </summary>
+    private static bool AccountableMapping(VmFlags flags) => (flags & (VmFlags.Shared | VmFlags.Write)) == VmFlags.Write;
 
     internal static ulong PageAlign(ulong len) => (len + Kernel.PageSize - 1) & ~(Kernel.PageSize - 1);
 

@@ -56,11 +56,26 @@ public sealed partial class Mm
         return tmp < end ? Errno.ENOMEM : Errno.OK;
     }
 
-    /// <summary>mprotect_fixup: nothing to do when the flags do not change.</summary>
+    /// <summary>
+    /// Models mprotect_fixup: nothing to do when the flags do not change. Making a private
+    /// VMA that is not yet charged writable adds VM_ACCOUNT; making it non-writable drops
+    /// VM_ACCOUNT only from an anonymous VMA that has no anon_vma yet (the commit cannot be
+    /// returned once pages may exist). The flags then take part in the merge.
+    /// </summary>
     private void MprotectFixup(Vma vma, ulong start, ulong end, VmFlags newFlags)
     {
-        if (newFlags == vma.Flags)
+        var oldFlags = vma.Flags;
+        if (newFlags == oldFlags)
             return;
+        if ((newFlags & VmFlags.Write) != 0)
+        {
+            if ((oldFlags & (VmFlags.Account | VmFlags.Write | VmFlags.Shared)) == 0)
+                newFlags |= VmFlags.Account;
+        }
+        else if ((oldFlags & VmFlags.Account) != 0 && vma.IsAnonymous && vma.AnonVma is null)
+        {
+            newFlags &= ~VmFlags.Account;
+        }
         vma = IsolateRange(vma, start, end);
         vma.Flags = newFlags;
         var cp = CpFlags.None;

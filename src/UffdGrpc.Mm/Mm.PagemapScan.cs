@@ -3,27 +3,39 @@ namespace UffdGrpc.Mm;
 /// <summary>PAGEMAP_SCAN (fs/proc/task_mmu.c: do_pagemap_scan and its walk callbacks).</summary>
 public sealed partial class Mm
 {
+    /// <summary>walk_page_range stopped early because the output is full (-ENOSPC).</summary>
+    private const int WalkEnospc = -(int)Errno.ENOSPC;
+
+    /// <summary>PAGEMAP_WALK_SIZE &gt;&gt; PAGE_SHIFT: the most entries the bounce buffer holds.</summary>
+    private const int PagemapScanBounceEntries = (int)(Kernel.PmdSize / Kernel.PageSize);
+
     /// <summary>The bounce buffer and counters of one scan (struct pagemap_scan_private).</summary>
     private sealed class ScanState(PmScanArg arg)
     {
         public readonly PmScanArg Arg = arg;
+        /// <summary>The user's vector (vec_out): what the flushes copied out so far.</summary>
         public readonly List<PageRegion> Out = [];
         public readonly ulong MaxPages = arg.MaxPages == 0 ? ulong.MaxValue : arg.MaxPages;
         public readonly ulong MasksOfInterest = arg.CategoryMask | arg.CategoryAnyofMask | arg.ReturnMask;
+        /// <summary>arg.vec_len: the slots left in the user's vector.</summary>
+        public ulong VecLen = arg.VecLen;
+        public PageRegion[]? VecBuf;
+        public int VecBufLen;
+        public int VecBufIndex;
         public ulong FoundPages;
+        /// <summary>arg.walk_end (0: not set).</summary>
         public ulong WalkEnd;
         public ulong VmaCategory;
-        public bool Full;
         public bool WpMatching => (Arg.Flags & (ulong)Uapi.PmScanWpMatching) != 0;
-        public bool HasVec => Arg.VecLen > 0;
+        public bool HasVec => VecBuf is not null;
     }
 
     /// <summary>
-    /// Models do_pagemap_scan. Argument errors leave walk_end unwritten (0); a VMA that is
-    /// not WP-async capable fails CHECK_WPASYNC with EPERM, is skipped by WP_MATCHING, and
-    /// is scanned otherwise. Matching pages are reported as coalesced regions until the
-    /// vector or max_pages budget runs out (walk_end marks where); with WP_MATCHING the
-    /// WRITTEN ones are write-protected (uffd-wp bit or marker).
+    /// Models do_pagemap_scan. Argument errors leave walk_end unwritten (0). The walk runs in
+    /// rounds: each collects regions in a bounce buffer of at most 512 entries and copies
+    /// them out (pagemap_scan_flush_buffer); a round that stops on a full buffer starts the
+    /// next one at walk_end, until the user's vector or max_pages is used up. walk_end is
+    /// whatever the last round that set it left (the range end if none did).
     /// </summary>
     public PmScanResult PagemapScan(PmScanArg arg)
     {
@@ -42,67 +54,135 @@ public sealed partial class Mm
             return new(Errno.EFAULT, 0, []);
         var end = PageAlign(arg.End);
         var p = new ScanState(arg);
-        var err = Errno.OK;
-        foreach (var vma in VmasIn(arg.Start, end))
+        PagemapScanInitBounceBuffer(p);
+        var ret = 0;
+        for (var walkStart = arg.Start; walkStart < end; walkStart = p.WalkEnd)
         {
-            var s = Math.Max(arg.Start, vma.Start);
+            ret = PagemapScanWalk(walkStart, end, p);
+            PagemapScanFlushBuffer(p);
+            if (ret != WalkEnospc)
+                break;
+            if (p.VecLen == 0 || p.FoundPages == p.MaxPages)
+                break;
+        }
+        var err = ret is 0 or WalkEnospc ? Errno.OK : (Errno)(-ret);
+        var walkEnd = p.WalkEnd != 0 ? p.WalkEnd : end;
+        return new(err, walkEnd, p.Out);
+    }
+
+    /// <summary>Models pagemap_scan_init_bounce_buffer: min(PAGEMAP_WALK_SIZE &gt;&gt; PAGE_SHIFT, vec_len) entries.</summary>
+    private static void PagemapScanInitBounceBuffer(ScanState p)
+    {
+        if (p.VecLen == 0)
+            return;
+        p.VecBufLen = (int)Math.Min(PagemapScanBounceEntries, p.VecLen);
+        p.VecBuf = new PageRegion[p.VecBufLen];
+    }
+
+    /// <summary>
+    /// Models pagemap_scan_flush_buffer: copies the filled entries (the current one only if
+    /// non-empty) to the user's vector and empties the buffer, shrinking it to the slots left.
+    /// </summary>
+    private static void PagemapScanFlushBuffer(ScanState p)
+    {
+        if (p.VecBuf is not { } buf)
+            return;
+        var n = p.VecBufIndex;
+        if (buf[n].End != buf[n].Start)
+            n++;
+        if (n == 0)
+            return;
+        for (var i = 0; i < n; i++)
+            p.Out.Add(buf[i]);
+        p.VecLen -= (ulong)n;
+        p.VecBufIndex = 0;
+        p.VecBufLen = (int)Math.Min((ulong)p.VecBufLen, p.VecLen);
+        buf[0] = buf[0] with { Start = 0, End = 0 };
+    }
+
+    /// <summary>
+    /// Models walk_page_range with pagemap_scan_ops over [start, end): pagemap_scan_test_walk
+    /// per VMA (EPERM for CHECK_WPASYNC, skipping with WP_MATCHING), then the PMD walk. A
+    /// callback's nonzero return (-ENOSPC) ends the walk.
+    /// </summary>
+    private int PagemapScanWalk(ulong start, ulong end, ScanState p)
+    {
+        var arg = p.Arg;
+        foreach (var vma in VmasIn(start, end))
+        {
+            var s = Math.Max(start, vma.Start);
             var e = Math.Min(end, vma.End);
             var wpAllowed = vma.UserfaultfdWpAsync && vma.UserfaultfdWpUseMarkers;
             if (!wpAllowed)
             {
                 if ((arg.Flags & (ulong)Uapi.PmScanCheckWpasync) != 0)
-                {
-                    err = Errno.EPERM;
-                    break;
-                }
+                    return -(int)Errno.EPERM;
                 if (p.WpMatching)
                     continue;
             }
-            p.VmaCategory = (wpAllowed ? Uapi.PageIsWpallowed : 0)
+            var vmaCategory = (wpAllowed ? Uapi.PageIsWpallowed : 0)
                 | (Kernel.Config.SoftDirty && (vma.Flags & VmFlags.SoftDirty) != 0 ? Uapi.PageIsSoftDirty : 0);
             var required = arg.CategoryMask & Uapi.PageIsWpallowed;
-            if (((p.VmaCategory ^ arg.CategoryInverted) & required) != required)
+            if (((vmaCategory ^ arg.CategoryInverted) & required) != required)
                 continue;
-            ScanVma(vma, s, e, p);
-            if (p.Full)
-                break;
+            p.VmaCategory = vmaCategory;
+            var ret = ScanVma(vma, s, e, p);
+            if (ret != 0)
+                return ret;
         }
-        var walkEnd = p.WalkEnd != 0 ? p.WalkEnd : end;
-        return new(err, walkEnd, p.Out);
+        return 0;
     }
 
-    private void ScanVma(Vma vma, ulong start, ulong end, ScanState p)
+    private int ScanVma(Vma vma, ulong start, ulong end, ScanState p)
     {
         foreach (var st in PageTable.Walk(start, end))
         {
-            if (p.Full)
-                break;
-            if (st.IsHuge && ScanThp(vma, st.Table!, st.Index, st.Addr, st.End, p))
-                continue;
-            if (st.PteTable is not { } table)
+            int ret;
+            if (st.IsHuge && PagemapScanThpEntry(vma, st.Table!, st.Index, st.Addr, st.End, p, out ret))
             {
-                ScanHole(vma, st.Addr, st.End, p);
+                if (ret != 0)
+                    return ret;
                 continue;
             }
-            ScanPtes(vma, table, st.Addr, st.End, p);
+            // After a split a file THP leaves no table: ACTION_AGAIN finds pmd_none (pte_hole).
+            ret = st.PteTable is { } table
+                ? PagemapScanPmdEntry(vma, table, st.Addr, st.End, p)
+                : PagemapScanPteHole(vma, st.Addr, st.End, p);
+            if (ret != 0)
+                return ret;
         }
+        return 0;
     }
 
-    /// <summary>pagemap_scan_pte_hole: no page table; only the VMA categories apply.</summary>
-    private void ScanHole(Vma vma, ulong addr, ulong end, ScanState p)
+    /// <summary>
+    /// Models pagemap_scan_pte_hole: a range without a page table reports the VMA categories,
+    /// and reads as WRITTEN in a uffd-wp VMA (hugetlb aside), matching pte_none in
+    /// pagemap_page_category (the mm-hotfix "fs/proc/task_mmu: fix PAGEMAP_SCAN written
+    /// state for PMD holes"); WP_MATCHING then arms it with uffd_wp_range.
+    /// </summary>
+    private int PagemapScanPteHole(Vma vma, ulong addr, ulong end, ScanState p)
     {
-        if (!IsInterestingPage(p.VmaCategory, p))
-            return;
+        var categories = p.VmaCategory;
+        if (vma.UserfaultfdWp)
+            categories |= Uapi.PageIsWritten;
+        if (!IsInterestingPage(categories, p))
+            return 0;
         var e = end;
-        ScanOutput(p.VmaCategory, p, addr, ref e);
+        var ret = PagemapScanOutput(categories, p, addr, ref e);
         if (e == addr || !p.WpMatching)
-            return;
+            return ret;
         ChangeProtection(vma, addr, e, CpFlags.UffdWp);
+        return ret;
     }
 
-    /// <summary>pagemap_scan_thp_entry. Returns false when the PMD was split and the range must be walked as PTEs.</summary>
-    private bool ScanThp(Vma vma, PmdTable pmdt, int pi, ulong addr, ulong end, ScanState p)
+    /// <summary>
+    /// Models pagemap_scan_thp_entry. Returns false (-ENOENT: "as if there was no THP") when
+    /// the slot is no huge PMD any more or when a WP_MATCHING scan had to split it because its
+    /// output ends inside the THP; the output is then backed out and the PTEs are scanned.
+    /// </summary>
+    private bool PagemapScanThpEntry(Vma vma, PmdTable pmdt, int pi, ulong addr, ulong end, ScanState p, out int ret)
     {
+        ret = 0;
         var pmd = pmdt.Entries[pi];
         var folio = Kernel.PageOf(pmd.Pfn)!.Folio!;
         var cat = p.VmaCategory | Uapi.PageIsPresent | Uapi.PageIsHuge;
@@ -117,42 +197,42 @@ public sealed partial class Mm
         if (!IsInterestingPage(cat, p))
             return true;
         var e = end;
-        var before = (p.Out.Count, p.FoundPages);
-        ScanOutput(cat, p, addr, ref e);
+        ret = PagemapScanOutput(cat, p, addr, ref e);
         if (e == addr || !p.WpMatching || (cat & Uapi.PageIsWritten) == 0)
             return true;
-        if (e != (addr & Kernel.PmdMask) + Kernel.PmdSize || addr % Kernel.PmdSize != 0)
+        if (e != addr + Kernel.PmdSize)
         {
             SplitHugePmd(vma, pmdt, pi, addr & Kernel.PmdMask);
-            BackoutRange(p, before.Count, before.FoundPages, addr);
+            PagemapScanBackoutRange(p, addr, e);
+            ret = 0;
             return false;
         }
         pmdt.Entries[pi] = pmd.MkUffdWp();
         return true;
     }
 
-    /// <summary>pagemap_scan_backout_range: undo the output of [addr, …) after a THP split.</summary>
-    private static void BackoutRange(ScanState p, int count, ulong found, ulong addr)
+    /// <summary>
+    /// Models pagemap_scan_backout_range: the current bounce-buffer entry loses [addr, end)
+    /// (trimmed back to addr when it began earlier, emptied when it began at addr) and the
+    /// pages are uncounted. walk_end is left as the output set it.
+    /// </summary>
+    private static void PagemapScanBackoutRange(ScanState p, ulong addr, ulong end)
     {
-        while (p.Out.Count > count + 1)
-            p.Out.RemoveAt(p.Out.Count - 1);
-        if (p.Out.Count == count + 1)
-        {
-            var last = p.Out[^1];
-            if (last.Start >= addr)
-                p.Out.RemoveAt(p.Out.Count - 1);
-            else
-                p.Out[^1] = last with { End = addr };
-        }
-        p.FoundPages = found;
-        p.Full = false;
-        p.WalkEnd = 0;
+        if (p.VecBuf is not { } buf)
+            return;
+        ref var cur = ref buf[p.VecBufIndex];
+        cur = cur.Start != addr ? cur with { End = addr } : cur with { Start = 0, End = 0 };
+        p.FoundPages -= (end - addr) / Kernel.PageSize;
     }
 
-    /// <summary>pagemap_scan_pmd_entry for a PTE table, with its two fast paths.</summary>
-    private void ScanPtes(Vma vma, PteTable table, ulong start, ulong end, ScanState p)
+    /// <summary>
+    /// Models the PTE part of pagemap_scan_pmd_entry, with its two fast paths (WP_MATCHING
+    /// without a vector; mask and return mask both WRITTEN). Returns the last output's result.
+    /// </summary>
+    private int PagemapScanPmdEntry(Vma vma, PteTable table, ulong start, ulong end, ScanState p)
     {
         var arg = p.Arg;
+        var ret = 0;
         if (p.WpMatching && !p.HasVec)
         {
             for (var a = start; a < end; a += Kernel.PageSize)
@@ -163,7 +243,7 @@ public sealed partial class Mm
                     continue;
                 table.Entries[i] = MakeUffdWpPte(pte);
             }
-            return;
+            return 0;
         }
         if (arg.CategoryAnyofMask == 0 && arg.CategoryInverted == 0 && arg.CategoryMask == Uapi.PageIsWritten && arg.ReturnMask == Uapi.PageIsWritten)
         {
@@ -174,15 +254,13 @@ public sealed partial class Mm
                 if ((pte.Present && pte.UffdWp) || pte.SwpUffdWpAny)
                     continue;
                 var next = a + Kernel.PageSize;
-                ScanOutput(p.VmaCategory | Uapi.PageIsWritten, p, a, ref next);
+                ret = PagemapScanOutput(p.VmaCategory | Uapi.PageIsWritten, p, a, ref next);
                 if (next == a)
-                    return;
+                    break;
                 if (p.WpMatching)
                     table.Entries[i] = MakeUffdWpPte(pte);
-                if (p.Full)
-                    return;
             }
-            return;
+            return ret;
         }
         for (var a = start; a < end; a += Kernel.PageSize)
         {
@@ -192,14 +270,13 @@ public sealed partial class Mm
             if (!IsInterestingPage(cat, p))
                 continue;
             var next = a + Kernel.PageSize;
-            ScanOutput(cat, p, a, ref next);
+            ret = PagemapScanOutput(cat, p, a, ref next);
             if (next == a)
-                return;
+                break;
             if (p.WpMatching && (cat & Uapi.PageIsWritten) != 0)
                 table.Entries[i] = MakeUffdWpPte(pte);
-            if (p.Full)
-                return;
         }
+        return ret;
     }
 
     /// <summary>
@@ -251,46 +328,58 @@ public sealed partial class Mm
     }
 
     /// <summary>
-    /// pagemap_scan_output + pagemap_scan_push_range: appends [addr, end) to the output,
-    /// coalescing with the last region; cuts at max_pages; sets walk_end and stops when
-    /// the budget is used up (end becomes addr when nothing fit).
+    /// Models pagemap_scan_push_range: extends the current bounce-buffer entry when [addr,
+    /// end) continues it with the same categories, else starts the next entry; false when
+    /// the buffer is full.
     /// </summary>
-    private static void ScanOutput(ulong categories, ScanState p, ulong addr, ref ulong end)
+    private static bool PagemapScanPushRange(ulong categories, ScanState p, ulong addr, ulong end)
+    {
+        var buf = p.VecBuf!;
+        ref var cur = ref buf[p.VecBufIndex];
+        if (addr == cur.End && categories == cur.Categories)
+        {
+            cur = cur with { End = end };
+            return true;
+        }
+        if (cur.End != 0)
+        {
+            if (p.VecBufIndex >= p.VecBufLen - 1)
+                return false;
+            cur = ref buf[++p.VecBufIndex];
+        }
+        cur = new PageRegion(addr, end, categories);
+        return true;
+    }
+
+    /// <summary>
+    /// Models pagemap_scan_output: cuts [addr, end) at max_pages and pushes it; returns
+    /// -ENOSPC and sets walk_end when the budget or the buffer ran out (end becomes addr when
+    /// nothing fit). Without a vector it does nothing.
+    /// </summary>
+    private static int PagemapScanOutput(ulong categories, ScanState p, ulong addr, ref ulong end)
     {
         if (!p.HasVec)
-            return;
+            return 0;
         categories &= p.Arg.ReturnMask;
         var nPages = (end - addr) / Kernel.PageSize;
-        var stop = false;
-        if (p.FoundPages + nPages > p.MaxPages || p.FoundPages + nPages < p.FoundPages)
+        var ret = 0;
+        var total = p.FoundPages + nPages;
+        if (total < p.FoundPages || total > p.MaxPages)
         {
-            var tooMuch = p.FoundPages + nPages - p.MaxPages;
+            var tooMuch = total - p.MaxPages;
             end -= tooMuch * Kernel.PageSize;
             nPages -= tooMuch;
-            stop = true;
+            ret = WalkEnospc;
         }
-        if (end > addr)
+        if (!PagemapScanPushRange(categories, p, addr, end))
         {
-            if (p.Out.Count > 0 && p.Out[^1].End == addr && p.Out[^1].Categories == categories)
-            {
-                p.Out[^1] = p.Out[^1] with { End = end };
-            }
-            else if ((ulong)p.Out.Count >= p.Arg.VecLen)
-            {
-                end = addr;
-                nPages = 0;
-                stop = true;
-            }
-            else
-            {
-                p.Out.Add(new PageRegion(addr, end, categories));
-            }
+            end = addr;
+            nPages = 0;
+            ret = WalkEnospc;
         }
         p.FoundPages += nPages;
-        if (stop)
-        {
+        if (ret != 0)
             p.WalkEnd = end;
-            p.Full = true;
-        }
+        return ret;
     }
 }

@@ -116,13 +116,23 @@ public sealed partial class Mm
         return err;
     }
 
-    /// <summary>find_dst_vma: the range must lie in one VMA that is uffd-registered (any context).</summary>
-    private Vma? FindDstVma(ulong start, ulong len)
+    /// <summary>
+    /// Models uffd_mfill_lock (mm/userfaultfd.c): uffd_lock_vma finds the VMA holding
+    /// <paramref name="start"/> (ENOENT without one) and prepares the anon_vma of a private
+    /// VMA; only then does validate_dst_vma require the range to end inside that VMA and the
+    /// VMA to be registered (any context), else ENOENT. So a failed fill into an unregistered
+    /// private VMA still leaves it with an anon_vma.
+    /// </summary>
+    private Vma? UffdMfillLock(ulong start, ulong len)
     {
-        var v = FindVma(start);
-        if (v is null || v.Start > start || start + len > v.End)
+        var v = VmaLookup(start);
+        if (v is null)
             return null;
-        return v.UffdCtx is null ? null : v;
+        if (!v.IsShared)
+            AnonVmaPrepare(v);
+        if (start + len > v.End || v.UffdCtx is null)
+            return null;
+        return v;
     }
 
     /// <summary>
@@ -132,12 +142,9 @@ public sealed partial class Mm
     /// </summary>
     internal long MfillAtomic(UserfaultfdCtx ctx, ulong dst, ReadOnlySpan<byte> src, ulong len, MfillMode mode, bool wp)
     {
-        var vma = FindDstVma(dst, len);
+        var vma = UffdMfillLock(dst, len);
         if (vma is null)
             return -(long)Errno.ENOENT;
-        // uffd_lock_vma: only a private VMA gets an anon_vma (fork then copies its tables).
-        if (!vma.IsShared)
-            AnonVmaPrepare(vma);
         if (ctx.MmapChanging > 0)
             return -(long)Errno.EAGAIN;
         if (wp && !vma.UserfaultfdWp)

@@ -138,7 +138,8 @@ public sealed partial class Mm
         {
             prev.End = vma.End;
             prev.Flags |= vma.Flags & VmFlags.SoftDirty;
-            prev.AnonVma ??= vma.AnonVma;
+            if (prev.AnonVma is null)
+                (prev.AnonVma, prev.AnonVmaChainSingular) = (vma.AnonVma, vma.AnonVmaChainSingular);
             RemoveVma(vma);
             vma = prev;
         }
@@ -147,7 +148,8 @@ public sealed partial class Mm
         {
             vma.End = next.End;
             vma.Flags |= next.Flags & VmFlags.SoftDirty;
-            vma.AnonVma ??= next.AnonVma;
+            if (vma.AnonVma is null)
+                (vma.AnonVma, vma.AnonVmaChainSingular) = (next.AnonVma, next.AnonVmaChainSingular);
             RemoveVma(next);
         }
         return vma;
@@ -214,8 +216,38 @@ public sealed partial class Mm
     /// <summary>maybe_mkwrite: sets write when the VMA has VM_WRITE.</summary>
     internal static Pte MaybeMkWrite(Pte pte, Vma vma) => (vma.Flags & VmFlags.Write) != 0 ? pte.MkWrite() : pte;
 
-    /// <summary>anon_vma_prepare.</summary>
-    internal static void AnonVmaPrepare(Vma vma) => vma.AnonVma ??= new AnonVma();
+    /// <summary>
+    /// Models anon_vma_prepare (mm/rmap.c): a VMA without an anon_vma takes a neighbour's
+    /// (find_mergeable_anon_vma) or a new one.
+    /// </summary>
+    internal static void AnonVmaPrepare(Vma vma)
+    {
+        if (vma.AnonVma is not null)
+            return;
+        vma.AnonVma = vma.Mm.FindMergeableAnonVma(vma) ?? new AnonVma();
+        vma.AnonVmaChainSingular = true;
+    }
+
+    /// <summary>Models find_mergeable_anon_vma (mm/vma.c): the next VMA first, then the previous one.</summary>
+    private AnonVma? FindMergeableAnonVma(Vma vma)
+    {
+        if (Next(vma) is { } next && ReusableAnonVma(next, vma, next) is { } av)
+            return av;
+        return Prev(vma) is { } prev ? ReusableAnonVma(prev, prev, vma) : null;
+    }
+
+    /// <summary>Models reusable_anon_vma: <paramref name="old"/>'s anon_vma, if its chain is singular.</summary>
+    private static AnonVma? ReusableAnonVma(Vma old, Vma a, Vma b) =>
+        AnonVmaCompatible(a, b) && old.AnonVma is { } av && old.AnonVmaChainSingular ? av : null;
+
+    /// <summary>
+    /// Models anon_vma_compatible: adjacent, same file, flags equal but for the access bits
+    /// and VM_SOFTDIRTY, contiguous pgoff (the model has no mempolicies).
+    /// </summary>
+    private static bool AnonVmaCompatible(Vma a, Vma b) =>
+        a.End == b.Start && a.File == b.File
+        && ((a.Flags ^ b.Flags) & ~(VmFlags.AccessFlags | VmFlags.SoftDirty)) == 0
+        && b.PgOff == a.PgOff + ((b.Start - a.Start) / Kernel.PageSize);
 
     // ------------------------------------------------------------------ rmap helpers
 

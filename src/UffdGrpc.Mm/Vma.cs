@@ -17,6 +17,8 @@ public enum VmFlags : ulong
     Locked = 0x2000,
     UffdWp = 0x1000,
     DontCopy = 0x20000,
+    /// <summary>VM_ACCOUNT: the mapping is charged to the commit limit.</summary>
+    Account = 0x10_0000,
     UffdMinor = 0x2_0000_0000,
     SoftDirty = 0x800_0000,
     HugePage = 0x2000_0000,
@@ -60,6 +62,11 @@ public sealed class Vma
     /// <summary>vm_userfaultfd_ctx.ctx.</summary>
     public UserfaultfdCtx? UffdCtx { get; internal set; }
     public AnonVma? AnonVma { get; internal set; }
+    /// <summary>
+    /// list_is_singular(&amp;vma->anon_vma_chain): the VMA's anon_vma chain holds only its own
+    /// anon_vma (false for a VMA forked from one that had an anon_vma).
+    /// </summary>
+    public bool AnonVmaChainSingular { get; internal set; } = true;
 
     public ulong Pages => (End - Start) / Kernel.PageSize;
 
@@ -109,6 +116,7 @@ public sealed class Vma
         {
             UffdCtx = UffdCtx,
             AnonVma = AnonVma,
+            AnonVmaChainSingular = AnonVmaChainSingular,
         };
         return v;
     }

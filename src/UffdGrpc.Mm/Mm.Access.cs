@@ -39,6 +39,8 @@ public sealed partial class Mm
             var r = HandleMmFault(t, addr, write, origin);
             // VM_FAULT_OOM → pagefault_out_of_memory: the allocation already ran the OOM
             // killer; a thread it killed dies on the way back (its operation is aborted).
+            // With nothing killable the kernel panics ("System is deadlocked on memory");
+            // the model ends the access with the OOM result instead (SIGBUS, or EFAULT).
             if (r != FaultResult.Ok || Exited)
                 return Exited ? FaultResult.Oom : r;
         }

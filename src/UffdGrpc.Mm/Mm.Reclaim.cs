@@ -85,7 +85,9 @@ public sealed partial class Mm
                     rss += Kernel.PtrsPerTable;
                 continue;
             }
-            foreach (var pte in pmdt.Tables[pi]!.Entries)
+            if (pmdt.Tables[pi] is not { } table)
+                continue;
+            foreach (var pte in table.Entries)
             {
                 if (pte.Present && !pte.Special)
                     rss++;

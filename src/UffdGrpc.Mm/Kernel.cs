@@ -35,8 +35,18 @@ public sealed record MachineConfig
     public ThpMode Thp { get; init; } = ThpMode.Madvise;
     /// <summary>transparent_hugepage/use_zero_page (default: 1).</summary>
     public bool ThpUseZeroPage { get; init; } = true;
-    /// <summary>Frames the machine may allocate before ENOMEM.</summary>
-    public long MaxPages { get; init; } = 1L << 22;
+    /// <summary>
+    /// The machine's RAM in bytes (MemTotal; default 4 GiB). Anon pages, page cache, THPs and
+    /// page tables together never exceed it: an allocation beyond it reclaims, then runs the
+    /// OOM killer (<see cref="Kernel.AllocPagesSlowpath"/>).
+    /// </summary>
+    public ulong MemoryBytes { get; init; } = 4UL << 30;
+    /// <summary>The swap device's size in bytes when <see cref="Swap"/> is set (default 1 GiB); a full device fails swap-out.</summary>
+    public ulong SwapBytes { get; init; } = 1UL << 30;
+    /// <summary>Frames of RAM (totalram_pages), derived from <see cref="MemoryBytes"/>.</summary>
+    public long MaxPages => (long)(MemoryBytes / Kernel.PageSize);
+    /// <summary>Swap slots (total_swap_pages): 0 without a swap device.</summary>
+    public long SwapPages => Swap ? (long)(SwapBytes / Kernel.PageSize) : 0;
     /// <summary>Largest request payload (COPY length) accepted, in bytes.</summary>
     public ulong MaxCopyBytes { get; init; } = 64UL << 20;
 }
@@ -56,7 +66,7 @@ public sealed record MachineConfig
 /// waker drops the mmap lock. Callers outside the model take no other lock while holding
 /// this one, and completion callbacks run under it and must not block.
 /// </remarks>
-public sealed class Kernel
+public sealed partial class Kernel
 {
     public const ulong PageSize = 4096;
     public const int PageShift = 12;
@@ -78,6 +88,10 @@ public sealed class Kernel
     private readonly List<UserfaultfdCtx> _ctxs = [];
     private int _depth;
     private long _liveFrames;
+    private long _pgtablePages;
+    private long _pgtableReserved;
+    private long _shmemSwapped;
+    private readonly List<MemFile> _files = [];
     private List<Action> _afterUnlock = [];
 
     public Kernel(KernelProfile profile = KernelProfile.V6_18, MachineConfig? config = null)
@@ -100,6 +114,19 @@ public sealed class Kernel
     /// <summary>Frames currently allocated (anon, page cache), for accounting tests.</summary>
     public long LiveFrames => Interlocked.Read(ref _liveFrames);
     public int SwapSlotsInUse => _swap.Count;
+
+    /// <summary>The machine's RAM in bytes (<see cref="MachineConfig.MemoryBytes"/>).</summary>
+    public ulong MemoryBytes => Config.MemoryBytes;
+    /// <summary>Frames of RAM (totalram_pages).</summary>
+    public long TotalPages => Config.MaxPages;
+    /// <summary>Page-table pages of every address space (PUD, PMD and PTE tables).</summary>
+    public long PageTablePages => Interlocked.Read(ref _pgtablePages);
+    /// <summary>Frames in use: <see cref="LiveFrames"/> plus <see cref="PageTablePages"/> (MemTotal − MemFree).</summary>
+    public long UsedPages => LiveFrames + PageTablePages;
+    /// <summary>Swap slots of the device (total_swap_pages).</summary>
+    public long SwapTotalPages => Config.SwapPages;
+    /// <summary>Swap slots in use: anon swap entries and swap cache, plus shmem pages in swap.</summary>
+    public long SwapUsedPages => _swap.Count + _shmemSwapped;
 
     /// <summary>Changes machine settings (swap, soft-dirty) before the first mapping exists.</summary>
     public void Configure(Func<MachineConfig, MachineConfig> change)
@@ -159,8 +186,13 @@ public sealed class Kernel
     public MemFile CreateFile(string name, bool shmem, ulong size)
     {
         using var _ = Enter();
-        return new MemFile(_nextFileId++, name, shmem, size);
+        var f = new MemFile(_nextFileId++, name, shmem, size);
+        _files.Add(f);
+        return f;
     }
+
+    /// <summary>Every file of the machine (the inodes whose page cache reclaim scans).</summary>
+    internal IReadOnlyList<MemFile> Files => _files;
 
     // ---------------------------------------------------------------- frames
 
@@ -191,28 +223,36 @@ public sealed class Kernel
         return f;
     }
 
-    /// <summary>Allocates a zero-filled small page (folio_alloc / vma_alloc_zeroed_movable_folio).</summary>
-    internal Page? AllocPage(PageKind kind)
+    /// <summary>
+    /// Allocates a zero-filled small page for <paramref name="mm"/> (vma_alloc_folio with
+    /// GFP_HIGHUSER_MOVABLE, order 0): beyond the machine's memory it reclaims and then
+    /// runs the OOM killer (<see cref="AllocPagesSlowpath"/>); null when it still fails.
+    /// </summary>
+    internal Page? AllocPage(PageKind kind, Mm? mm)
     {
-        if (_liveFrames >= Config.MaxPages)
+        if (!AllocPagesSlowpath(1, mm, Gfp.HighUserMovable))
             return null;
         _liveFrames++;
         return NewFrame(kind);
     }
 
-    /// <summary>Allocates a PMD-sized anonymous THP folio (vma_alloc_anon_folio_pmd).</summary>
-    internal Folio? AllocThp()
+    /// <summary>
+    /// Allocates a PMD-sized anonymous THP folio (vma_alloc_anon_folio_pmd): an order-9
+    /// allocation is costly, so it may reclaim (defrag=madvise: only for VM_HUGEPAGE,
+    /// <paramref name="mayReclaim"/>) but never runs the OOM killer; null means fall back.
+    /// </summary>
+    internal Folio? AllocThp(Mm? mm, bool mayReclaim)
     {
-        if (_liveFrames + PtrsPerTable > Config.MaxPages)
+        if (!AllocPagesSlowpath(PtrsPerTable, mm, mayReclaim ? Gfp.TransHuge : Gfp.TransHugeLight))
             return null;
         _liveFrames += PtrsPerTable;
         return NewFolio(PageKind.Anon, hugeZero: false);
     }
 
-    /// <summary>Allocates a PMD-sized page-cache folio for <paramref name="file"/> at <paramref name="index"/> (shmem_alloc_folio, HPAGE_PMD_ORDER).</summary>
-    internal Folio? AllocFileThp(MemFile file, ulong index)
+    /// <summary>Allocates a PMD-sized page-cache folio for <paramref name="file"/> at <paramref name="index"/> (shmem_alloc_folio, HPAGE_PMD_ORDER; no direct reclaim here).</summary>
+    internal Folio? AllocFileThp(MemFile file, ulong index, Mm? mm)
     {
-        if (_liveFrames + PtrsPerTable > Config.MaxPages)
+        if (!AllocPagesSlowpath(PtrsPerTable, mm, Gfp.TransHugeLight))
             return null;
         _liveFrames += PtrsPerTable;
         var f = NewFolio(PageKind.File, hugeZero: false);
@@ -223,6 +263,49 @@ public sealed class Kernel
         }
         return f;
     }
+
+    /// <summary>
+    /// __pte_alloc → pte_alloc_one (GFP_PGTABLE_USER, which reclaims and may OOM-kill): makes
+    /// room for one page-table page that the caller installs next; false is -ENOMEM.
+    /// </summary>
+    internal bool PteAllocOne(Mm mm)
+    {
+        if (!AllocPagesSlowpath(1, mm, Gfp.PgtableUser))
+            return false;
+        _pgtableReserved++;
+        return true;
+    }
+
+    /// <summary>
+    /// mm_inc_nr_ptes / mm_dec_nr_ptes (and the PMD and PUD counterparts) for a table an
+    /// address space gained or freed. A table installed after <see cref="PteAllocOne"/> uses
+    /// its reservation; the other paths (split of a huge PMD, fork, mremap, MOVE, uffd-wp
+    /// markers, upper levels) cannot fail in the model and are charged as they come.
+    /// </summary>
+    internal void AccountPgtable(int delta)
+    {
+        _pgtablePages += delta;
+        if (delta > 0)
+        {
+            if (_pgtableReserved > 0)
+                _pgtableReserved--;
+            else
+                FrameBudget?.ForceCharge(this, delta);
+        }
+        else
+        {
+            FrameBudget?.Uncharge(this, -delta);
+        }
+    }
+
+    /// <summary>Frames went back to the machine (and to the host's budget).</summary>
+    private void FramesFreed(long n)
+    {
+        _liveFrames -= n;
+        FrameBudget?.Uncharge(this, n);
+    }
+
+    internal void ShmemSwapped(int delta) => _shmemSwapped += delta;
 
     /// <summary>Frees <paramref name="page"/> once nothing maps or caches it.</summary>
     internal void MaybeFree(Page page)
@@ -246,7 +329,7 @@ public sealed class Kernel
                 if (_frames[(int)(sub.Pfn - FirstPfn)] is not null)
                 {
                     _frames[(int)(sub.Pfn - FirstPfn)] = null;
-                    _liveFrames--;
+                    FramesFreed(1);
                 }
             }
             return;
@@ -254,12 +337,15 @@ public sealed class Kernel
         if (_frames[(int)(page.Pfn - FirstPfn)] is null)
             return;
         _frames[(int)(page.Pfn - FirstPfn)] = null;
-        _liveFrames--;
+        FramesFreed(1);
     }
 
     // ---------------------------------------------------------------- swap
 
-    /// <summary>Writes <paramref name="page"/> to a new swap slot (add_to_swap + swap_writepage).</summary>
+    /// <summary>get_nr_swap_pages() == 0: no free slot on the swap device (or no device).</summary>
+    internal bool SwapFull => SwapUsedPages >= Config.SwapPages;
+
+    /// <summary>Writes <paramref name="page"/> to a new swap slot (add_to_swap + swap_writepage); the caller checked <see cref="SwapFull"/>.</summary>
     internal ulong SwapOut(Page page)
     {
         var slot = _nextSwapSlot++;

@@ -37,8 +37,12 @@ public sealed partial class Mm
             if (TryHwAccess(addr, write, src, dst))
                 return FaultResult.Ok;
             var r = HandleMmFault(t, addr, write, origin);
-            if (r != FaultResult.Ok)
-                return r;
+            // VM_FAULT_OOM → pagefault_out_of_memory: the allocation already ran the OOM
+            // killer; a thread it killed dies on the way back (its operation is aborted).
+            // With nothing killable the kernel panics ("System is deadlocked on memory");
+            // the model ends the access with the OOM result instead (SIGBUS, or EFAULT).
+            if (r != FaultResult.Ok || Exited)
+                return Exited ? FaultResult.Oom : r;
         }
         throw new InvalidOperationException($"fault livelock at 0x{addr:x}");
     }

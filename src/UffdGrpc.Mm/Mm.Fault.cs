@@ -70,6 +70,9 @@ public sealed partial class Mm
                 return FaultResult.Ok;
             }
         }
+        // __handle_mm_fault → handle_pte_fault: pte_alloc (GFP_PGTABLE_USER) may fail: VM_FAULT_OOM.
+        if (pmdt.Tables[pi] is null && !Kernel.PteAllocOne(this))
+            return FaultResult.Oom;
         var table = pmdt.Tables[pi] ??= new PteTable();
         return HandlePteFault(t, vma, table, addr, write, origin);
     }
@@ -179,7 +182,7 @@ public sealed partial class Mm
             return FaultResult.Ok;
         }
         AnonVmaPrepare(vma);
-        var page = Kernel.AllocPage(PageKind.Anon);
+        var page = Kernel.AllocPage(PageKind.Anon, this);
         if (page is null)
             return FaultResult.Oom;
         if (vma.UserfaultfdMissing)
@@ -223,7 +226,7 @@ public sealed partial class Mm
         {
             // do_cow_fault: copy the page-cache page into a new exclusive anon page.
             AnonVmaPrepare(vma);
-            var copy = Kernel.AllocPage(PageKind.Anon);
+            var copy = AllocPageHolding(page, PageKind.Anon);
             if (copy is null)
                 return FaultResult.Oom;
             copy.CopyFrom(page!);
@@ -350,7 +353,7 @@ public sealed partial class Mm
 
     internal Page? AddToPageCache(MemFile file, ulong index)
     {
-        var page = Kernel.AllocPage(PageKind.File);
+        var page = Kernel.AllocPage(PageKind.File, this);
         if (page is null)
             return null;
         page.Mapping = file;
@@ -362,11 +365,13 @@ public sealed partial class Mm
     /// <summary>shmem_swapin_folio: brings a swapped shmem page back into the page cache.</summary>
     private Page? ShmemSwapin(MemFile file, ulong index)
     {
-        if (!file.Swapped.Remove(index, out var slot))
+        if (!file.Swapped.TryGetValue(index, out var slot))
             return null;
         var page = AddToPageCache(file, index);
         if (page is null)
             return null;
+        file.Swapped.Remove(index);
+        Kernel.ShmemSwapped(-1);
         page.Data = slot.Data;
         page.Dirty = true;
         return page;
@@ -388,7 +393,7 @@ public sealed partial class Mm
         if (page is null)
         {
             // swapin_readahead: a new folio enters the swap cache.
-            page = Kernel.AllocPage(PageKind.Anon);
+            page = Kernel.AllocPage(PageKind.Anon, this);
             if (page is null)
                 return FaultResult.Oom;
             page.Data = slot.Data is null ? null : (byte[])slot.Data.Clone();
@@ -497,7 +502,7 @@ public sealed partial class Mm
     private FaultResult WpPageCopy(Vma vma, PteTable table, ulong addr, Pte old, Page? oldPage, bool unshare = false)
     {
         AnonVmaPrepare(vma);
-        var copy = Kernel.AllocPage(PageKind.Anon);
+        var copy = AllocPageHolding(oldPage, PageKind.Anon);
         if (copy is null)
             return FaultResult.Oom;
         if (oldPage is not null)
@@ -559,9 +564,11 @@ public sealed partial class Mm
             pmdt.Entries[pi] = new Pmd(Pmd.Huge(Kernel.HugeZeroFolio.Head.Pfn).Value | (PageProt(vma) & ~PteBits.PageRw));
             return FaultResult.Ok;
         }
-        var folio = Kernel.AllocThp();
+        var folio = Kernel.AllocThp(this, (vma.Flags & VmFlags.HugePage) != 0);
         if (folio is null)
         {
+            if (Exited)
+                return FaultResult.Oom;
             fallback = true;
             return FaultResult.Ok;
         }
@@ -619,7 +626,9 @@ public sealed partial class Mm
         var folio = head.Folio!;
         if (folio.IsHugeZero)
         {
-            var thp = Kernel.AllocThp();
+            var thp = Kernel.AllocThp(this, (vma.Flags & VmFlags.HugePage) != 0);
+            if (Exited)
+                return FaultResult.Oom;
             if (thp is not null)
             {
                 MapNewThp(vma, pmdt, pi, thp);

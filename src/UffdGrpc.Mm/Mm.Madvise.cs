@@ -54,8 +54,8 @@ public sealed partial class Mm
             if (GupFollow(addr, write))
                 return FaultResult.Ok;
             var r = HandleMmFault(t, addr, write, AccessOrigin.Kernel);
-            if (r != FaultResult.Ok)
-                return r;
+            if (r != FaultResult.Ok || Exited)
+                return Exited ? FaultResult.Oom : r;
         }
         throw new InvalidOperationException("populate livelock");
     }
@@ -328,9 +328,11 @@ public sealed partial class Mm
     /// swap entry keeping soft-dirty and uffd-wp) when a swap device is active; a clean
     /// lazily freed page is discarded even without swap. Page-cache pages mapped once are
     /// unmapped everywhere (a uffd-wp PTE leaves a marker); shmem pages then go to swap
-    /// when there is swap, otherwise stay in the page cache.
+    /// when there is swap, otherwise stay in the page cache. Direct reclaim runs the same
+    /// walk with a <see cref="ScanControl"/> that says which folios this pass may reclaim
+    /// and stops once enough frames are free.
     /// </summary>
-    private Errno MadviseColdOrPageout(Vma vma, ulong start, ulong end, bool pageout)
+    private Errno MadviseColdOrPageout(Vma vma, ulong start, ulong end, bool pageout, ScanControl? sc = null)
     {
         if ((vma.Flags & VmFlags.Locked) != 0)
             return Errno.EINVAL;
@@ -344,6 +346,8 @@ public sealed partial class Mm
                 var folio = Kernel.PageOf(pmdt.Entries[pi].Pfn)!.Folio!;
                 if (folio.IsHugeZero || folio.MaybeMappedShared || !vma.IsAnonymous)
                     continue;
+                if (sc is { Done: true })
+                    return Errno.OK;
                 if (st.CoversPmd)
                 {
                     if (!pageout)
@@ -354,6 +358,8 @@ public sealed partial class Mm
                         continue;
                     }
                 }
+                if (sc is { MaySwap: false })
+                    continue;
                 SplitAnonFolioAt(vma, st.Addr);
             }
             var table = pmdt.Tables[pi];
@@ -364,6 +370,8 @@ public sealed partial class Mm
                 var pte = table.Entries[i];
                 if (!pte.Present || NormalPage(pte) is not { } page)
                     continue;
+                if (sc is { Done: true })
+                    return Errno.OK;
                 if (page.Folio is { } f)
                 {
                     if (f.MaybeMappedShared || f == decided || !page.IsAnon)
@@ -377,13 +385,15 @@ public sealed partial class Mm
                         decided = f;
                         continue;
                     }
+                    if (sc is { MaySwap: false })
+                        continue;
                     SplitAnonFolioAt(vma, a);
                     pte = table.Entries[i];
                     if (!pte.Present || NormalPage(pte) is not { } small)
                         continue;
                     page = small;
                 }
-                if (pageout && page.PreciseMapCount == 1)
+                if (pageout && page.PreciseMapCount == 1 && (sc is null || sc.MayReclaim(page, pte)))
                     ReclaimPage(page, vma, table, i, pte);
             }
         }
@@ -442,7 +452,7 @@ public sealed partial class Mm
                 RemoveRmap(page);
                 return;
             }
-            if (!Kernel.Config.Swap)
+            if (!Kernel.Config.Swap || Kernel.SwapFull)
                 return;
             var slot = Kernel.SwapOut(page);
             var swp = Pte.SwapEntry(slot);
@@ -456,24 +466,12 @@ public sealed partial class Mm
             RemoveRmap(page);
             return;
         }
-        var file = page.Mapping!;
         if (pte.Dirty)
             page.Dirty = true;
         table.Entries[i] = Pte.None;
         InstallUffdWpIfNeeded(vma, table, i, pte);
         RemoveRmap(page);
-        if (file.IsShmem && Kernel.Config.Swap)
-        {
-            file.Cache.Remove(page.Index);
-            file.Swapped[page.Index] = new SwapSlot { Data = page.Data, Count = 1 };
-            Kernel.MaybeFree(page);
-        }
-        else if (!file.IsShmem && !page.Dirty)
-        {
-            file.Disk[page.Index] = page.Data;
-            file.Cache.Remove(page.Index);
-            Kernel.MaybeFree(page);
-        }
+        Kernel.ReclaimUnmappedFilePage(page, writeback: false);
     }
 
     /// <summary>
@@ -501,6 +499,8 @@ public sealed partial class Mm
         }
         for (var idx = first; idx < last; idx++)
         {
+            if (file.Swapped.ContainsKey(idx))
+                Kernel.ShmemSwapped(-1);
             if (file.Cache.TryGetValue(idx, out var cached) && cached.Folio is { } large)
             {
                 // truncate_inode_partial_folio: the large folio is split first.
@@ -550,7 +550,7 @@ public sealed partial class Mm
         return thps == total ? Errno.OK : last;
     }
 
-    private Errno CollapseOne(Vma vma, ulong haddr)
+    private Errno CollapseOne(Vma vma, ulong haddr, bool rescanned = false)
     {
         var pmdt = PageTable.PmdTableOf(haddr, false);
         var pi = PageTable.PmdIndex(haddr);
@@ -580,9 +580,18 @@ public sealed partial class Mm
         // (SCAN_PAGE_ANON). MADV_COLLAPSE ignores max_ptes_shared and read-only PTEs.
         if (vma.AnonVma is null)
             return Errno.EINVAL;
-        var folio = Kernel.AllocThp();
+        // collapse_huge_page: alloc_charge_folio (GFP_TRANSHUGE: may reclaim), then the
+        // range is revalidated; a reclaim that ran meanwhile may have changed it.
+        var epoch = Kernel.ReclaimEpoch;
+        var folio = Kernel.AllocThp(this, mayReclaim: true);
         if (folio is null)
             return Errno.ENOMEM;
+        if (epoch != Kernel.ReclaimEpoch)
+        {
+            foreach (var p in folio.Pages)
+                Kernel.MaybeFree(p);
+            return rescanned ? Errno.EAGAIN : CollapseOne(vma, haddr, rescanned: true);
+        }
         var dirty = false;
         for (var i = 0; i < Kernel.PtrsPerTable; i++)
         {
@@ -636,7 +645,7 @@ public sealed partial class Mm
             if (present < Kernel.PtrsPerTable && FileVmas(file).Any(v => v.Vma.UserfaultfdMissing
                 && v.Vma.PgOff < end && v.Vma.PgOff + v.Vma.Pages > start))
                 return Errno.EBUSY;
-            var folio = Kernel.AllocFileThp(file, start);
+            var folio = Kernel.AllocFileThp(file, start, this);
             if (folio is null)
                 return Errno.ENOMEM;
             for (var i = start; i < end; i++)

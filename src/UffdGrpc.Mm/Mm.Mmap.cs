@@ -57,16 +57,24 @@ public sealed partial class Mm
 
     internal static ulong PageAlign(ulong len) => (len + Kernel.PageSize - 1) & ~(Kernel.PageSize - 1);
 
-    /// <summary>populate_vma_page_range for MAP_POPULATE: write faults for private writable VMAs, read faults otherwise.</summary>
+    /// <summary>
+    /// populate_vma_page_range for MAP_POPULATE: write faults for private writable VMAs, read
+    /// faults otherwise. __mm_populate ignores errors but stops the VMA at the first one
+    /// (faultin_page: VM_FAULT_OOM is -ENOMEM), and __get_user_pages stops when the
+    /// process was killed (fatal_signal_pending: the OOM killer chose it); mmap still
+    /// returns success.
+    /// </summary>
     private void PopulateVmaPageRange(Vma vma)
     {
         var write = (vma.Flags & (VmFlags.Write | VmFlags.Shared)) == VmFlags.Write;
         var t = new SimThread(Kernel, this, 0);
-        for (var a = vma.Start; a < vma.End; a += Kernel.PageSize)
+        for (var a = vma.Start; a < vma.End && !Exited; a += Kernel.PageSize)
         {
             if (GupFollow(a, write))
                 continue;
-            HandleMmFault(t, a, write, AccessOrigin.Kernel);
+            var r = HandleMmFault(t, a, write, AccessOrigin.Kernel);
+            if (r == FaultResult.Oom)
+                return;
         }
     }
 
@@ -118,7 +126,10 @@ public sealed partial class Mm
         }
     }
 
-    /// <summary>exit_mmap: every VMA is unmapped (markers dropped); contexts on this mm stay but fail.</summary>
+    /// <summary>
+    /// exit_mmap: every VMA is unmapped (markers dropped) and every page table freed
+    /// (free_pgtables); contexts on this mm stay but fail.
+    /// </summary>
     internal void ExitMmap()
     {
         foreach (var v in _vmas.ToList())
@@ -126,6 +137,7 @@ public sealed partial class Mm
             ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true));
             RemoveVma(v);
         }
+        PageTable.FreeAll();
         Exited = true;
         Kernel.RemoveMm(this);
     }

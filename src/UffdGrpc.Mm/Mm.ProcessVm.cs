@@ -122,8 +122,8 @@ public sealed partial class Mm
                 return FaultResult.Ok;
             }
             var r = unshare ? HandleUnshareFault(t, vma, addr) : HandleMmFault(t, addr, write, AccessOrigin.Kernel);
-            if (r != FaultResult.Ok)
-                return r;
+            if (r != FaultResult.Ok || Exited)
+                return Exited ? FaultResult.Oom : r;
         }
         throw new InvalidOperationException($"gup livelock at 0x{addr:x}");
     }

@@ -138,7 +138,11 @@ public sealed partial class Mm
     /// <summary>
     /// Models mfill_atomic: the destination VMA checks (ENOENT, EINVAL for MODE_WP without
     /// VM_UFFD_WP, unsupported kinds, CONTINUE on anon), then page by page from the start,
-    /// stopping at the first error. Returns bytes done if any, else the errno.
+    /// stopping at the first error. Returns bytes done if any, else the errno. A PTE table
+    /// (__pte_alloc) or page that cannot be allocated is -ENOMEM; both allocations reclaim
+    /// and may run the OOM killer first. When the OOM victim is the address space being
+    /// filled, the kernel (holding mm_users) would go on filling the reaped mm until
+    /// exit_mmap frees it; the model, whose exit_mmap runs at once, stops there (ENOMEM).
     /// </summary>
     internal long MfillAtomic(UserfaultfdCtx ctx, ulong dst, ReadOnlySpan<byte> src, ulong len, MfillMode mode, bool wp)
     {
@@ -158,11 +162,21 @@ public sealed partial class Mm
         for (ulong off = 0; off < len; off += Kernel.PageSize)
         {
             var addr = dst + off;
+            if (Exited)
+            {
+                err = Errno.ENOMEM;
+                break;
+            }
             var pmdt = PageTable.PmdTableOf(addr, true)!;
             var pi = PageTable.PmdIndex(addr);
             if (pmdt.Entries[pi].TransHuge)
             {
                 err = Errno.EEXIST;
+                break;
+            }
+            if (pmdt.Tables[pi] is null && !Kernel.PteAllocOne(this))
+            {
+                err = Errno.ENOMEM;
                 break;
             }
             var table = pmdt.Tables[pi] ??= new PteTable();
@@ -195,7 +209,9 @@ public sealed partial class Mm
         {
             if (mode == MfillMode.Copy)
             {
-                var page = Kernel.AllocPage(PageKind.Anon);
+                // mfill_atomic_pte_copy: vma_alloc_folio(GFP_HIGHUSER_MOVABLE) reclaims and may
+                // OOM-kill; a failure is -ENOMEM.
+                var page = Kernel.AllocPage(PageKind.Anon, this);
                 if (page is null)
                     return Errno.ENOMEM;
                 page.Fill(src);

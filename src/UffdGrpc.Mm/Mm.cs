@@ -23,11 +23,12 @@ public sealed partial class Mm
     {
         Kernel = kernel;
         Id = id;
+        PageTable = new PageTable(kernel.AccountPgtable);
     }
 
     public Kernel Kernel { get; }
     public int Id { get; }
-    public PageTable PageTable { get; } = new();
+    public PageTable PageTable { get; }
     public IReadOnlyList<Vma> Vmas => _vmas;
     public List<SimThread> Threads { get; } = [];
     /// <summary>The mm has exited (exit_mmap ran); uffd ioctls on it fail.</summary>

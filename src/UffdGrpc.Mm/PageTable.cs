@@ -12,8 +12,37 @@ public sealed class PteTable
 /// </summary>
 public sealed class PmdTable
 {
+    internal PmdTable(PageTable? owner) => Tables = new PteSlots(owner);
+
     public readonly Pmd[] Entries = new Pmd[Kernel.PtrsPerTable];
-    public readonly PteTable?[] Tables = new PteTable?[Kernel.PtrsPerTable];
+    public readonly PteSlots Tables;
+}
+
+/// <summary>
+/// The 512 PTE-table pointers of a <see cref="PmdTable"/>. Installing a table where there
+/// was none, or clearing one, is counted in the owning page table (mm_inc_nr_ptes /
+/// mm_dec_nr_ptes), which charges or frees a page-table frame of the machine.
+/// </summary>
+public sealed class PteSlots
+{
+    private readonly PteTable?[] _slots = new PteTable?[Kernel.PtrsPerTable];
+    private readonly PageTable? _owner;
+
+    internal PteSlots(PageTable? owner) => _owner = owner;
+
+    public PteTable? this[int i]
+    {
+        get => _slots[i];
+        set
+        {
+            var old = _slots[i];
+            _slots[i] = value;
+            if (old is null && value is not null)
+                _owner?.Account(1);
+            else if (old is not null && value is null)
+                _owner?.Account(-1);
+        }
+    }
 }
 
 /// <summary>
@@ -23,6 +52,48 @@ public sealed class PmdTable
 public sealed class PageTable
 {
     private readonly PmdTable?[]?[] _pgd = new PmdTable?[]?[Kernel.PtrsPerTable];
+    private readonly Action<int>? _account;
+
+    /// <summary>A page table whose table pages are not charged to any machine.</summary>
+    public PageTable()
+    {
+    }
+
+    /// <summary>A page table that reports each table page it gains or frees to <paramref name="account"/>.</summary>
+    internal PageTable(Action<int> account) => _account = account;
+
+    /// <summary>
+    /// Page-table pages in use below the PGD (mm_pgtables_bytes / PAGE_SIZE): PUD, PMD and
+    /// PTE tables. The PGD itself is part of the mm, as pgd_alloc is not counted there.
+    /// </summary>
+    public long Pages { get; private set; }
+
+    internal void Account(int delta)
+    {
+        Pages += delta;
+        _account?.Invoke(delta);
+    }
+
+    /// <summary>free_pgd_range for the whole address space (exit_mmap → free_pgtables): every table is freed.</summary>
+    internal void FreeAll()
+    {
+        for (var g = 0; g < Kernel.PtrsPerTable; g++)
+        {
+            if (_pgd[g] is not { } pud)
+                continue;
+            for (var u = 0; u < Kernel.PtrsPerTable; u++)
+            {
+                if (pud[u] is not { } pmdt)
+                    continue;
+                for (var m = 0; m < Kernel.PtrsPerTable; m++)
+                    pmdt.Tables[m] = null;
+                pud[u] = null;
+                Account(-1);
+            }
+            _pgd[g] = null;
+            Account(-1);
+        }
+    }
 
     private static int PgdIndex(ulong addr) => (int)((addr >> 39) & 511);
     private static int PudIndex(ulong addr) => (int)((addr >> 30) & 511);
@@ -38,10 +109,14 @@ public sealed class PageTable
             if (!alloc)
                 return null;
             pud = _pgd[PgdIndex(addr)] = new PmdTable?[Kernel.PtrsPerTable];
+            Account(1);
         }
         var pmd = pud[PudIndex(addr)];
         if (pmd is null && alloc)
-            pmd = pud[PudIndex(addr)] = new PmdTable();
+        {
+            pmd = pud[PudIndex(addr)] = new PmdTable(this);
+            Account(1);
+        }
         return pmd;
     }
 

@@ -61,14 +61,17 @@ public sealed class SimThread
         Kernel.MakeRunnable(this);
     }
 
-    /// <summary>Runs the operation until it completes or parks.</summary>
+    /// <summary>
+    /// Runs the operation until it completes or parks. If the thread is killed meanwhile
+    /// (the OOM killer chose its process during an allocation of this very operation), the
+    /// operation has already been aborted and what its step returned is dropped.
+    /// </summary>
     internal void RunOp()
     {
-        if (Op is null || IsBlocked || State == ThreadState.Exited)
+        if (Op is not { } op || IsBlocked || State == ThreadState.Exited)
             return;
-        if (Op.Step())
+        if (op.Step() && Op == op && State != ThreadState.Exited)
         {
-            var op = Op;
             Op = null;
             op.Finish();
         }

@@ -31,6 +31,7 @@ public static class UffdServerServiceCollectionExtensions
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
         services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
+            .Validate(o => o.ServerMemoryBytes >= 1 << 20 && o.MaxMachineMemoryBytes >= 1 << 20, "Limits: ServerMemoryBytes and MaxMachineMemoryBytes must be at least 1 MiB")
             .Validate(o => o.MachinesPerPrincipal > 0 && o.StreamsPerPrincipal > 0 && o.MmsPerMachine > 0 && o.ThreadsPerMachine > 0 && o.UffdsPerMachine > 0 && o.FilesPerMachine > 0 && o.CompletionLogPerMachine > 0, "Limits: every limit must be positive")
             .ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.AuthOptions>()

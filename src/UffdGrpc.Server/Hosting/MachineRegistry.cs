@@ -16,6 +16,9 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     /// <summary>The limits every creation checks.</summary>
     public Security.Quotas Quotas { get; } = quotas;
 
+    /// <summary>The memory budget all machines share.</summary>
+    public ServerFrameBudget Budget { get; } = new(quotas.Limits.ServerMemoryBytes / (long)Model.Kernel.PageSize);
+
     private readonly ConcurrentDictionary<long, object> _objects = new();
     private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
     private volatile bool _shuttingDown;
@@ -49,7 +52,8 @@ public sealed class MachineRegistry(Security.Quotas quotas)
         if (_shuttingDown)
             throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
         Security.Quotas.Check(_machines.Values.Count(m => m.Owner == owner), Quotas.Limits.MachinesPerPrincipal, nameof(Security.LimitOptions.MachinesPerPrincipal), "principal " + owner);
-        var host = new MachineHost(NextId(), new Model.Kernel(profile, config), owner);
+        var kernel = new Model.Kernel(profile, config) { FrameBudget = Budget };
+        var host = new MachineHost(NextId(), kernel, owner);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
         return host;
@@ -221,6 +225,7 @@ public sealed class MachineRegistry(Security.Quotas quotas)
             });
         }
         _machines.TryRemove(host.Id, out _);
+        Budget.Release(host.Kernel);
         foreach (var (id, o) in _objects)
         {
             if (o == host || (o is Entry e && e.Host == host))

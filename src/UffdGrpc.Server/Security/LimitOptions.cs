@@ -11,6 +11,10 @@ public sealed class LimitOptions
     public const string Section = "Limits";
 
     public int MachinesPerPrincipal { get; set; } = 64;
+    /// <summary>Frames (page contents and page tables) all machines together may hold, in bytes.</summary>
+    public long ServerMemoryBytes { get; set; } = 8L << 30;
+    /// <summary>The largest machine a CreateMachine may ask for, in bytes.</summary>
+    public long MaxMachineMemoryBytes { get; set; } = 8L << 30;
     /// <summary>Open ReadEvents and Serve streams of one principal.</summary>
     public int StreamsPerPrincipal { get; set; } = 1024;
     /// <summary>Processes (mm) of one machine, fork children included.</summary>

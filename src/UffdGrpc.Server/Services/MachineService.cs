@@ -26,6 +26,11 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             LiveFrames = k.LiveFrames,
             Broken = h.Broken ?? "",
             Owner = h.Owner,
+            MemoryBytes = k.MemoryBytes,
+            UsedPages = k.UsedPages,
+            SwapTotalPages = k.SwapTotalPages,
+            SwapUsedPages = k.SwapUsedPages,
+            OomKills = k.OomKillCount,
         };
         info.Grantees.AddRange(h.Grantees);
         info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
@@ -43,7 +48,16 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
     public override Task<CreateMachineResponse> CreateMachine(CreateMachineRequest request, ServerCallContext context)
     {
         var profile = ProtoMapping.ToModel(request.Profile);
-        var config = Apply(new Model.MachineConfig(), request.Settings);
+        var limits = registry.Quotas.Limits;
+        var s = request.Settings;
+        RequestErrors.Require(s?.MemoryBytes is null or (>= 1 << 20 and <= (ulong)long.MaxValue) && (s?.MemoryBytes ?? 0) <= (ulong)limits.MaxMachineMemoryBytes && (s?.MemoryBytes ?? 0) % Model.Kernel.PageSize == 0,
+            "settings.memory_bytes", $"a multiple of 4096 from 1 MiB to {limits.MaxMachineMemoryBytes} (Limits:MaxMachineMemoryBytes)");
+        RequestErrors.Require(s?.SwapBytes is null or <= 1UL << 40, "settings.swap_bytes", "at most 1 TiB");
+        var config = Apply(new Model.MachineConfig(), s) with
+        {
+            MemoryBytes = s?.MemoryBytes ?? new Model.MachineConfig().MemoryBytes,
+            SwapBytes = s?.SwapBytes ?? new Model.MachineConfig().SwapBytes,
+        };
         var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal);
         Log.MachineCreated(logger, h.Id, profile);
         return Task.FromResult(new CreateMachineResponse { Machine = Info(h) });
@@ -64,6 +78,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
     {
         var h = registry.Machine(request.MachineId);
         _ = ProtoMapping.ToModel(request.Settings?.Thp ?? ThpMode.Unspecified, Model.ThpMode.Madvise);
+        RequestErrors.Require(request.Settings?.MemoryBytes is null && request.Settings?.SwapBytes is null, "settings.memory_bytes", "the memory and swap sizes are set at CreateMachine only");
         h.Run(() => h.Kernel.Configure(c => Apply(c, request.Settings)));
         return Task.FromResult(new ConfigureMachineResponse { Machine = Info(h) });
     }

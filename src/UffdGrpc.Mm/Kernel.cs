@@ -457,6 +457,47 @@ public sealed partial class Kernel
         _afterUnlock.Add(action);
     }
 
+    /// <summary>
+    /// Pages a long operation (populate, a multi-page access) handles before it yields the
+    /// machine lock, as the kernel's loops call cond_resched() and GUP drops the mmap lock.
+    /// </summary>
+    public const int ReschedPages = 4096;
+
+    private Queue<SimThread> _yielded = new();
+
+    /// <summary>
+    /// Set by a host that lets other calls run between the chunks of a long operation: it is
+    /// called (after the lock is released) when a thread yielded, and must arrange for
+    /// <see cref="RunYielded"/> to run soon on another thread. Without it (in-process replay)
+    /// operations run to completion or to their next sleep, as before.
+    /// </summary>
+    public Action? ScheduleYielded { get; set; }
+
+    /// <summary>Whether a long operation may yield here (a host schedules the rest).</summary>
+    internal bool CanYield => ScheduleYielded is not null;
+
+    /// <summary>cond_resched(): <paramref name="t"/>'s operation continues from where it stopped once the host runs <see cref="RunYielded"/>.</summary>
+    internal void Yield(SimThread t)
+    {
+        Debug.Assert(Monitor.IsEntered(Lock) && CanYield);
+        _yielded.Enqueue(t);
+        if (_yielded.Count == 1)
+            DeferUntilUnlocked(ScheduleYielded!);
+    }
+
+    /// <summary>Continues every operation that yielded (each for at most another chunk).</summary>
+    public void RunYielded()
+    {
+        using var _ = Enter();
+        var batch = _yielded;
+        _yielded = new Queue<SimThread>();
+        foreach (var t in batch)
+        {
+            if (t.Op is not null && !t.IsBlocked && t.State != ThreadState.Exited)
+                t.RunOp();
+        }
+    }
+
     /// <summary>Marks a parked thread runnable: it retries when the current operation ends.</summary>
     internal void MakeRunnable(SimThread t)
     {

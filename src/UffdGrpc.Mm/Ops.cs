@@ -22,8 +22,14 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
 
     protected internal override bool Step()
     {
+        var budget = Kernel.ReschedPages;
         while (Done < Count)
         {
+            if (budget-- == 0 && Mm.Kernel.CanYield)
+            {
+                Mm.Kernel.Yield(Thread);
+                return false;
+            }
             var a = Addr + ((ulong)Done * Kernel.PageSize);
             var r = Mm.AccessByte(Thread, a, Write, Origin, Value, out var v);
             switch (r)
@@ -72,8 +78,14 @@ public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
             }
         }
         var stop = Start + Mm.PageAlignPublic(Len);
+        var budget = Kernel.ReschedPages;
         while (_cursor < stop)
         {
+            if (budget-- == 0 && Mm.Kernel.CanYield)
+            {
+                Mm.Kernel.Yield(Thread);
+                return false;
+            }
             var r = Mm.PopulateOne(Thread, _cursor, Write);
             if (r == FaultResult.Blocked)
                 return false;

@@ -49,4 +49,36 @@ public sealed class LifecycleTests(GrpcTestFixture fx) : IClassFixture<GrpcTestF
         // Another machine is untouched.
         Assert.True((await c.WriteAsync(other.Thread, A, 0x33)).Errno.IsOk());
     }
+
+    [Fact]
+    public async Task A_populate_of_a_large_vma_yields_the_machine_to_other_clients_between_chunks()
+    {
+        var c = fx.NewClient();
+        var other = fx.NewClient();
+        const ulong len = 1UL << 30;
+        await using var s = await Sandbox.CreateAsync(c);
+        Assert.True((await c.MmapAsync(s.Mm, A, len, 3)).IsOk());
+        var start = await c.StartOpAsync(s.Thread, new ThreadOp { Populate = new PopulateOp { Start = A, Len = len, Write = true } });
+        var worst = TimeSpan.Zero;
+        var sawRunning = 0;
+        var calls = 0;
+        while ((await other.GetThreadAsync(s.Thread)).State == ThreadState.Running)
+        {
+            sawRunning++;
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            var pm = await other.PagemapAsync(s.Mm, A + len - Page, 1);
+            sw.Stop();
+            calls++;
+            if (sw.Elapsed > worst)
+                worst = sw.Elapsed;
+            Assert.Single(pm);
+        }
+        var done = await c.WaitOpAsync(start.OpId);
+        Assert.True(done.Errno.IsOk());
+        Assert.True(sawRunning > 0, "the populate finished before another call could observe it");
+        // One chunk is Kernel.ReschedPages (4,096) pages: a few ms of work between the calls.
+        Assert.True(worst < TimeSpan.FromMilliseconds(250), $"a call on the machine waited {worst.TotalMilliseconds:F0} ms during the populate ({calls} calls)");
+        // Every page was populated (plus its page tables: 512 PTE tables and the upper levels).
+        Assert.InRange((await c.GetMachineAsync(s.Machine)).UsedPages, (long)(len / Page), (long)(len / Page) + 1024);
+    }
 }

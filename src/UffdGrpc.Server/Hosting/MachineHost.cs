@@ -114,6 +114,21 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
         return 0;
     });
 
+    /// <summary>Runs the next chunk of the operations that yielded (a model error breaks the machine, as in any call).</summary>
+    internal void ContinueYielded()
+    {
+        if (Destroyed || Broken is not null)
+            return;
+        try
+        {
+            Run(Kernel.RunYielded);
+        }
+        catch (RpcException)
+        {
+            // Run marked the machine broken and failed its waiters.
+        }
+    }
+
     private void MarkBroken(Exception ex)
     {
         LockedEvenIfBroken(() =>

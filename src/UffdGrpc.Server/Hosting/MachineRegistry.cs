@@ -54,6 +54,9 @@ public sealed class MachineRegistry(Security.Quotas quotas)
         Security.Quotas.Check(_machines.Values.Count(m => m.Owner == owner), Quotas.Limits.MachinesPerPrincipal, nameof(Security.LimitOptions.MachinesPerPrincipal), "principal " + owner);
         var kernel = new Model.Kernel(profile, config) { FrameBudget = Budget };
         var host = new MachineHost(NextId(), kernel, owner);
+        // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
+        // runs from the thread pool, so other calls on the machine get in between.
+        kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
         return host;

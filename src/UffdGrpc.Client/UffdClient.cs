@@ -161,6 +161,33 @@ public sealed class UffdClient : IDisposable
     public async Task<IReadOnlyList<PageDigest>> DigestAsync(long mmId, ulong start, uint pages, CancellationToken ct = default) =>
         (await Mm.DigestAsync(new DigestRequest { MmId = mmId, Start = start, Pages = pages }, cancellationToken: ct).ConfigureAwait(false)).Pages;
 
+    /// <summary>The image of an address space (a serialized <c>MmImage</c>; write it to a file as it is).</summary>
+    public async Task<byte[]> ExportMmAsync(long mmId, CancellationToken ct = default)
+    {
+        using var call = Mm.ExportMm(new ExportMmRequest { MmId = mmId }, cancellationToken: ct);
+        using var image = new MemoryStream();
+        await foreach (var chunk in call.ResponseStream.ReadAllAsync(ct).ConfigureAwait(false))
+            chunk.Chunk.WriteTo(image);
+        return image.ToArray();
+    }
+
+    /// <summary>Restores an image from <see cref="ExportMmAsync"/> into a new process of <paramref name="machineId"/>.</summary>
+    public async Task<ImportMmResponse> ImportMmAsync(long machineId, ReadOnlyMemory<byte> image, CancellationToken ct = default)
+    {
+        using var call = Mm.ImportMm(cancellationToken: ct);
+        const int chunk = 1 << 20;
+        var off = 0;
+        do
+        {
+            var n = Math.Min(chunk, image.Length - off);
+            await call.RequestStream.WriteAsync(new ImportMmRequest { MachineId = off == 0 ? machineId : 0, Chunk = ByteString.CopyFrom(image.Span.Slice(off, n)) }, ct).ConfigureAwait(false);
+            off += n;
+        }
+        while (off < image.Length);
+        await call.RequestStream.CompleteAsync().ConfigureAwait(false);
+        return await call.ResponseAsync.ConfigureAwait(false);
+    }
+
     // ------------------------------------------------------------------ threads
 
     public async Task<ThreadInfo> CreateThreadAsync(long mmId, CancellationToken ct = default) =>

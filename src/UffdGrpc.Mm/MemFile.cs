@@ -30,4 +30,36 @@ public sealed class MemFile
     public ulong SizePages => (Size + Kernel.PageSize - 1) / Kernel.PageSize;
 
     public Page? FindCachePage(ulong index) => Cache.GetValueOrDefault(index);
+
+    /// <summary>
+    /// What a read of page <paramref name="index"/> would find, without faulting: the page
+    /// cache, then shmem's swap, then a regular file's written-back blocks — the lookup order
+    /// of shmem_get_folio_gfp / filemap_fault. <paramref name="data"/> is null for zeros.
+    /// </summary>
+    public PageContentState PeekPage(ulong index, out byte[]? data)
+    {
+        data = null;
+        if (index >= SizePages)
+            return PageContentState.BeyondEof;
+        if (FindCachePage(index) is { } page)
+        {
+            data = page.Data;
+            return PageContentState.PageCache;
+        }
+        if (Swapped.TryGetValue(index, out var swapped))
+        {
+            data = swapped.Data;
+            return PageContentState.Swapped;
+        }
+        if (!IsShmem && Disk.TryGetValue(index, out var disk))
+        {
+            data = disk;
+            return PageContentState.PageCache;
+        }
+        return PageContentState.NotPresent;
+    }
+
+    /// <summary>The page indexes that may hold data (cached, swapped or written back), in order.</summary>
+    public IEnumerable<ulong> IndexesWithData() =>
+        Cache.Keys.Concat(Swapped.Keys).Concat(IsShmem ? [] : Disk.Keys).Distinct().Order();
 }

@@ -193,26 +193,7 @@ public sealed partial class Mm
             return PageContentState.Guard;
         if (vma.File is not { } file)
             return PageContentState.NotPresent;
-        // shmem_get_folio_gfp / filemap_fault: the page cache, then shmem swap, then disk.
-        var index = vma.LinearPageIndex(addr);
-        if (index >= file.SizePages)
-            return PageContentState.BeyondEof;
-        if (file.FindCachePage(index) is { } page)
-        {
-            data = page.Data;
-            return PageContentState.PageCache;
-        }
-        if (file.Swapped.TryGetValue(index, out var swapped))
-        {
-            data = swapped.Data;
-            return PageContentState.Swapped;
-        }
-        if (!file.IsShmem && file.Disk.TryGetValue(index, out var disk))
-        {
-            data = disk;
-            return PageContentState.PageCache;
-        }
-        return PageContentState.NotPresent;
+        return file.PeekPage(vma.LinearPageIndex(addr), out data);
     }
 
     /// <summary>Writes one page's digest: SHA-256 of its contents, the shared zero hash, or zeros for a page without contents.</summary>

@@ -29,6 +29,8 @@ public static class UffdServerServiceCollectionExtensions
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
+        services.AddSingleton<MachinePersistence>();
+        services.AddOptions<PersistenceOptions>().BindConfiguration(PersistenceOptions.Section);
         services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
             .Validate(o => o.ServerMemoryBytes >= 1 << 20 && o.MaxMachineMemoryBytes >= 1 << 20, "Limits: ServerMemoryBytes and MaxMachineMemoryBytes must be at least 1 MiB")

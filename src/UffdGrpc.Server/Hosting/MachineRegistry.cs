@@ -44,6 +44,9 @@ public sealed class MachineRegistry(Security.Quotas quotas)
         }
     }
 
+    /// <summary>Every live machine, whoever owns it (persistence, shutdown).</summary>
+    internal IEnumerable<MachineHost> AllMachines() => _machines.Values.OrderBy(m => m.Id);
+
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 

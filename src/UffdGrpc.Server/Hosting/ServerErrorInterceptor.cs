@@ -20,7 +20,14 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
     }
 
     private static bool IsBug(Exception ex, ServerCallContext context) =>
-        ex is not RpcException && !(ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested);
+        ex is not RpcException and not IOException && !(ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested);
+
+    /// <summary>
+    /// The model does no I/O: an IOException is the call's own transport (the client reset a
+    /// Serve stream while it was being read, which Kestrel reports before the call's token is
+    /// cancelled). The client is gone; it is not an internal error.
+    /// </summary>
+    private static RpcException Broken(IOException ex) => new(new Status(StatusCode.Unavailable, "the call's stream broke: " + ex.Message));
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
@@ -40,6 +47,10 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         {
             await continuation(request, responseStream, context).ConfigureAwait(false);
         }
+        catch (IOException ex)
+        {
+            throw Broken(ex);
+        }
         catch (Exception ex) when (IsBug(ex, context))
         {
             throw Internal(context, ex);
@@ -51,6 +62,10 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         try
         {
             await continuation(requestStream, responseStream, context).ConfigureAwait(false);
+        }
+        catch (IOException ex)
+        {
+            throw Broken(ex);
         }
         catch (Exception ex) when (IsBug(ex, context))
         {

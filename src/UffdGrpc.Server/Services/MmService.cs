@@ -329,4 +329,61 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
         }
         return Task.FromResult(r);
     }
+
+    /// <summary>The largest image ImportMm accepts, and the chunk size ExportMm streams.</summary>
+    public const int MaxImageBytes = 1 << 30;
+    private const int ChunkBytes = 1 << 20;
+
+    public override async Task ExportMm(ExportMmRequest request, IServerStreamWriter<ExportMmResponse> responseStream, ServerCallContext context)
+    {
+        var e = registry.Mm(request.MmId);
+        var bytes = Google.Protobuf.MessageExtensions.ToByteArray(e.Host.Run(() => MmImages.Export(e.Mm)));
+        // At least one chunk, so an empty address space still sends its (empty) image.
+        var off = 0;
+        do
+        {
+            var n = Math.Min(ChunkBytes, bytes.Length - off);
+            await responseStream.WriteAsync(new ExportMmResponse { Chunk = Google.Protobuf.ByteString.CopyFrom(bytes, off, n) }, context.CancellationToken).ConfigureAwait(false);
+            off += n;
+        }
+        while (off < bytes.Length);
+    }
+
+    public override async Task<ImportMmResponse> ImportMm(IAsyncStreamReader<ImportMmRequest> requestStream, ServerCallContext context)
+    {
+        long machineId = 0;
+        using var buffer = new MemoryStream();
+        while (await requestStream.MoveNext(context.CancellationToken).ConfigureAwait(false))
+        {
+            var r = requestStream.Current;
+            if (machineId == 0)
+                machineId = r.MachineId;
+            else
+                RequestErrors.Require(r.MachineId == 0 || r.MachineId == machineId, "machine_id", "the first message's, or 0");
+            RequestErrors.Require(buffer.Length + r.Chunk.Length <= MaxImageBytes, "chunk", $"an image of at most {MaxImageBytes} bytes");
+            r.Chunk.WriteTo(buffer);
+        }
+        var h = registry.Machine(machineId);
+        MmImage image;
+        try
+        {
+            image = MmImage.Parser.ParseFrom(buffer.GetBuffer(), 0, (int)buffer.Length);
+        }
+        catch (Google.Protobuf.InvalidProtocolBufferException ex)
+        {
+            throw RequestErrors.Invalid("chunk", "not a serialized MmImage: " + ex.Message);
+        }
+        MmImages.Validate(image);
+        var (mmId, uffdIds) = h.Run(() =>
+        {
+            Security.Quotas.Check(h.Kernel.Mms.Count, registry.Quotas.Limits.MmsPerMachine, nameof(Security.LimitOptions.MmsPerMachine), $"machine {h.Id}");
+            var (errno, mm, ctxs) = MmImages.Import(h.Kernel, image);
+            if (mm is null)
+                throw RequestErrors.Precondition("IMPORT_FAILED", $"restoring the image failed with {errno} (nothing was kept)");
+            return (registry.IdOf(h, mm), ctxs.Select(c => registry.IdOf(h, c)).ToList());
+        });
+        var response = new ImportMmResponse { Mm = Info(registry.Mm(mmId)) };
+        response.UffdIds.AddRange(uffdIds);
+        return response;
+    }
 }

@@ -59,6 +59,8 @@ public sealed partial class UserfaultfdService
         {
             while (true)
             {
+                // A cancelled call reads nothing more: a message read now would be lost with it.
+                ct.ThrowIfCancellationRequested();
                 var (msgs, wait) = ReadBatch(u, 1);
                 if (msgs is not null)
                 {
@@ -140,7 +142,7 @@ public sealed partial class UserfaultfdService
         async Task ReadLoopAsync()
         {
             var token = stop.Token;
-            while (!token.IsCancellationRequested)
+            while (!token.IsCancellationRequested && !ct.IsCancellationRequested)
             {
                 var (msgs, wait) = ReadBatch(u, max);
                 if (msgs is not null)

@@ -20,7 +20,8 @@ public sealed partial class ServerProcess : IAsyncDisposable
 
     public string Address { get; }
 
-    public static async Task<ServerProcess> StartAsync()
+    /// <summary>Starts the server with <paramref name="environment"/> on top of appsettings.json (configuration keys with <c>__</c> for <c>:</c>).</summary>
+    public static async Task<ServerProcess> StartAsync(IReadOnlyDictionary<string, string>? environment = null)
     {
         var dll = Path.Combine(AppContext.BaseDirectory, "UffdGrpc.Server.dll");
         var psi = new ProcessStartInfo("dotnet")
@@ -35,6 +36,8 @@ public sealed partial class ServerProcess : IAsyncDisposable
         psi.ArgumentList.Add("http://127.0.0.1:0");
         psi.Environment["DOTNET_NOLOGO"] = "1";
         psi.Environment.Remove("ASPNETCORE_URLS");
+        foreach (var (key, value) in environment ?? new Dictionary<string, string>())
+            psi.Environment[key] = value;
         var p = Process.Start(psi)!;
         var found = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
         p.OutputDataReceived += (_, e) =>

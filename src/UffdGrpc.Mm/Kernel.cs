@@ -56,7 +56,7 @@ public sealed record MachineConfig
 /// waker drops the mmap lock. Callers outside the model take no other lock while holding
 /// this one, and completion callbacks run under it and must not block.
 /// </remarks>
-public sealed class Kernel
+public sealed partial class Kernel
 {
     public const ulong PageSize = 4096;
     public const int PageShift = 12;
@@ -159,7 +159,9 @@ public sealed class Kernel
     public MemFile CreateFile(string name, bool shmem, ulong size)
     {
         using var _ = Enter();
-        return new MemFile(_nextFileId++, name, shmem, size);
+        var f = new MemFile(_nextFileId++, name, shmem, size);
+        _files.Add(f);
+        return f;
     }
 
     // ---------------------------------------------------------------- frames
@@ -255,6 +257,31 @@ public sealed class Kernel
             return;
         _frames[(int)(page.Pfn - FirstPfn)] = null;
         _liveFrames--;
+    }
+
+    /// <summary>
+    /// The last VMA of a shared anonymous mapping went away: as the final fput of its shmem
+    /// file evicts the inode (shmem_evict_inode → shmem_truncate_range), its page cache and
+    /// swap are freed. Files with a name (memfd, regular) outlive their mappings.
+    /// </summary>
+    internal void ReleaseAnonShmemIfUnmapped(MemFile file)
+    {
+        if (!file.AnonymousShared)
+            return;
+        foreach (var mm in _mms)
+        {
+            foreach (var v in mm.Vmas)
+            {
+                if (v.File == file)
+                    return;
+            }
+        }
+        var pages = file.Cache.Values.ToList();
+        file.Cache.Clear();
+        file.Swapped.Clear();
+        file.Disk.Clear();
+        foreach (var page in pages)
+            MaybeFree(page);
     }
 
     // ---------------------------------------------------------------- swap

@@ -132,6 +132,22 @@ public class InvariantTests
     }
 
     [Fact]
+    public void Mremap_to_a_destination_inside_the_same_vma_keeps_the_vmas_ordered()
+    {
+        // Found by the fuzzer (seed 4kcSdrAvkaS6): the VMA looked up before the destination
+        // was unmapped was the lower piece of the split, and the move cut an inverted VMA.
+        var m = new Machine();
+        var a = m.Map(1024);
+        m.Write(a + (600 * Pg), 0x5a, count: 2);
+        var op = new MremapOp(a + (600 * Pg), 2 * Pg, a + (16 * Pg));
+        Run(m, op);
+        Assert.Equal(Errno.OK, op.Result);
+        Ok(m, "after mremap inside one VMA");
+        Assert.Equal(0x5a, m.Read(a + (17 * Pg)).Values[0]);
+        Assert.Null(m.Mm.VmaLookup(a + (600 * Pg)));
+    }
+
+    [Fact]
     public void Blocked_faults_are_counted_per_uffd()
     {
         var m = new Machine();

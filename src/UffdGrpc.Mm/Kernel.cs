@@ -340,6 +340,31 @@ public sealed partial class Kernel
         FramesFreed(1);
     }
 
+    /// <summary>
+    /// The last VMA of a shared anonymous mapping went away: as the final fput of its shmem
+    /// file evicts the inode (shmem_evict_inode → shmem_truncate_range), its page cache and
+    /// swap are freed. Files with a name (memfd, regular) outlive their mappings.
+    /// </summary>
+    internal void ReleaseAnonShmemIfUnmapped(MemFile file)
+    {
+        if (!file.AnonymousShared)
+            return;
+        foreach (var mm in _mms)
+        {
+            foreach (var v in mm.Vmas)
+            {
+                if (v.File == file)
+                    return;
+            }
+        }
+        var pages = file.Cache.Values.ToList();
+        file.Cache.Clear();
+        file.Swapped.Clear();
+        file.Disk.Clear();
+        foreach (var page in pages)
+            MaybeFree(page);
+    }
+
     // ---------------------------------------------------------------- swap
 
     /// <summary>get_nr_swap_pages() == 0: no free slot on the swap device (or no device).</summary>

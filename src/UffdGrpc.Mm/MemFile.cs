@@ -27,6 +27,9 @@ public sealed class MemFile
     internal readonly Dictionary<ulong, Page> Cache = [];
     internal readonly Dictionary<ulong, SwapSlot> Swapped = [];
 
+    /// <summary>The shmem behind a MAP_SHARED|MAP_ANONYMOUS mapping (shmem_zero_setup): only its VMAs refer to it.</summary>
+    public bool AnonymousShared { get; internal set; }
+
     public ulong SizePages => (Size + Kernel.PageSize - 1) / Kernel.PageSize;
 
     public Page? FindCachePage(ulong index) => Cache.GetValueOrDefault(index);

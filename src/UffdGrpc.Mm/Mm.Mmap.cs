@@ -26,7 +26,10 @@ public sealed partial class Mm
         if (VmasIn(addr, addr + len).Count > 0)
             return Errno.EEXIST;
         if (shared && file is null)
+        {
             file = Kernel.CreateFile("dev/zero", shmem: true, len);
+            file.AnonymousShared = true;
+        }
         var flags = (VmFlags)(int)prot | VmFlags.MayRead | VmFlags.MayWrite | VmFlags.MayExec;
         if (shared)
         {
@@ -111,6 +114,8 @@ public sealed partial class Mm
             var v = IsolateRange(v0, Math.Max(start, v0.Start), Math.Min(end, v0.End));
             ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true));
             RemoveVma(v);
+            if (v.File is { AnonymousShared: true } f)
+                Kernel.ReleaseAnonShmemIfUnmapped(f);
         }
         FreePgtables(start, end);
         return Errno.OK;
@@ -132,7 +137,8 @@ public sealed partial class Mm
     /// </summary>
     internal void ExitMmap()
     {
-        foreach (var v in _vmas.ToList())
+        var vmas = _vmas.ToList();
+        foreach (var v in vmas)
         {
             ZapRange(v, v.Start, v.End, new ZapDetails(DropMarkers: true, EvenCows: true));
             RemoveVma(v);
@@ -140,6 +146,11 @@ public sealed partial class Mm
         PageTable.FreeAll();
         Exited = true;
         Kernel.RemoveMm(this);
+        foreach (var v in vmas)
+        {
+            if (v.File is { AnonymousShared: true } f)
+                Kernel.ReleaseAnonShmemIfUnmapped(f);
+        }
     }
 
     /// <summary>

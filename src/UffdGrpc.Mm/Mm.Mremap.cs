@@ -25,6 +25,9 @@ public sealed partial class Mm
         var r = DoMunmap(newAddr, len, unmaps);
         if (r != Errno.OK)
             return r;
+        // The unmap may have split the VMA (the destination lay in the same VMA): the old
+        // range is in the piece that contains it now (mremap_to looks the VMA up again).
+        vma = VmaLookup(oldAddr)!;
         vma = IsolateRange(vma, oldAddr, oldAddr + len);
         var nv = vma.CloneRange(oldAddr, oldAddr + len);
         nv.Start = newAddr;

@@ -9,9 +9,6 @@ namespace UffdGrpc.Mm;
 /// </summary>
 public sealed partial class Kernel
 {
-    /// <summary>Files created on this machine (memfds, regular files and the shmem of shared anonymous mappings).</summary>
-    private readonly List<MemFile> _files = [];
-
     /// <summary>
     /// Re-derives the model's bookkeeping from a fresh walk and returns every disagreement,
     /// human-readable (empty: every invariant holds). Takes the machine lock; it changes

@@ -27,6 +27,17 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
     /// Serve stream while it was being read, which Kestrel reports before the call's token is
     /// cancelled). The client is gone; it is not an internal error.
     /// </summary>
+    /// <summary>
+    /// A call the client cancelled ends CANCELLED: the wait it was in throws an
+    /// OperationCanceledException, which the framework would otherwise report as UNKNOWN when
+    /// it sees it before the cancellation. A passed deadline is left to the framework
+    /// (DEADLINE_EXCEEDED).
+    /// </summary>
+    private static bool ClientCancelled(Exception ex, ServerCallContext context) =>
+        ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested && context.Deadline > DateTime.UtcNow;
+
+    private static RpcException Cancelled() => new(new Status(StatusCode.Cancelled, "the call was cancelled"));
+
     private static RpcException Broken(IOException ex) => new(new Status(StatusCode.Unavailable, "the call's stream broke: " + ex.Message));
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
@@ -34,6 +45,10 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         try
         {
             return await continuation(request, context).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ClientCancelled(ex, context))
+        {
+            throw Cancelled();
         }
         catch (Exception ex) when (IsBug(ex, context))
         {
@@ -51,6 +66,10 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         {
             throw Broken(ex);
         }
+        catch (Exception ex) when (ClientCancelled(ex, context))
+        {
+            throw Cancelled();
+        }
         catch (Exception ex) when (IsBug(ex, context))
         {
             throw Internal(context, ex);
@@ -66,6 +85,10 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         catch (IOException ex)
         {
             throw Broken(ex);
+        }
+        catch (Exception ex) when (ClientCancelled(ex, context))
+        {
+            throw Cancelled();
         }
         catch (Exception ex) when (IsBug(ex, context))
         {

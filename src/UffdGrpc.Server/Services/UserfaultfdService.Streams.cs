@@ -161,17 +161,29 @@ public sealed partial class UserfaultfdService
         u.AddReader();
         Log.EventStreamOpened(logger, u.Id);
         var reader = ReadLoopAsync();
+        // The request reader is cancelled when the call returns, so no read of the request
+        // stream is left pending behind it (the reader may end first: the uffd was closed).
+        using var requests = CancellationTokenSource.CreateLinkedTokenSource(ct);
         try
         {
             await ResolveAsync(first).ConfigureAwait(false);
             while (true)
             {
-                var next = requestStream.MoveNext(ct);
+                var next = requestStream.MoveNext(requests.Token);
                 // The stream ends when the client half-closes, or when the reader stops (the
                 // uffd was closed, the machine destroyed, the server is stopping).
                 var done = await Task.WhenAny(next, reader).ConfigureAwait(false);
                 if (done == reader)
                 {
+                    await requests.CancelAsync().ConfigureAwait(false);
+                    try
+                    {
+                        await next.ConfigureAwait(false);
+                    }
+                    catch (OperationCanceledException)
+                    {
+                        // The pending read ended with the call.
+                    }
                     await reader.ConfigureAwait(false);
                     return;
                 }

@@ -20,6 +20,26 @@ public sealed class ServerProcessFixture : IAsyncLifetime
 public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : IClassFixture<ServerProcessFixture>
 {
     [Fact]
+    public async Task A_copy_payload_up_to_the_documented_64_MiB_passes_Kestrel_and_one_over_is_refused_with_resource_exhausted()
+    {
+        using var c = new UffdClient(fx.Server.Address);
+        const ulong len = 48UL << 20; // past Kestrel's default 30 MB body limit, within the API's 64 MiB
+        await using var s = await CreateAsync(c);
+        Assert.True((await c.MmapAsync(s.Mm, A, len, 3)).IsOk());
+        var (e, uffd) = await c.CreateUffdAsync(s.Mm);
+        Assert.True(e.IsOk());
+        Assert.True((await c.ApiAsync(uffd)).Errno.IsOk());
+        Assert.True((await c.RegisterAsync(uffd, A, len, 1)).Errno.IsOk());
+        var data = new byte[len];
+        data.AsSpan().Fill(0x3c);
+        var r = await c.CopyAsync(uffd, A, data);
+        Assert.Equal((Errno.Unspecified, (long?)(long)len), (r.Errno, r.Field));
+        Assert.Equal(0x3c, (await c.ReadAsync(s.Thread, A + len - Page)).Values[0]);
+        var over = await Assert.ThrowsAsync<RpcException>(() => c.CopyAsync(uffd, A, new byte[(64 << 20) + (128 << 10)]));
+        Assert.Equal(StatusCode.ResourceExhausted, over.StatusCode);
+    }
+
+    [Fact]
     public async Task Kestrel_serves_h2c_where_urls_says_and_a_fault_round_trip_works()
     {
         // Arrange

@@ -144,7 +144,7 @@ public sealed partial class Mm
     /// filled, the kernel (holding mm_users) would go on filling the reaped mm until
     /// exit_mmap frees it; the model, whose exit_mmap runs at once, stops there (ENOMEM).
     /// </summary>
-    internal long MfillAtomic(UserfaultfdCtx ctx, ulong dst, ReadOnlySpan<byte> src, ulong len, MfillMode mode, bool wp)
+    internal long MfillAtomic(UserfaultfdCtx ctx, ulong dst, ReadOnlySpan<byte> src, bool repeat, ulong len, MfillMode mode, bool wp)
     {
         var vma = UffdMfillLock(dst, len);
         if (vma is null)
@@ -180,7 +180,7 @@ public sealed partial class Mm
                 break;
             }
             var table = pmdt.Tables[pi] ??= new PteTable();
-            var srcPage = mode == MfillMode.Copy ? src.Slice((int)off, (int)Kernel.PageSize) : default;
+            var srcPage = mode != MfillMode.Copy ? default : repeat ? src : src.Slice((int)off, (int)Kernel.PageSize);
             err = MfillAtomicPte(vma, table, addr, mode, wp, srcPage);
             if (err != Errno.OK)
                 break;

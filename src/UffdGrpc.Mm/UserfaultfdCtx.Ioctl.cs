@@ -197,7 +197,23 @@ public sealed partial class UserfaultfdCtx
     /// gets bytes copied or -errno; a partial copy fails with EAGAIN; the copied range is
     /// woken unless DONTWAKE.
     /// </summary>
-    public FillResult Copy(ulong dst, ReadOnlySpan<byte> src, ulong srcAddr, ulong len, ulong mode)
+    public FillResult Copy(ulong dst, ReadOnlySpan<byte> src, ulong srcAddr, ulong len, ulong mode) =>
+        Copy(dst, src, (ulong)src.Length, repeat: false, srcAddr, len, mode);
+
+    /// <summary>
+    /// UFFDIO_COPY from a source buffer of <paramref name="srcLength"/> bytes that all hold
+    /// <paramref name="fill"/> (the scenario language's `copy NAME FIRST COUNT BYTE`), without
+    /// materialising the buffer: a copy longer than the buffer runs off its end (EFAULT).
+    /// </summary>
+    public FillResult CopyFill(ulong dst, byte fill, ulong srcLength, ulong srcAddr, ulong len, ulong mode)
+    {
+        Span<byte> page = stackalloc byte[(int)Kernel.PageSize];
+        page.Fill(fill);
+        return Copy(dst, page, srcLength, repeat: true, srcAddr, len, mode);
+    }
+
+    /// <summary>The copy itself: <paramref name="src"/> is the whole buffer, or (<paramref name="repeat"/>) one page that every source page equals.</summary>
+    private FillResult Copy(ulong dst, ReadOnlySpan<byte> src, ulong srcLength, bool repeat, ulong srcAddr, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
         var st = CheckState();
@@ -212,11 +228,11 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(r);
         if ((mode & ~(Uapi.CopyModeDontwake | Uapi.CopyModeWp)) != 0)
             return FillResult.Untouched(Errno.EINVAL);
-        if ((ulong)src.Length < len)
+        if (srcLength < len)
             return FillResult.Untouched(Errno.EFAULT);
         if (Mm.Exited)
             return FillResult.Untouched(Errno.ESRCH);
-        var ret = Mm.MfillAtomic(this, dst, src, len, MfillMode.Copy, (mode & Uapi.CopyModeWp) != 0);
+        var ret = Mm.MfillAtomic(this, dst, src, repeat, len, MfillMode.Copy, (mode & Uapi.CopyModeWp) != 0);
         return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
     }
 
@@ -250,7 +266,7 @@ public sealed partial class UserfaultfdCtx
         using var _ = Kernel.Enter();
         if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, v6Only: false) is { } early)
             return early;
-        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Zeropage, false);
+        var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Zeropage, false);
         return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0);
     }
 
@@ -260,7 +276,7 @@ public sealed partial class UserfaultfdCtx
         using var _ = Kernel.Enter();
         if (FillPrelude(start, len, mode, Uapi.ContinueModeDontwake | Uapi.ContinueModeWp, v6Only: true) is { } early)
             return early;
-        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
+        var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
         return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0);
     }
 
@@ -270,7 +286,7 @@ public sealed partial class UserfaultfdCtx
         using var _ = Kernel.Enter();
         if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, v6Only: true) is { } early)
             return early;
-        var ret = Mm.MfillAtomic(this, start, default, len, MfillMode.Poison, false);
+        var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Poison, false);
         return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0);
     }
 

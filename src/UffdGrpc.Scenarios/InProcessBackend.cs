@@ -157,9 +157,8 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
 
     public Task<FillResult> CopyAsync(int uffd, ulong dst, ulong srcAddr, byte fill, ulong len, ulong mode)
     {
-        var src = new byte[Math.Min(len, 64UL << 20)];
-        Array.Fill(src, fill);
-        return Done(_uffds[uffd].Copy(dst, src, srcAddr, len, mode));
+        // The harness's source buffer holds len bytes of fill (the server keeps at most 64 MiB).
+        return Done(_uffds[uffd].CopyFill(dst, fill, Math.Min(len, 64UL << 20), srcAddr, len, mode));
     }
 
     public Task<FillResult> ZeropageAsync(int uffd, ulong start, ulong len, ulong mode) => Done(_uffds[uffd].Zeropage(start, len, mode));

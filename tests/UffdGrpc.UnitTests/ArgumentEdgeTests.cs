@@ -40,3 +40,28 @@ public sealed class ArgumentEdgeTests
         Assert.Equal([0x5a, 0x5a, 0x5a], m.Read(a, count: 3).Values);
     }
 }
+
+/// <summary>UFFDIO_COPY from a fill buffer: no buffer is materialised, whatever its length.</summary>
+public sealed class CopyFillTests
+{
+    [Fact]
+    public void A_refused_64_MiB_fill_copy_allocates_nothing_and_a_valid_one_copies_the_fill()
+    {
+        var m = new Machine();
+        var a = m.Map(16);
+        var ctx = m.Uffd();
+        const ulong big = 64UL << 20;
+        var before = GC.GetAllocatedBytesForCurrentThread();
+        var refused = ctx.CopyFill(a, 0x11, big, 0x7f00_0000_0000, big, 0);
+        var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.Equal(Errno.ENOENT, refused.Errno);
+        Assert.True(allocated < 64 << 10, $"a refused fill copy allocated {allocated} bytes");
+
+        Assert.Equal(Errno.OK, ctx.Register(a, 16 * Machine.Pg, Uapi.RegisterModeMissing, out _));
+        var ok = ctx.CopyFill(a, 0x22, 16 * Machine.Pg, 0x7f00_0000_0000, 16 * Machine.Pg, 0);
+        Assert.Equal((Errno.OK, (long?)(16 * (long)Machine.Pg)), (ok.Errno, ok.Field));
+        Assert.All(m.Read(a, count: 16).Values, v => Assert.Equal(0x22, v));
+        var offTheEnd = ctx.CopyFill(a, 0x33, Machine.Pg, 0x7f00_0000_0000, 2 * Machine.Pg, 0);
+        Assert.Equal(Errno.EFAULT, offTheEnd.Errno);
+    }
+}

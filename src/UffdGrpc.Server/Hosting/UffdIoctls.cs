@@ -33,9 +33,9 @@ internal static class UffdIoctls
     {
         if (r.SourceCase == UffdioCopyRequest.SourceOneofCase.Data)
             return ctx.Copy(r.Dst, r.Data.Span, r.Src, r.Len, r.Mode);
-        var src = new byte[Math.Min(r.Len, ctx.Kernel.Config.MaxCopyBytes)];
-        Array.Fill(src, (byte)r.Fill);
-        return ctx.Copy(r.Dst, src, r.Src, r.Len, r.Mode);
+        // A buffer of len bytes of fill, up to the largest source the server keeps; nothing is
+        // allocated for it (every source page is the same).
+        return ctx.CopyFill(r.Dst, (byte)r.Fill, Math.Min(r.Len, ctx.Kernel.Config.MaxCopyBytes), r.Src, r.Len, r.Mode);
     }
 
     /// <summary>UFFDIO_MOVE issued by <paramref name="caller"/> (null: the uffd's own process). Caller holds the lock.</summary>

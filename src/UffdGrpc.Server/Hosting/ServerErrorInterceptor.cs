@@ -40,19 +40,26 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
 
     private static RpcException Broken(IOException ex) => new(new Status(StatusCode.Unavailable, "the call's stream broke: " + ex.Message));
 
+    /// <summary>Whether the interceptor turns <paramref name="ex"/> into a status (else it passes through: a status, or a deadline's cancellation).</summary>
+    private static bool Converts(Exception ex, ServerCallContext context) => ex is IOException || ClientCancelled(ex, context) || IsBug(ex, context);
+
+    /// <summary>The one mapping of what a handler threw to the status the client sees.</summary>
+    private RpcException StatusOf(Exception ex, ServerCallContext context) => ex switch
+    {
+        IOException io => Broken(io),
+        _ when ClientCancelled(ex, context) => Cancelled(),
+        _ => Internal(context, ex),
+    };
+
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
         try
         {
             return await continuation(request, context).ConfigureAwait(false);
         }
-        catch (Exception ex) when (ClientCancelled(ex, context))
+        catch (Exception ex) when (Converts(ex, context))
         {
-            throw Cancelled();
-        }
-        catch (Exception ex) when (IsBug(ex, context))
-        {
-            throw Internal(context, ex);
+            throw StatusOf(ex, context);
         }
     }
 
@@ -62,17 +69,9 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         {
             await continuation(request, responseStream, context).ConfigureAwait(false);
         }
-        catch (IOException ex)
+        catch (Exception ex) when (Converts(ex, context))
         {
-            throw Broken(ex);
-        }
-        catch (Exception ex) when (ClientCancelled(ex, context))
-        {
-            throw Cancelled();
-        }
-        catch (Exception ex) when (IsBug(ex, context))
-        {
-            throw Internal(context, ex);
+            throw StatusOf(ex, context);
         }
     }
 
@@ -82,17 +81,9 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         {
             await continuation(requestStream, responseStream, context).ConfigureAwait(false);
         }
-        catch (IOException ex)
+        catch (Exception ex) when (Converts(ex, context))
         {
-            throw Broken(ex);
-        }
-        catch (Exception ex) when (ClientCancelled(ex, context))
-        {
-            throw Cancelled();
-        }
-        catch (Exception ex) when (IsBug(ex, context))
-        {
-            throw Internal(context, ex);
+            throw StatusOf(ex, context);
         }
     }
 }

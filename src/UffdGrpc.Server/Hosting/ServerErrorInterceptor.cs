@@ -27,27 +27,19 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
     /// Serve stream while it was being read, which Kestrel reports before the call's token is
     /// cancelled). The client is gone; it is not an internal error.
     /// </summary>
-    /// <summary>
-    /// A call the client cancelled ends CANCELLED: the wait it was in throws an
-    /// OperationCanceledException, which the framework would otherwise report as UNKNOWN when
-    /// it sees it before the cancellation. A passed deadline is left to the framework
-    /// (DEADLINE_EXCEEDED).
-    /// </summary>
-    private static bool ClientCancelled(Exception ex, ServerCallContext context) =>
-        ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested && context.Deadline > DateTime.UtcNow;
-
-    private static RpcException Cancelled() => new(new Status(StatusCode.Cancelled, "the call was cancelled"));
-
     private static RpcException Broken(IOException ex) => new(new Status(StatusCode.Unavailable, "the call's stream broke: " + ex.Message));
 
-    /// <summary>Whether the interceptor turns <paramref name="ex"/> into a status (else it passes through: a status, or a deadline's cancellation).</summary>
-    private static bool Converts(Exception ex, ServerCallContext context) => ex is IOException || ClientCancelled(ex, context) || IsBug(ex, context);
+    /// <summary>
+    /// Whether the interceptor turns <paramref name="ex"/> into a status. A status passes
+    /// through, and so does the cancellation of a call the client cancelled or whose deadline
+    /// passed: the framework ends such a call itself (the client has stopped listening).
+    /// </summary>
+    private static bool Converts(Exception ex, ServerCallContext context) => ex is IOException || IsBug(ex, context);
 
     /// <summary>The one mapping of what a handler threw to the status the client sees.</summary>
     private RpcException StatusOf(Exception ex, ServerCallContext context) => ex switch
     {
         IOException io => Broken(io),
-        _ when ClientCancelled(ex, context) => Cancelled(),
         _ => Internal(context, ex),
     };
 

@@ -23,7 +23,8 @@ namespace UffdGrpc.ContractTests;
 /// keeps the bytes each write left (and a generation count) and at the end compares every
 /// page's Digest (SHA-256) and a ReadBytes per machine with that model; no thread may still
 /// sleep in a userfault (on a closed uffd least of all), no uffd may hold a blocked fault, and
-/// every call must have been answered within its deadline.
+/// every call must have been answered within its deadline. A write that misses its deadline
+/// reports its thread, its uffd's Poll and the last steps of its handler slot.
 /// </para>
 /// <para>
 /// Sizes: <c>UFFDGRPC_STRESS_CLIENTS</c> (default 200; the long run uses 1000),
@@ -33,21 +34,6 @@ namespace UffdGrpc.ContractTests;
 /// </summary>
 public sealed class StressTests(ITestOutputHelper output)
 {
-    /// <summary>
-    /// Runs only with <c>UFFDGRPC_STRESS=1</c>: the test is not yet stable (most runs at 200
-    /// clients end with one write that no handler resolves within its 30 s deadline — a hole
-    /// in the test's recovery sweep or a lost wakeup, not yet told apart; see the open issue),
-    /// so CI skips it, saying so, rather than flake.
-    /// </summary>
-    private sealed class StressFactAttribute : FactAttribute
-    {
-        public StressFactAttribute()
-        {
-            if (Environment.GetEnvironmentVariable("UFFDGRPC_STRESS") != "1")
-                Skip = "set UFFDGRPC_STRESS=1 to run the stress test (not yet stable: one write can miss its deadline)";
-        }
-    }
-
     private const ulong Base = 0x7e00_0000_0000;
     private const int PageSize = 4096;
     private const int OwnPages = 3;
@@ -62,7 +48,7 @@ public sealed class StressTests(ITestOutputHelper output)
     /// </summary>
     private static readonly TimeSpan s_handlerStreamTimeout = TimeSpan.FromSeconds(3);
 
-    [StressFact]
+    [Fact]
     public async Task Stress_hundreds_of_tenants_fault_and_resolve_on_own_and_shared_machines_while_handlers_disconnect_at_random()
     {
         var clients = Env("UFFDGRPC_STRESS_CLIENTS", 200);
@@ -125,6 +111,8 @@ public sealed class StressTests(ITestOutputHelper output)
             Assert.Equal(0, run.UnexpectedDeadlines);
             // Grpc.AspNetCore itself logs an error when a client resets a server-streaming call
             // before its request message was read (before any service code runs): not the server's.
+            foreach (var e in server.Errors)
+                output.WriteLine("server: " + e);
             Assert.DoesNotContain(server.Errors, e => !(e.Contains("Grpc.AspNetCore.Server.ServerCallHandler", StringComparison.Ordinal) && e.Contains("The client reset the request stream", StringComparison.Ordinal)));
             // The scenario was exercised: faults were resolved, handlers broke holding faults, and
             // by-address wakes released them.
@@ -222,13 +210,31 @@ public sealed class StressTests(ITestOutputHelper output)
             Volatile.Write(ref w.Recovered, 0);
             Volatile.Write(ref w.Pending, 1);
             var sw = Stopwatch.StartNew();
-            var result = (await run.Unary("Access(write)", (d, ct) => w.Client.Threads.AccessAsync(new AccessRequest { ThreadId = w.ThreadId, Access = SpanWrite(w.Page + (ulong)offset, data) }, deadline: d, cancellationToken: ct))).Result;
+            ThreadOpResult result;
+            try
+            {
+                result = (await run.Unary("Access(write)", (d, ct) => w.Client.Threads.AccessAsync(new AccessRequest { ThreadId = w.ThreadId, Access = SpanWrite(w.Page + (ulong)offset, data) }, deadline: d, cancellationToken: ct))).Result;
+            }
+            catch (RpcException ex) when (ex.StatusCode == StatusCode.DeadlineExceeded)
+            {
+                await DiagnoseAsync(run, cell, w);
+                throw;
+            }
             var ms = sw.Elapsed.TotalMilliseconds;
             Volatile.Write(ref w.Pending, 0);
             Apply(run, cell, w, offset, data, result);
             if (Volatile.Read(ref w.Faulted) == 1 && Volatile.Read(ref w.Recovered) == 0)
                 run.RoundTripsMs.Add(ms);
         }
+    }
+
+    private static async Task DiagnoseAsync(Run run, Cell cell, Writer w)
+    {
+        var c = cell.Owner;
+        var dl = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        var t = (await c.Threads.GetThreadAsync(new GetThreadRequest { ThreadId = w.ThreadId }, deadline: dl)).Thread;
+        var poll = await c.Uffd.PollAsync(new PollRequest { UffdId = cell.Uffd }, deadline: dl);
+        run.Failures.Enqueue($"DIAG {cell.Name} page {w.Page:x}: thread {t} poll {poll} recovered {w.Recovered} faulted {w.Faulted}; handler trace: {string.Join(" | ", cell.Trace)}");
     }
 
     private static (int Offset, byte[] Data) NextWrite(Writer w, Random rng)
@@ -285,6 +291,7 @@ public sealed class StressTests(ITestOutputHelper output)
             using var stream = CancellationTokenSource.CreateLinkedTokenSource(cell.Done.Token, run.Abort);
             var deadline = DateTime.UtcNow + (leave == Leave.Deadline ? TimeSpan.FromMilliseconds(rng.Next(20, 300)) : s_handlerStreamTimeout);
             var serve = rng.Next(2) == 1;
+            cell.Note($"open {(serve ? "serve" : "read")} {leave} q{quota}");
             try
             {
                 if (!serve)
@@ -298,6 +305,7 @@ public sealed class StressTests(ITestOutputHelper output)
             {
                 // The stream's deadline ended it: planned (a short one), or an idle handler's
                 // (a request written as it ended sees the call complete).
+                cell.Note("deadline " + ex.GetType().Name);
                 if (leave == Leave.Deadline)
                     Interlocked.Increment(ref run.ExpectedDeadlines);
                 else
@@ -307,14 +315,19 @@ public sealed class StressTests(ITestOutputHelper output)
             catch (Exception ex) when (stream.IsCancellationRequested && ex is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled } or InvalidOperationException)
             {
                 // We left (or the cell is done): the expected end of a stream we cancelled.
+                cell.Note("cancelled " + ex.GetType().Name);
             }
-            catch (RpcException ex) when (ex.StatusCode is StatusCode.Unavailable or StatusCode.Cancelled && ex.Status.DebugException is IOException or System.Net.Http.HttpProtocolException)
+            catch (Exception ex) when (ex is RpcException { StatusCode: StatusCode.Unavailable or StatusCode.Cancelled } rpc && rpc.Status.DebugException is IOException or System.Net.Http.HttpProtocolException
+                || ex is IOException or System.Net.Http.HttpProtocolException)
             {
-                // The server reset the stream (RST_STREAM) before its status reached us. After a
-                // planned deadline that is the deadline (the server enforced it first); before one
-                // it is a transport break the next handler recovers from like any other, counted
-                // and reported (see the figures) rather than failed.
+                // The server reset the stream (RST_STREAM) before its status reached us: on a read
+                // as an RpcException, on a request write (Serve) as the raw HttpProtocolException
+                // Grpc.Net.Client lets through. After a planned deadline that is the deadline (the
+                // server enforced it first); before one it is a transport break the next handler
+                // recovers from like any other, counted and reported (see the figures) rather
+                // than failed.
                 Interlocked.Increment(ref run.Disconnects);
+                cell.Note("reset");
                 if (DateTime.UtcNow >= deadline)
                     Interlocked.Increment(ref run.DeadlinesAsResets);
                 else
@@ -325,15 +338,26 @@ public sealed class StressTests(ITestOutputHelper output)
                 run.Fail($"{cell.Name}: {(serve ? "Serve" : "ReadEvents")} handler stream (leave {leave}, {(DateTime.UtcNow - deadline).TotalMilliseconds:F0} ms after its deadline)", ex);
                 return;
             }
+            catch (Exception ex) when (!run.Abort.IsCancellationRequested)
+            {
+                // Anything else ends the run now: a handler slot that died silently would leave
+                // its writers asleep until their deadlines, hiding the cause.
+                run.Require(false, $"{cell.Name}: {(serve ? "Serve" : "ReadEvents")} handler stream (leave {leave}, {(DateTime.UtcNow - deadline).TotalMilliseconds:F0} ms after its deadline) ended with {ex}");
+                return;
+            }
             if (run.Abort.IsCancellationRequested)
                 return;
+            cell.Note("ended; await readers 0");
             await AwaitReadersAsync(run, cell, 0);
+            cell.Note("sweep");
             await WakeSleepersByAddressAsync(run, cell, rng);
+            cell.Note("swept");
         }
     }
 
     private static void MarkFaulted(Run run, Cell cell, Pagefault pf)
     {
+        cell.Note($"msg {pf.Address:x} wp={pf.Wp}");
         Interlocked.Increment(ref run.Faults);
         if (cell.ByPage(pf.Address & ~0xfffUL) is { } w && Volatile.Read(ref w.Pending) == 1)
             Volatile.Write(ref w.Faulted, 1);
@@ -485,6 +509,7 @@ public sealed class StressTests(ITestOutputHelper output)
             if (t.State != ThreadState.BlockedInUserfault || t.BlockedOnUffdId != cell.Uffd)
                 continue;
             Volatile.Write(ref w.Recovered, 1);
+            cell.Note($"recover {w.Page:x}");
             Interlocked.Increment(ref run.Recoveries);
             if (rng.Next(2) == 0)
                 run.Ok("UFFDIO_WAKE(recovery)", (await run.Unary("Wake", (d, ct) => by.Uffd.UffdioWakeAsync(new UffdioWakeRequest { UffdId = cell.Uffd, Start = w.Page, Len = PageSize }, deadline: d, cancellationToken: ct))).Errno);
@@ -635,6 +660,15 @@ public sealed class StressTests(ITestOutputHelper output)
         /// <summary>Cancelled when every writer is done: the handler slot stops.</summary>
         public CancellationTokenSource Done { get; } = new();
         public bool Closed { get; set; }
+        public ConcurrentQueue<string> Trace { get; } = new();
+        private readonly Stopwatch _clock = Stopwatch.StartNew();
+
+        public void Note(string what)
+        {
+            Trace.Enqueue($"{_clock.ElapsedMilliseconds}ms {what}");
+            while (Trace.Count > 40)
+                Trace.TryDequeue(out _);
+        }
 
         public Writer? ByPage(ulong page)
         {

@@ -36,6 +36,27 @@ public sealed partial class UserfaultfdService
         return (msgs, msgs is null ? u.WaitTask() : null);
     });
 
+    /// <summary>
+    /// Writes one response, or ends the stream with the call. Once the call has ended (the
+    /// client left, its deadline passed) the framework may already have completed the
+    /// response — sometimes before the call's token shows it — and the writer throws an
+    /// InvalidOperationException ("the request is complete", "writing is not allowed after
+    /// writer was completed") or the transport's IOException. The writes of a stream are
+    /// serialized here, so those mean only that: the stream ends CANCELLED (a status nobody
+    /// reads any more), not as a server bug.
+    /// </summary>
+    private static async Task WriteOrEndAsync<T>(IServerStreamWriter<T> stream, T message, CancellationToken ct)
+    {
+        try
+        {
+            await stream.WriteAsync(message, ct).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ex is InvalidOperationException or IOException || (ct.IsCancellationRequested && ex is not OperationCanceledException))
+        {
+            throw new RpcException(new Status(StatusCode.Cancelled, "the call ended while a message was being written", ex));
+        }
+    }
+
     /// <summary>Sleeps on <paramref name="u"/>'s wait queue; a wake by the machine ending (destroyed, broken, shutdown) ends the sleeper with that status.</summary>
     private async Task SleepAsync(UffdEntry u, Task wait, CancellationToken ct)
     {
@@ -67,9 +88,9 @@ public sealed partial class UserfaultfdService
                     var msg = msgs[0];
                     try
                     {
-                        await responseStream.WriteAsync(new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
+                        await WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
                     }
-                    catch (Exception) when (ct.IsCancellationRequested)
+                    catch (Exception ex) when (ex is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled })
                     {
                         Log.MessageLostWithStream(logger, u.Id, msg.Event.ToString());
                         throw;
@@ -113,7 +134,7 @@ public sealed partial class UserfaultfdService
             await writeGate.WaitAsync(ct).ConfigureAwait(false);
             try
             {
-                await responseStream.WriteAsync(r, ct).ConfigureAwait(false);
+                await WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
             }
             finally
             {

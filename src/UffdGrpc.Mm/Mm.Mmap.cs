@@ -121,12 +121,13 @@ public sealed partial class Mm
         return Errno.OK;
     }
 
-    /// <summary>free_pgtables: drops PTE tables in [start, end) that no VMA overlaps any more.</summary>
+    /// <summary>free_pgtables: drops PTE tables in [start, end) that no VMA overlaps any more (only where tables exist).</summary>
     private void FreePgtables(ulong start, ulong end)
     {
-        for (var a = start & Kernel.PmdMask; a < end; a += Kernel.PmdSize)
+        foreach (var st in PageTable.Walk(start & Kernel.PmdMask, end))
         {
-            if (VmasIn(a, a + Kernel.PmdSize).Count == 0)
+            var a = st.Addr & Kernel.PmdMask;
+            if (st.PteTable is not null && VmasIn(a, a + Kernel.PmdSize).Count == 0)
                 PageTable.FreePteTable(a);
         }
     }

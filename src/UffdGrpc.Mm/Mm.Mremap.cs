@@ -54,16 +54,25 @@ public sealed partial class Mm
         return Errno.OK;
     }
 
-    /// <summary>move_page_tables: huge PMDs move whole when aligned, else split; PTEs move with move_soft_dirty_pte.</summary>
+    /// <summary>
+    /// move_page_tables: huge PMDs move whole when aligned, else split; PTEs move with
+    /// move_soft_dirty_pte. Ranges without tables are skipped whole, so the cost follows what
+    /// is mapped, not the length.
+    /// </summary>
     private void MovePageTables(Vma oldVma, ulong oldAddr, ulong newAddr, ulong len, bool clearWp)
     {
         for (ulong off = 0; off < len; off += Kernel.PageSize)
         {
             var src = oldAddr + off;
             var dst = newAddr + off;
+            PageTable.WalkSteps++;
             var spmdt = PageTable.PmdTableOf(src, false);
             if (spmdt is null)
+            {
+                // pud_none/pgd_none: nothing to move up to the end of the empty range.
+                off = Math.Min(PageTable.UpperHoleEnd(src) - oldAddr, len) - Kernel.PageSize;
                 continue;
+            }
             var spi = PageTable.PmdIndex(src);
             if (spmdt.Entries[spi].TransHuge)
             {
@@ -80,7 +89,11 @@ public sealed partial class Mm
             }
             var stable = spmdt.Tables[spi];
             if (stable is null)
+            {
+                // pmd_none: the next PMD.
+                off = Math.Min((src & Kernel.PmdMask) + Kernel.PmdSize - oldAddr, len) - Kernel.PageSize;
                 continue;
+            }
             var si = PageTable.PteIndex(src);
             var pte = stable.Entries[si];
             if (pte.IsNone)

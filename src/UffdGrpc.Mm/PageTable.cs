@@ -68,6 +68,13 @@ public sealed class PageTable
     /// </summary>
     public long Pages { get; private set; }
 
+    /// <summary>
+    /// Steps taken by the range walks over this table so far (PMD steps, hole steps, the
+    /// per-entry steps of move_page_tables): what a range operation cost, for the tests that
+    /// show it follows what is mapped and not the length asked.
+    /// </summary>
+    public long WalkSteps { get; internal set; }
+
     internal void Account(int delta)
     {
         Pages += delta;
@@ -118,6 +125,26 @@ public sealed class PageTable
             Account(1);
         }
         return pmd;
+    }
+
+    /// <summary>
+    /// The end of the empty upper-level range that holds <paramref name="addr"/>: pgd_addr_end
+    /// when its PGD entry is none, pud_addr_end when its PUD entry is none (0 when a PMD table
+    /// covers it). mm/pagewalk.c's walk_pgd_range and walk_pud_range pass such a range to
+    /// pte_hole in one call, and the range loops skip it in one step, so a walk costs what the
+    /// tables hold, not what the range spans. Saturates at the top of the address space.
+    /// </summary>
+    public ulong UpperHoleEnd(ulong addr)
+    {
+        ulong size;
+        if (_pgd[PgdIndex(addr)] is not { } pud)
+            size = 1UL << 39;
+        else if (pud[PudIndex(addr)] is null)
+            size = 1UL << 30;
+        else
+            return 0;
+        var next = (addr & ~(size - 1)) + size;
+        return next == 0 ? ulong.MaxValue : next;
     }
 
     /// <summary>The PTE table of <paramref name="addr"/>, if one exists.</summary>
@@ -185,9 +212,11 @@ public readonly record struct PmdStep(ulong Addr, ulong End, PmdTable? Table, in
 }
 
 /// <summary>
-/// A non-allocating walk over [start, end) in PMD-sized steps (the do/while of the
-/// kernel's change_pmd_range, zap_pmd_range, …). The PMD table of each step is looked up
-/// when the step starts, so a body may split or install entries in it.
+/// A walk over [start, end) in PMD-sized steps (the do/while of the kernel's
+/// change_pmd_range, zap_pmd_range, …), except that a range without a PMD table (its PUD or
+/// PGD entry none) is one step with no table, as the upper levels' pud_none/pgd_none skip
+/// it. The PMD table of each step is looked up when the step starts, so a body may split or
+/// install entries in it.
 /// </summary>
 public struct PmdWalk(PageTable pt, ulong start, ulong end, bool alloc)
 {
@@ -202,9 +231,13 @@ public struct PmdWalk(PageTable pt, ulong start, ulong end, bool alloc)
         if (_next >= end)
             return false;
         var addr = _next;
-        var stepEnd = Math.Min((addr & Kernel.PmdMask) + Kernel.PmdSize, end);
+        var table = pt.PmdTableOf(addr, alloc);
+        // A step without a PMD table covers the whole empty PUD or PGD range (pte_hole of the
+        // upper level); a step with one covers one PMD (pmd_addr_end).
+        var stepEnd = Math.Min(table is null ? pt.UpperHoleEnd(addr) : (addr & Kernel.PmdMask) + Kernel.PmdSize, end);
         _next = stepEnd;
-        Current = new PmdStep(addr, stepEnd, pt.PmdTableOf(addr, alloc), PageTable.PmdIndex(addr));
+        pt.WalkSteps++;
+        Current = new PmdStep(addr, stepEnd, table, PageTable.PmdIndex(addr));
         return true;
     }
 }

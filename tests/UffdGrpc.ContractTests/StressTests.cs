@@ -29,7 +29,7 @@ namespace UffdGrpc.ContractTests;
 /// <para>
 /// Sizes: <c>UFFDGRPC_STRESS_CLIENTS</c> (default 200; the long run uses 1000),
 /// <c>UFFDGRPC_STRESS_ROUNDS</c> (writes per page, default 5), <c>UFFDGRPC_STRESS_SEED</c>,
-/// <c>UFFDGRPC_STRESS_TIMEOUT_S</c> (the watchdog, default 100 s; 600 s above 200 clients).
+/// <c>UFFDGRPC_STRESS_TIMEOUT_S</c> (the watchdog, default 100 s; 600 s above 200 clients); call and stream deadlines scale with clients / 200.
 /// </para>
 /// </summary>
 public sealed class StressTests(ITestOutputHelper output)
@@ -39,14 +39,20 @@ public sealed class StressTests(ITestOutputHelper output)
     private const int OwnPages = 3;
     private const int SharedPagesPerMember = 2;
     private const int GroupSize = 10;
-    private static readonly TimeSpan s_callTimeout = TimeSpan.FromSeconds(30);
-    private static readonly TimeSpan s_streamTimeout = TimeSpan.FromSeconds(60);
+    /// <summary>
+    /// Deadlines grow with the load (clients / 200): on the 2-vCPU reference machine the
+    /// server and 1,000 clients saturate both CPUs, and a deadline is a bound on waiting in a
+    /// saturated queue, not a latency target (the report prints the latencies).
+    /// </summary>
+    private static int s_scale = 1;
+    private static TimeSpan s_callTimeout => TimeSpan.FromSeconds(30 * s_scale);
+    private static TimeSpan s_streamTimeout => TimeSpan.FromSeconds(60 * s_scale);
     /// <summary>
     /// The deadline of a handler stream that is not meant to end by its deadline. It bounds how
     /// long a fault stolen by a stream cancelled before its server side started (Poll showed no
     /// reader, then it read one) waits for the next by-address wake: see the report.
     /// </summary>
-    private static readonly TimeSpan s_handlerStreamTimeout = TimeSpan.FromSeconds(3);
+    private static TimeSpan s_handlerStreamTimeout => TimeSpan.FromSeconds(3 * s_scale);
 
     [Fact]
     public async Task Stress_hundreds_of_tenants_fault_and_resolve_on_own_and_shared_machines_while_handlers_disconnect_at_random()
@@ -56,6 +62,7 @@ public sealed class StressTests(ITestOutputHelper output)
         var seed = Env("UFFDGRPC_STRESS_SEED", Environment.TickCount & 0x7fffffff);
         var watchdog = TimeSpan.FromSeconds(Env("UFFDGRPC_STRESS_TIMEOUT_S", clients > 200 ? 600 : 100));
         Assert.True(clients >= 2 && rounds >= 1);
+        s_scale = Math.Max(1, clients / 200);
         output.WriteLine($"stress: {clients} clients, {rounds} writes per page, seed {seed}, watchdog {watchdog.TotalSeconds} s");
 
         var tokens = new string[clients];

@@ -102,6 +102,9 @@ public sealed class PageTable
         }
     }
 
+    /// <summary>PGDIR_SIZE and PUD_SIZE of x86-64 4-level paging (the P4D is folded).</summary>
+    private const ulong PgdirSize = 1UL << 39, PudSize = 1UL << 30;
+
     private static int PgdIndex(ulong addr) => (int)((addr >> 39) & 511);
     private static int PudIndex(ulong addr) => (int)((addr >> 30) & 511);
     public static int PmdIndex(ulong addr) => (int)((addr >> 21) & 511);
@@ -138,9 +141,9 @@ public sealed class PageTable
     {
         ulong size;
         if (_pgd[PgdIndex(addr)] is not { } pud)
-            size = 1UL << 39;
+            size = PgdirSize;
         else if (pud[PudIndex(addr)] is null)
-            size = 1UL << 30;
+            size = PudSize;
         else
             return 0;
         var next = (addr & ~(size - 1)) + size;

@@ -58,6 +58,7 @@ public sealed class UffdClient : IDisposable
         Mm = new MmService.MmServiceClient(channel);
         Threads = new ThreadService.ThreadServiceClient(channel);
         Uffd = new UserfaultfdService.UserfaultfdServiceClient(channel);
+        Injection = new FaultInjectionService.FaultInjectionServiceClient(channel);
     }
 
     public ChannelBase Channel { get; }
@@ -65,6 +66,8 @@ public sealed class UffdClient : IDisposable
     public MachineService.MachineServiceClient Machines { get; }
     public MmService.MmServiceClient Mm { get; }
     public ThreadService.ThreadServiceClient Threads { get; }
+    /// <summary>Fault injection: rules, firing on demand, the injection log.</summary>
+    public FaultInjectionService.FaultInjectionServiceClient Injection { get; }
     public UserfaultfdService.UserfaultfdServiceClient Uffd { get; }
 
     public void Dispose() => _owned?.Dispose();

@@ -552,6 +552,9 @@ public sealed partial class Kernel
             throw new InvalidOperationException($"thread {thread.Tid} is busy");
         if (thread.State == ThreadState.Exited)
             throw new InvalidOperationException($"thread {thread.Tid} has exited");
+        InjectPoint(thread.Mm);
+        if (thread.State == ThreadState.Exited)
+            throw new InvalidOperationException($"thread {thread.Tid} has exited");
         thread.Op = op;
         op.Thread = thread;
         thread.RunOp();

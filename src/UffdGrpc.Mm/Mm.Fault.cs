@@ -747,7 +747,7 @@ public sealed partial class Mm
             (ctx.Features & UffdFeatures.ExactAddress) != 0 ? addr : addr & ~(Kernel.PageSize - 1),
             (ctx.Features & UffdFeatures.ThreadId) != 0 ? (uint)t.Tid : 0,
             addr);
-        ctx.QueueFault(t, msg);
+        ctx.QueueFault(t, msg, origin);
         return FaultResult.Blocked;
     }
 }

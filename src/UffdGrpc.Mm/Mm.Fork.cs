@@ -63,10 +63,18 @@ public sealed partial class Mm
                 continue;
             if (st.IsHuge)
             {
-                // copy_huge_pmd skips file PMDs: the child refaults them.
-                if (src.IsAnonymous)
+                // copy_huge_pmd skips file PMDs: the child refaults them. An anon folio that
+                // may be pinned cannot be shared (folio_try_dup_anon_rmap_pmd fails): the PMD
+                // is split and its pages are copied one by one below.
+                var folio = Kernel.PageOf(pmdt.Entries[st.Index].Pfn)!.Folio!;
+                if (!src.IsAnonymous)
+                    continue;
+                if (!(HasPinned && !folio.IsHugeZero && Array.Exists(folio.Pages, p => p.Pins > 0 && p.AnonExclusive)))
+                {
                     CopyHugePmd(child, src, pmdt, st.Index, st.Addr, childWp);
-                continue;
+                    continue;
+                }
+                SplitHugePmd(src, pmdt, st.Index, st.Addr & Kernel.PmdMask);
             }
             if (st.PteTable is not { } table)
                 continue;
@@ -77,7 +85,9 @@ public sealed partial class Mm
                 var pte = table.Entries[i];
                 if (pte.IsNone)
                     continue;
-                if (pte.Present)
+                if (pte.Present && NormalPage(pte) is { IsAnon: true, AnonExclusive: true, Pins: > 0 } pinned && HasPinned)
+                    ctable.Entries[i] = CopyPresentPage(child, dst, pinned, pte);
+                else if (pte.Present)
                     ctable.Entries[i] = CopyPresentPte(child, src, table, i, pte, childWp);
                 else
                     ctable.Entries[i] = CopyNonpresentPte(table, i, pte, childWp);
@@ -110,6 +120,26 @@ public sealed partial class Mm
         pte = pte.MkOld();
         if (!childWp)
             pte = pte.ClearUffdWp();
+        return pte;
+    }
+
+    /// <summary>
+    /// copy_present_page: a page that may be pinned for DMA (folio_needs_cow_for_dma: the mm
+    /// has MMF_HAS_PINNED and the exclusive page is pinned) is copied into the child at fork
+    /// instead of shared; the parent keeps its page and entry untouched. The child's entry
+    /// is dirty (soft-dirty too, pte_mkdirty), writable where the VMA is, and uffd-wp when
+    /// the child VMA is uffd-wp and the parent's entry was (userfaultfd_pte_wp), i.e. only
+    /// with EVENT_FORK.
+    /// </summary>
+    private Pte CopyPresentPage(Mm child, Vma dst, Page page, Pte srcPte)
+    {
+        var np = Kernel.AllocPage(PageKind.Anon, child)
+            ?? throw new InvalidOperationException("fork: no frame for a pinned page's copy");
+        np.CopyFrom(page);
+        AddNewAnonRmap(np);
+        var pte = MaybeMkWrite(child.MkPte(np, dst).MkDirty(), dst);
+        if (dst.UserfaultfdWp && srcPte.UffdWp)
+            pte = pte.MkUffdWp();
         return pte;
     }
 

@@ -119,6 +119,7 @@ public sealed partial class Mm
             {
                 if (!page!.IsZeroPage)
                     page.Pins++;
+                HasPinned = true;
                 return FaultResult.Ok;
             }
             var r = unshare ? HandleUnshareFault(t, vma, addr) : HandleMmFault(t, addr, write, AccessOrigin.Kernel);

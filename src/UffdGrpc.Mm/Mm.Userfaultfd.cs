@@ -159,12 +159,22 @@ public sealed partial class Mm
             return -(long)Errno.EINVAL;
         long copied = 0;
         var err = Errno.OK;
+        var pages = (long)(len / Kernel.PageSize);
+        var stopAt = Kernel.Inject(InjectSite.FillPartial, this, ctx, null, dst, "", r => r.Pages < pages) is { } stop ? stop.Rule.Pages : -1;
+        var race = Kernel.Inject(InjectSite.FillRace, this, ctx, null, dst, "", r => r.Pages < pages);
         for (ulong off = 0; off < len; off += Kernel.PageSize)
         {
             var addr = dst + off;
             if (Exited)
             {
                 err = Errno.ENOMEM;
+                break;
+            }
+            if ((long)(off / Kernel.PageSize) == stopAt)
+            {
+                // The loop ends early, as when mmap_changing is seen again after a retry of
+                // the source copy: bytes done so far are the result (EAGAIN to the caller).
+                err = Errno.EAGAIN;
                 break;
             }
             var pmdt = PageTable.PmdTableOf(addr, true)!;
@@ -174,6 +184,12 @@ public sealed partial class Mm
                 err = Errno.EEXIST;
                 break;
             }
+            var allocates = pmdt.Tables[pi] is null || mode == MfillMode.Copy || (mode == MfillMode.Zeropage && vma.IsShmem);
+            if (allocates && Kernel.Inject(InjectSite.FillNomem, this, ctx, null, addr) is not null)
+            {
+                err = Errno.ENOMEM;
+                break;
+            }
             if (pmdt.Tables[pi] is null && !Kernel.PteAllocOne(this))
             {
                 err = Errno.ENOMEM;
@@ -181,6 +197,13 @@ public sealed partial class Mm
             }
             var table = pmdt.Tables[pi] ??= new PteTable();
             var srcPage = mode != MfillMode.Copy ? default : repeat ? src : src.Slice((int)off, (int)Kernel.PageSize);
+            if (race is not null && (long)(off / Kernel.PageSize) == race.Rule.Pages)
+            {
+                // Another handler thread's identical fill of this page wins the race; ours
+                // then finds the entry populated (EEXIST). The winner wakes unless DONTWAKE.
+                if (MfillAtomicPte(vma, table, addr, mode, wp, srcPage) == Errno.OK && race.Rule.Wake)
+                    ctx.WakeUserfault(addr, Kernel.PageSize);
+            }
             err = MfillAtomicPte(vma, table, addr, mode, wp, srcPage);
             if (err != Errno.OK)
                 break;

@@ -52,10 +52,12 @@ public sealed record UffdMsg
 }
 
 /// <summary>A thread sleeping on a context: in handle_userfault or waiting for an event to be read.</summary>
-internal sealed class UffdWaiter(SimThread thread, UffdMsg msg)
+internal sealed class UffdWaiter(SimThread thread, UffdMsg msg, AccessOrigin origin = AccessOrigin.User)
 {
     public SimThread Thread { get; } = thread;
     public UffdMsg Msg { get; } = msg;
+    /// <summary>A page fault's origin: a user access sleeps TASK_INTERRUPTIBLE and restarts after a signal.</summary>
+    public AccessOrigin Origin { get; } = origin;
     /// <summary>The event was read (event waiters) or the waiter was woken.</summary>
     public bool Done { get; set; }
 }
@@ -129,9 +131,9 @@ public sealed partial class UserfaultfdCtx
 
     // ------------------------------------------------------------------ waiters
 
-    internal void QueueFault(SimThread t, UffdMsg msg)
+    internal void QueueFault(SimThread t, UffdMsg msg, AccessOrigin origin)
     {
-        var w = new UffdWaiter(t, msg);
+        var w = new UffdWaiter(t, msg, origin);
         _faultPending.Add(w);
         t.Park(this, w, ThreadState.BlockedInUserfault);
         FdWqhWake?.Invoke();
@@ -170,6 +172,21 @@ public sealed partial class UserfaultfdCtx
         }
     }
 
+    /// <summary>
+    /// A signal ends <paramref name="t"/>'s sleep in handle_userfault (TASK_INTERRUPTIBLE):
+    /// its waiter leaves the queue, read or not (list_del of uwq.wq.entry), and the fault
+    /// returns VM_FAULT_RETRY; the thread retries when the current operation ends.
+    /// </summary>
+    internal void InterruptWaiter(SimThread t)
+    {
+        _faultPending.RemoveAll(w => w.Thread == t);
+        _faultWaiting.RemoveAll(w => w.Thread == t);
+        t.Unpark();
+    }
+
+    /// <summary>The threads asleep in a userfault on this context and their fault origin, oldest first.</summary>
+    internal IEnumerable<UffdWaiter> FaultWaiters => _faultWaiting.Concat(_faultPending);
+
     /// <summary>Drops the waiters of a thread that is killed or exits.</summary>
     internal void ForgetThread(SimThread t)
     {
@@ -206,12 +223,13 @@ public sealed partial class UserfaultfdCtx
         msg = null;
         if (State == UffdState.WaitApi)
             return Errno.EINVAL;
-        if (_faultPending.Count > 0)
+        if (_faultPending.Count > 0 && (_events.Count == 0 || Kernel.Inject(InjectSite.ReadEventFirst, Mm, this, null, _faultPending[0].Msg.RealAddress) is null))
         {
             var w = _faultPending[0];
             _faultPending.RemoveAt(0);
             _faultWaiting.Add(w);
             msg = w.Msg;
+            Kernel.SignalAfterRead(this, w);
             return Errno.OK;
         }
         if (_events.Count > 0)

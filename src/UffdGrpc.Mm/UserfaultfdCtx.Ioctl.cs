@@ -155,6 +155,7 @@ public sealed partial class UserfaultfdCtx
         var r = ValidateRange(start, len);
         if (r != Errno.OK)
             return r;
+        Kernel.InjectPoint(Mm);
         WakeUserfault(start, len);
         return Errno.OK;
     }
@@ -170,7 +171,8 @@ public sealed partial class UserfaultfdCtx
         var st = CheckState();
         if (st != Errno.OK)
             return st;
-        if (MmapChanging > 0)
+        Kernel.InjectPoint(Mm);
+        if (MmapChangingSeen(start))
             return Errno.EAGAIN;
         var r = ValidateRange(start, len);
         if (r != Errno.OK)
@@ -181,13 +183,14 @@ public sealed partial class UserfaultfdCtx
         var dontwake = (mode & Uapi.WriteprotectModeDontwake) != 0;
         if (wp && dontwake)
             return Errno.EINVAL;
-        if (Mm.Exited)
+        if (Mm.Exited || TargetExiting(start))
             return Errno.ESRCH;
         r = Mm.MwriteprotectRange(this, start, len, wp);
         if (r != Errno.OK)
             return r;
         if (!wp && !dontwake)
-            WakeUserfault(start, len);
+            Kernel.InjectPoint(Mm);
+        WakeUserfault(start, len);
         return Errno.OK;
     }
 
@@ -219,7 +222,8 @@ public sealed partial class UserfaultfdCtx
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);
-        if (MmapChanging > 0)
+        Kernel.InjectPoint(Mm);
+        if (MmapChangingSeen(dst))
             return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
         var r = ValidateRange(srcAddr, len, allowUnaligned: true);
         if (r == Errno.OK)
@@ -230,7 +234,7 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(Errno.EINVAL);
         if (srcLength < len)
             return FillResult.Untouched(Errno.EFAULT);
-        if (Mm.Exited)
+        if (Mm.Exited || TargetExiting(dst))
             return FillResult.Untouched(Errno.ESRCH);
         var ret = Mm.MfillAtomic(this, dst, src, repeat, len, MfillMode.Copy, (mode & Uapi.CopyModeWp) != 0);
         return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
@@ -248,14 +252,15 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(st);
         if (v6Only && !IsV6)
             return FillResult.Untouched(Errno.EINVAL);
-        if (MmapChanging > 0)
+        Kernel.InjectPoint(Mm);
+        if (MmapChangingSeen(start))
             return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
         var r = ValidateRange(start, len);
         if (r != Errno.OK)
             return FillResult.Untouched(r);
         if ((mode & ~knownModes) != 0)
             return FillResult.Untouched(Errno.EINVAL);
-        if (Mm.Exited)
+        if (Mm.Exited || TargetExiting(start))
             return FillResult.Untouched(Errno.ESRCH);
         return null;
     }
@@ -302,7 +307,8 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(st);
         if (!IsV6)
             return FillResult.Untouched(Errno.EINVAL);
-        if (MmapChanging > 0)
+        Kernel.InjectPoint(Mm);
+        if (MmapChangingSeen(dst))
             return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
         if (caller != Mm)
             return FillResult.Untouched(Errno.EINVAL);
@@ -313,10 +319,29 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(r);
         if ((mode & ~(Uapi.MoveModeDontwake | Uapi.MoveModeAllowSrcHoles)) != 0)
             return FillResult.Untouched(Errno.EINVAL);
-        if (Mm.Exited)
+        if (Mm.Exited || TargetExiting(dst))
             return FillResult.Untouched(Errno.ESRCH);
         var ret = Mm.MovePages(this, dst, src, len, (mode & Uapi.MoveModeAllowSrcHoles) != 0);
         return FinishFill(dst, len, ret, (mode & Uapi.MoveModeDontwake) != 0);
+    }
+
+    /// <summary>
+    /// atomic_read(&amp;ctx->mmap_changing): a non-cooperative event is prepared and not yet
+    /// read, or an injected window (<see cref="InjectSite.MmapChanging"/>) holds it open.
+    /// </summary>
+    private bool MmapChangingSeen(ulong addr) =>
+        MmapChanging > 0 || Kernel.Inject(InjectSite.MmapChanging, Mm, this, null, addr) is not null;
+
+    /// <summary>
+    /// mmget_not_zero(ctx->mm) fails because the target process is exiting
+    /// (<see cref="InjectSite.TargetExiting"/>): the process exits, and the ioctl gets ESRCH.
+    /// </summary>
+    private bool TargetExiting(ulong addr)
+    {
+        if (Kernel.Inject(InjectSite.TargetExiting, Mm, this, null, addr) is null)
+            return false;
+        Mm.Exit();
+        return true;
     }
 
     /// <summary>The §3.10 convention: field = bytes done or -errno; partial → EAGAIN; wake the done range.</summary>

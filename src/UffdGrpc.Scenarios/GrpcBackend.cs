@@ -249,4 +249,72 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
             await client.DestroyMachineAsync(_machine).ConfigureAwait(false);
         _machine = 0;
     }
+
+    public async Task<(int RuleId, string? Error)> AddInjectRuleAsync(InjectRule rule)
+    {
+        var machine = await MachineAsync().ConfigureAwait(false);
+        var r = new V1.InjectRule
+        {
+            Site = (V1.InjectSite)(int)rule.Site,
+            Name = rule.Name,
+            MmId = rule.MmId is { } p ? Id(p) : 0,
+            UffdId = rule.UffdId is { } u ? Id(u) : 0,
+            Tid = rule.Tid ?? 0,
+            Start = rule.Start,
+            End = rule.End,
+            Every = rule.Every,
+            Probability = rule.Probability,
+            MaxFirings = rule.MaxFirings,
+            After = rule.After,
+            Until = rule.Until,
+            Seed = rule.Seed,
+            Pages = rule.Pages,
+            Wake = rule.Wake,
+        };
+        try
+        {
+            var resp = await client.Injection.AddRuleAsync(new V1.AddRuleRequest { MachineId = machine, Rule = r }).ConfigureAwait(false);
+            return ((int)resp.RuleId, null);
+        }
+        catch (Grpc.Core.RpcException ex) when (ex.StatusCode == Grpc.Core.StatusCode.InvalidArgument)
+        {
+            var d = ex.Status.Detail;
+            return (0, d.StartsWith("rule: ", StringComparison.Ordinal) ? d[6..] : d);
+        }
+    }
+
+    public async Task<bool> RemoveInjectRuleAsync(int ruleId)
+    {
+        try
+        {
+            await client.Injection.RemoveRuleAsync(new V1.RemoveRuleRequest { MachineId = await MachineAsync().ConfigureAwait(false), RuleId = ruleId }).ConfigureAwait(false);
+            return true;
+        }
+        catch (Grpc.Core.RpcException ex) when (ex.StatusCode == Grpc.Core.StatusCode.NotFound)
+        {
+            return false;
+        }
+    }
+
+    public async Task<(IReadOnlyList<InjectionRecord> Records, string? Error)> FireInjectRuleAsync(int ruleId)
+    {
+        try
+        {
+            var resp = await client.Injection.FireRuleAsync(new V1.FireRuleRequest { MachineId = await MachineAsync().ConfigureAwait(false), RuleId = ruleId }).ConfigureAwait(false);
+            return ([.. resp.Records.Select(ToModel)], null);
+        }
+        catch (Grpc.Core.RpcException ex) when (ex.StatusCode == Grpc.Core.StatusCode.FailedPrecondition)
+        {
+            return ([], ex.Status.Detail);
+        }
+    }
+
+    public async Task<IReadOnlyList<InjectionRecord>> InjectionLogAsync(long afterSeq)
+    {
+        var resp = await client.Injection.ReadLogAsync(new V1.ReadLogRequest { MachineId = await MachineAsync().ConfigureAwait(false), AfterSeq = afterSeq }).ConfigureAwait(false);
+        return [.. resp.Records.Select(ToModel)];
+    }
+
+    private static InjectionRecord ToModel(V1.InjectionRecord r) =>
+        new(r.Seq, r.ModelStep, (InjectSite)(int)r.Site, (int)r.RuleId, r.RuleName, 0, 0, r.Tid, r.Address, r.Detail);
 }

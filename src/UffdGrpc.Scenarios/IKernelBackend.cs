@@ -95,4 +95,12 @@ public interface IKernelBackend : IAsyncDisposable
     Task<ulong> KpageflagsAsync(ulong pfn);
     Task<IReadOnlyList<SmapsEntry>> SmapsAsync(int process, ulong start, ulong end);
     Task<PmScanResult> PagemapScanAsync(int process, PmScanArg arg);
+
+    /// <summary>Adds a fault-injection rule whose MmId and UffdId are backend handles (a process, a uffd); the rule id, or the reason it was refused.</summary>
+    Task<(int RuleId, string? Error)> AddInjectRuleAsync(InjectRule rule);
+    Task<bool> RemoveInjectRuleAsync(int ruleId);
+    /// <summary>Fires an event or signal rule now: what it logged, or why it did nothing.</summary>
+    Task<(IReadOnlyList<InjectionRecord> Records, string? Error)> FireInjectRuleAsync(int ruleId);
+    /// <summary>The injection log after <paramref name="afterSeq"/>.</summary>
+    Task<IReadOnlyList<InjectionRecord>> InjectionLogAsync(long afterSeq);
 }

@@ -204,4 +204,25 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
     public Task<PmScanResult> PagemapScanAsync(int process, PmScanArg arg) => Done(_procs[process].PagemapScan(arg));
 
     public ValueTask DisposeAsync() => ValueTask.CompletedTask;
+
+    public Task<(int RuleId, string? Error)> AddInjectRuleAsync(InjectRule rule)
+    {
+        rule = rule with
+        {
+            MmId = rule.MmId is { } p ? _procs[p].Id : null,
+            UffdId = rule.UffdId is { } u ? _uffds[u].Id : null,
+        };
+        var a = Kernel.AddInjectRule(rule, out var error);
+        return Done((a?.Id ?? 0, error));
+    }
+
+    public Task<bool> RemoveInjectRuleAsync(int ruleId) => Done(Kernel.RemoveInjectRule(ruleId));
+
+    public Task<(IReadOnlyList<InjectionRecord> Records, string? Error)> FireInjectRuleAsync(int ruleId)
+    {
+        var records = Kernel.FireNow(ruleId, out var error);
+        return Done((records, error));
+    }
+
+    public Task<IReadOnlyList<InjectionRecord>> InjectionLogAsync(long afterSeq) => Done(Kernel.InjectionLog(afterSeq));
 }

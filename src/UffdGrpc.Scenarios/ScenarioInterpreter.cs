@@ -261,6 +261,9 @@ public sealed partial class ScenarioInterpreter
             case "handler":
                 CmdHandler(argv);
                 return true;
+            case "inject":
+                await CmdInjectAsync(argv).ConfigureAwait(false);
+                return true;
             case "require":
                 return await CmdRequireAsync(argv).ConfigureAwait(false);
             default:

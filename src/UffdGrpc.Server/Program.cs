@@ -10,6 +10,7 @@ app.MapGrpcService<MachineService>();
 app.MapGrpcService<MmService>();
 app.MapGrpcService<ThreadService>();
 app.MapGrpcService<UserfaultfdService>();
+app.MapGrpcService<FaultInjectionService>();
 app.MapGrpcHealthChecksService();
 app.MapGrpcReflectionService();
 // Graceful shutdown (SIGTERM): streams, pending accesses and waits end with UNAVAILABLE at

@@ -62,6 +62,9 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// <summary>Why the machine's state can no longer be trusted (null while it can).</summary>
     public string? Broken { get; private set; }
 
+    /// <summary>Wakes injection-log watchers at each firing and when the machine ends.</summary>
+    internal Pulse InjectionPulse { get; } = Pulse.On(kernel);
+
     /// <summary>The model object → id maps (fork children and FORK uffds get ids when they appear).</summary>
     internal Dictionary<Model.Mm, long> MmIds { get; } = [];
     internal Dictionary<Model.SimThread, long> ThreadIds { get; } = [];
@@ -162,10 +165,29 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// </summary>
     internal void EndWaiters(RpcException status)
     {
+        InjectionPulse.Fire();
         foreach (var op in PendingOps)
             Kernel.DeferUntilUnlocked(() => op.Result.TrySetException(status));
         PendingOps.Clear();
         foreach (var u in Uffds)
             u.WakeAll();
     }
+}
+
+/// <summary>A wake-up for every sleeper at once: take <see cref="Next"/>, check, then await it (no wake is lost).</summary>
+internal sealed class Pulse
+{
+    private TaskCompletionSource _tcs = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    /// <summary>A pulse fired on each of <paramref name="kernel"/>'s injection firings (after its lock is released).</summary>
+    public static Pulse On(Model.Kernel kernel)
+    {
+        var p = new Pulse();
+        kernel.InjectionFired += _ => p.Fire();
+        return p;
+    }
+
+    public Task Next => Volatile.Read(ref _tcs).Task;
+
+    public void Fire() => Interlocked.Exchange(ref _tcs, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).TrySetResult();
 }

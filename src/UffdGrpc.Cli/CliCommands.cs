@@ -31,6 +31,7 @@ public static class CliCommands
         root.Subcommands.Add(DemoCommand.BuildHandler());
         root.Subcommands.Add(BenchCommand.Build());
         root.Subcommands.Add(BuildBenchModel());
+        root.Subcommands.Add(ExploreCommand.Build());
         return root;
     }
 
@@ -48,7 +49,8 @@ public static class CliCommands
         var file = new Argument<string>("file") { Description = "Scenario script (.scn), or - for standard input" };
         var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default) or v5.7", DefaultValueFactory = _ => "6.18" };
         var server = new Option<string?>("--server") { Description = "Replay against a UffdGrpc server at this URL (e.g. http://127.0.0.1:5051) instead of the in-process model" };
-        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server };
+        var seed = new Option<ulong?>("--schedule-seed") { Description = "Run the in-process model under this schedule seed (see explore)" };
+        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed };
         cmd.SetAction(async (parse, ct) =>
         {
             var path = parse.GetValue(file)!;
@@ -85,7 +87,9 @@ public static class CliCommands
                 await using (stdout.ConfigureAwait(false))
                 {
                     using var client = url is null ? null : Connect(url);
-                    IKernelBackend backend = client is null ? new InProcessBackend(new Kernel(prof.Value)) : new GrpcBackend(client, prof.Value);
+                    var kernel = new Kernel(prof.Value);
+                    kernel.SetSchedule(parse.GetValue(seed));
+                    IKernelBackend backend = client is null ? new InProcessBackend(kernel) : new GrpcBackend(client, prof.Value);
                     await using (backend.ConfigureAwait(false))
                     {
                         int rc;

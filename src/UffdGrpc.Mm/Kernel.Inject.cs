@@ -180,6 +180,7 @@ public sealed partial class Kernel
     internal void InjectPoint(Mm? mm)
     {
         ModelStep++;
+        RunSomePreempted();
         if (_modelRules == 0)
             return;
         foreach (var a in _rules.ToList())

@@ -538,7 +538,7 @@ public sealed partial class Kernel
     {
         while (_runnable.Count > 0)
         {
-            var t = _runnable.Dequeue();
+            var t = NextRunnable();
             t.Queued = false;
             t.RunOp();
         }

@@ -40,6 +40,7 @@ public sealed partial class Mm
     public PmScanResult PagemapScan(PmScanArg arg)
     {
         using var _ = Kernel.Enter();
+        Kernel.InjectPoint(this);
         if (!IsV6)
             return new(Errno.ENOTTY, 0, []);
         if (arg.Size != 96)

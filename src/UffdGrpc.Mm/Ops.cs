@@ -19,6 +19,7 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
     public byte[] Values { get; } = new byte[count];
     /// <summary>The signal that ended a user access, or None.</summary>
     public SigCode Signal { get; private set; }
+    private int _yieldedAt = -1;
 
     protected internal override bool Step()
     {
@@ -28,6 +29,11 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
             if (budget-- == 0 && Mm.Kernel.CanYield)
             {
                 Mm.Kernel.Yield(Thread);
+                return false;
+            }
+            if (Done > 0 && _yieldedAt != Done && Mm.Kernel.SchedYield(Thread))
+            {
+                _yieldedAt = Done;
                 return false;
             }
             var a = Addr + ((ulong)Done * Kernel.PageSize);
@@ -59,6 +65,7 @@ public sealed class AccessOp(ulong addr, bool write, byte value, int count, Acce
 public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
 {
     private ulong _cursor = start;
+    private ulong _yieldedAt;
 
     public ulong Start { get; } = start;
     public ulong Len { get; } = len;
@@ -84,6 +91,11 @@ public sealed class PopulateOp(ulong start, ulong len, bool write) : SyscallOp
             if (budget-- == 0 && Mm.Kernel.CanYield)
             {
                 Mm.Kernel.Yield(Thread);
+                return false;
+            }
+            if (_cursor != Start && _yieldedAt != _cursor && Mm.Kernel.SchedYield(Thread))
+            {
+                _yieldedAt = _cursor;
                 return false;
             }
             var r = Mm.PopulateOne(Thread, _cursor, Write);

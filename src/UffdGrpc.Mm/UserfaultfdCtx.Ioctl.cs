@@ -189,8 +189,7 @@ public sealed partial class UserfaultfdCtx
         if (r != Errno.OK)
             return r;
         if (!wp && !dontwake)
-            Kernel.InjectPoint(Mm);
-        WakeUserfault(start, len);
+            WakeUserfault(start, len);
         return Errno.OK;
     }
 

@@ -16,7 +16,19 @@ public sealed partial class Kernel
         var r = a.Rule;
         var mms = ScopeMms(r);
         var acted = false;
-        if (r.End != 0)
+        if (r.End != 0 && r.Site == InjectSite.Reclaim)
+        {
+            // Reclaim of a range: shrink_folio_list over it as MADV_PAGEOUT's reclaim_pages does.
+            foreach (var mm in mms)
+            {
+                foreach (var (s, e) in mm.InjectReclaimRange(r.Start, r.End))
+                {
+                    LogInjection(a, mm, null, null, s, $"{detailPrefix}reclaim {(e - s) / PageSize} pages");
+                    acted = true;
+                }
+            }
+        }
+        else if (r.End != 0)
         {
             foreach (var mm in mms)
             {

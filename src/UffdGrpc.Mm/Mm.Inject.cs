@@ -98,6 +98,24 @@ public sealed partial class Mm
     }
 
     /// <summary>
+    /// Reclaim of [start, end): per VMA piece, the reclaim MADV_PAGEOUT runs
+    /// (madvise_cold_or_pageout_pte_range → reclaim_pages), so the injected event and the
+    /// syscall leave the same state. Mlocked VMAs are not reclaimed. The pieces acted on.
+    /// </summary>
+    internal List<(ulong Start, ulong End)> InjectReclaimRange(ulong start, ulong end)
+    {
+        var done = new List<(ulong, ulong)>();
+        foreach (var v in VmasIn(start, end))
+        {
+            var s = Math.Max(v.Start, start);
+            var e = Math.Min(v.End, end);
+            if ((v.Flags & VmFlags.Locked) == 0 && MadviseColdOrPageout(v, s, e, pageout: true) == Errno.OK)
+                done.Add((s, e));
+        }
+        return done;
+    }
+
+    /// <summary>
     /// khugepaged's hugepage_vma_check (thp_vma_allowable_order with TVA_ENFORCE_SYSFS): an
     /// anon or shmem VMA, not VM_NOHUGEPAGE, and THP enabled for it (always, or madvise with
     /// VM_HUGEPAGE).

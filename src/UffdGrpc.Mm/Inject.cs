@@ -190,11 +190,11 @@ public sealed class ActiveRule
     internal bool Decide(long nowMs)
     {
         var r = Rule;
+        var n = ++Eligible;
         if (r.MaxFirings > 0 && Firings >= r.MaxFirings)
             return false;
         if (r.DurationMs > 0 && nowMs - AddedAtMs >= r.DurationMs)
             return false;
-        var n = ++Eligible;
         if (n <= r.After || (r.Until > 0 && n > r.Until))
             return false;
         if ((n - r.After) % r.Every != 0)
@@ -217,3 +217,6 @@ public sealed class ActiveRule
     /// <summary>Whether the rule is spent (it can never fire again).</summary>
     public bool Spent => Rule.MaxFirings > 0 && Firings >= Rule.MaxFirings;
 }
+
+/// <summary>A wire rule that fired: its id, the rule, and the delay drawn for this firing (DelayMs ± JitterMs).</summary>
+public readonly record struct WireDecision(int RuleId, InjectRule Rule, int DelayMs);

@@ -23,6 +23,7 @@ public sealed partial class Kernel
     private long _injSeq;
     private int _nextRuleId = 1;
     private int _modelRules;
+    private int _wireRules;
 
     /// <summary>
     /// The machine's model step: one per operation a thread starts and per userfaultfd
@@ -47,7 +48,9 @@ public sealed partial class Kernel
             return null;
         var a = new ActiveRule(_nextRuleId++, rule, InjectClock());
         _rules.Add(a);
-        if (!rule.IsWireSite)
+        if (rule.IsWireSite)
+            _wireRules++;
+        else
             _modelRules++;
         return a;
     }
@@ -61,7 +64,9 @@ public sealed partial class Kernel
             return false;
         var a = _rules[i];
         _rules.RemoveAt(i);
-        if (!a.Rule.IsWireSite)
+        if (a.Rule.IsWireSite)
+            _wireRules--;
+        else
             _modelRules--;
         ReleaseLongtermPins(a);
         return true;
@@ -139,17 +144,20 @@ public sealed partial class Kernel
 
     /// <summary>
     /// A wire site (the server's side): decides the rules of <paramref name="site"/> for an
-    /// RPC <paramref name="method"/> (or a stream of <paramref name="uffdId"/>), logs a firing
-    /// and returns its rule. The caller applies it after the lock is released.
+    /// RPC <paramref name="method"/> (or a stream of the context <paramref name="uffdId"/>;
+    /// 0: none), logs a firing and returns what the server applies after the lock is
+    /// released (the delay is drawn from the rule's PRNG here, under the lock).
     /// </summary>
-    public ActiveRule? DecideWire(InjectSite site, string method, int uffdId)
+    public WireDecision? DecideWire(InjectSite site, string method, int uffdId, Func<InjectRule, bool>? eligible = null)
     {
+        if (_wireRules == 0)
+            return null;
         using var _ = Enter();
         var now = -1L;
         foreach (var a in _rules)
         {
             var r = a.Rule;
-            if (r.Site != site)
+            if (r.Site != site || (eligible is not null && !eligible(r)))
                 continue;
             if (r.Method.Length > 0 && method != r.Method && !method.EndsWith("/" + r.Method, StringComparison.Ordinal))
                 continue;
@@ -160,10 +168,13 @@ public sealed partial class Kernel
             if (!a.Decide(now))
                 continue;
             LogInjection(a, null, _ctxs.Find(c => c.Id == uffdId), null, 0, method);
-            return a;
+            return new WireDecision(a.Id, r, a.NextDelayMs());
         }
         return null;
     }
+
+    /// <summary>Whether the machine holds any wire rule (read without the lock: a hint for the fast path).</summary>
+    public bool HasWireRules => Volatile.Read(ref _wireRules) > 0;
 
     /// <summary>Whether rule <paramref name="ruleId"/> is still in place (a stall lasts until its rule is removed).</summary>
     public bool WireRuleActive(int ruleId)

@@ -21,6 +21,7 @@ public static class UffdServerServiceCollectionExtensions
             o.EnableDetailedErrors = false;
             o.Interceptors.Add<ServerErrorInterceptor>();
             o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
+            o.Interceptors.Add<InjectionInterceptor>();
         });
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
         // host then has 5 s for everything else.

@@ -95,6 +95,10 @@ public sealed class MachineRegistry(Security.Quotas quotas)
 
     public MachineHost Machine(long id) => Get<MachineHost>(id, "machine_id");
 
+    /// <summary>The live machine <paramref name="id"/> the caller may see, or null (no status).</summary>
+    public MachineHost? TryGetMachine(long id) =>
+        _objects.TryGetValue(id, out var o) && o is MachineHost { Destroyed: false } h && h.VisibleTo(Security.Caller.Principal) ? h : null;
+
     /// <summary>The machine <paramref name="id"/>, broken or not (GetMachine reports why; DestroyMachine frees it).</summary>
     public MachineHost MachineEvenIfBroken(long id) => Get<MachineHost>(id, "machine_id", allowBroken: true);
 

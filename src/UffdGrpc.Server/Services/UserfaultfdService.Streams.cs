@@ -3,6 +3,8 @@ using UffdGrpc.Contracts.V1;
 using UffdGrpc.Server.Hosting;
 using UffdGrpc.Server.Mapping;
 
+using Model = UffdGrpc.Mm;
+
 namespace UffdGrpc.Server.Services;
 
 /// <summary>The handler streams: ReadEvents (messages out) and Serve (messages out, resolutions in).</summary>
@@ -57,6 +59,42 @@ public sealed partial class UserfaultfdService
         }
     }
 
+    /// <summary>
+    /// The stream wire sites before the next message is read (so a cut or a stall leaves it
+    /// unread, and its thread asleep, as a handler that stopped reading does): STREAM_CUT
+    /// ends the stream (UNAVAILABLE) once it delivered the rule's count; STREAM_STALL
+    /// delivers nothing for the rule's delay, or until the rule is removed.
+    /// </summary>
+    private static async Task BeforeReadAsync(UffdEntry u, string method, long delivered, CancellationToken ct)
+    {
+        var k = u.Host.Kernel;
+        if (!k.HasWireRules)
+            return;
+        if (k.DecideWire(Model.InjectSite.StreamCut, method, u.Ctx.Id, r => delivered >= r.Count) is { } cut)
+            throw new RpcException(new Status(StatusCode.Unavailable, $"stream cut by injection rule {cut.RuleId} after {delivered} messages"));
+        if (k.DecideWire(Model.InjectSite.StreamStall, method, u.Ctx.Id) is not { } stall)
+            return;
+        if (stall.Rule.DelayMs > 0)
+        {
+            await Task.Delay(stall.DelayMs, ct).ConfigureAwait(false);
+            return;
+        }
+        while (true)
+        {
+            var wake = u.Host.InjectionPulse.Next;
+            if (!k.WireRuleActive(stall.RuleId) || u.Host.Destroyed)
+                return;
+            await wake.WaitAsync(ct).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>STREAM_DELAY: a message already read is delivered the rule's delay late.</summary>
+    private static async Task BeforeDeliverAsync(UffdEntry u, string method, CancellationToken ct)
+    {
+        if (u.Host.Kernel.HasWireRules && u.Host.Kernel.DecideWire(Model.InjectSite.StreamDelay, method, u.Ctx.Id) is { DelayMs: > 0 } d)
+            await Task.Delay(d.DelayMs, ct).ConfigureAwait(false);
+    }
+
     /// <summary>Sleeps on <paramref name="u"/>'s wait queue; a wake by the machine ending (destroyed, broken, shutdown) ends the sleeper with that status.</summary>
     private async Task SleepAsync(UffdEntry u, Task wait, CancellationToken ct)
     {
@@ -82,10 +120,12 @@ public sealed partial class UserfaultfdService
             {
                 // A cancelled call reads nothing more: a message read now would be lost with it.
                 ct.ThrowIfCancellationRequested();
+                await BeforeReadAsync(u, "uffd.v1.UserfaultfdService/ReadEvents", sent, ct).ConfigureAwait(false);
                 var (msgs, wait) = ReadBatch(u, 1);
                 if (msgs is not null)
                 {
                     var msg = msgs[0];
+                    await BeforeDeliverAsync(u, "uffd.v1.UserfaultfdService/ReadEvents", ct).ConfigureAwait(false);
                     try
                     {
                         await WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
@@ -163,14 +203,18 @@ public sealed partial class UserfaultfdService
         async Task ReadLoopAsync()
         {
             var token = stop.Token;
+            long delivered = 0;
             while (!token.IsCancellationRequested && !ct.IsCancellationRequested)
             {
+                await BeforeReadAsync(u, "uffd.v1.UserfaultfdService/Serve", delivered, token).ConfigureAwait(false);
                 var (msgs, wait) = ReadBatch(u, max);
                 if (msgs is not null)
                 {
+                    await BeforeDeliverAsync(u, "uffd.v1.UserfaultfdService/Serve", token).ConfigureAwait(false);
                     var r = new ServeResponse();
                     r.Messages.AddRange(msgs);
                     await WriteAsync(r).ConfigureAwait(false);
+                    delivered += msgs.Count;
                     continue;
                 }
                 if (wait is null)

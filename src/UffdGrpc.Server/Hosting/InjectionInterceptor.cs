@@ -1,0 +1,64 @@
+using Google.Protobuf;
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+using Model = UffdGrpc.Mm;
+
+namespace UffdGrpc.Server.Hosting;
+
+/// <summary>
+/// The RPC wire sites (gRPC xDS fault injection's delay and abort): before a unary or
+/// server-streaming call of a machine that holds such rules runs, a firing RPC_DELAY rule
+/// delays it and a firing RPC_ABORT rule fails it with the rule's status (nothing changes).
+/// The machine is the one the request names (machine_id, mm_id, uffd_id, thread_id or
+/// file_id). The FaultInjectionService itself is never delayed or aborted.
+/// </summary>
+public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
+{
+    private static readonly string[] IdFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id"];
+
+    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        await BeforeAsync(request, context).ConfigureAwait(false);
+        return await continuation(request, context).ConfigureAwait(false);
+    }
+
+    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        await BeforeAsync(request, context).ConfigureAwait(false);
+        await continuation(request, responseStream, context).ConfigureAwait(false);
+    }
+
+    private async Task BeforeAsync(object request, ServerCallContext context)
+    {
+        if (request is not IMessage m || context.Method.StartsWith("/uffd.v1.FaultInjectionService/", StringComparison.Ordinal))
+            return;
+        if (HostOf(m, out var uffdId) is not { } host || !host.Kernel.HasWireRules)
+            return;
+        var method = context.Method.TrimStart('/');
+        if (host.Kernel.DecideWire(Model.InjectSite.RpcDelay, method, uffdId) is { } delay)
+            await Task.Delay(delay.DelayMs, context.CancellationToken).ConfigureAwait(false);
+        if (host.Kernel.DecideWire(Model.InjectSite.RpcAbort, method, uffdId) is { } abort)
+            throw new RpcException(new Status((StatusCode)abort.Rule.Status, $"aborted by injection rule {abort.RuleId}"));
+    }
+
+    /// <summary>The machine a request names, and its uffd (model id; 0 when it names none).</summary>
+    private MachineHost? HostOf(IMessage m, out int uffdId)
+    {
+        uffdId = 0;
+        foreach (var name in IdFields)
+        {
+            if (m.Descriptor.FindFieldByName(name) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
+                continue;
+            if (name == "machine_id")
+                return registry.TryGetMachine(id);
+            if (registry.TryGet<Entry>(id, out var e))
+            {
+                if (e is UffdEntry u)
+                    uffdId = u.Ctx.Id;
+                return e.Host;
+            }
+            return null;
+        }
+        return null;
+    }
+}

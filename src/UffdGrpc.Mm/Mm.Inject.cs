@@ -77,17 +77,17 @@ public sealed partial class Mm
                 SplitHugePmdAt(vma, addr);
                 return "split_huge_pmd";
             case InjectSite.Collapse:
-            {
-                var r = vma.IsShmem ? CollapseFile(vma, addr) : CollapseOne(vma, addr);
-                return r == Errno.OK ? "collapse_huge_page" : null;
-            }
+                {
+                    var r = vma.IsShmem ? CollapseFile(vma, addr) : CollapseOne(vma, addr);
+                    return r == Errno.OK ? "collapse_huge_page" : null;
+                }
             case InjectSite.Reclaim:
-            {
-                var len = PageTable.PmdTableOf(addr, false) is { } t && t.Entries[PageTable.PmdIndex(addr)].TransHuge ? Kernel.PmdSize : Kernel.PageSize;
-                var before = PagemapEntry(addr);
-                MadviseColdOrPageout(vma, addr, addr + len, pageout: true);
-                return PagemapEntry(addr) == before ? null : "reclaim";
-            }
+                {
+                    var len = PageTable.PmdTableOf(addr, false) is { } t && t.Entries[PageTable.PmdIndex(addr)].TransHuge ? Kernel.PmdSize : Kernel.PageSize;
+                    var before = PagemapEntry(addr);
+                    MadviseColdOrPageout(vma, addr, addr + len, pageout: true);
+                    return PagemapEntry(addr) == before ? null : "reclaim";
+                }
             case InjectSite.Migrate:
                 return MigratePage(vma, addr) is { } pfns ? pfns : null;
             case InjectSite.LongtermPin:

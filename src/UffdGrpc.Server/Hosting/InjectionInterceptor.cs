@@ -14,7 +14,7 @@ namespace UffdGrpc.Server.Hosting;
 /// </summary>
 public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
 {
-    private static readonly string[] IdFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id"];
+    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id"];
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
@@ -45,7 +45,7 @@ public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
     private MachineHost? HostOf(IMessage m, out int uffdId)
     {
         uffdId = 0;
-        foreach (var name in IdFields)
+        foreach (var name in s_idFields)
         {
             if (m.Descriptor.FindFieldByName(name) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
                 continue;

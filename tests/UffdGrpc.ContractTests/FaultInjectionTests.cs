@@ -188,4 +188,36 @@ public class FaultInjectionTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         Assert.True(delayed >= 190, $"the wake took {delayed} ms");
         Assert.Equal(2, (await c.Injection.ReadLogAsync(new ReadLogRequest { MachineId = s.Machine })).Total);
     }
+
+    [Fact]
+    public async Task A_schedule_seed_fixes_the_order_of_threads_woken_together_and_seeds_differ()
+    {
+        var c = fx.NewClient();
+        async Task<string> OrderAsync(ulong seed)
+        {
+            await using var s = await CreateAsync(c, pages: 4, registerMode: 1);
+            await c.Machines.ConfigureMachineAsync(new ConfigureMachineRequest { MachineId = s.Machine, Settings = new MachineSettings { ScheduleSeed = seed } });
+            var threads = new List<long> { s.Thread };
+            for (var i = 1; i < 4; i++)
+                threads.Add((await s.NewThreadAsync()).ThreadId);
+            for (var i = 0; i < 4; i++)
+                await c.StartOpAsync(threads[i], Write(A + ((ulong)i * Page), (byte)(i + 1)));
+            await c.TakeCompletionsAsync(s.Machine);
+            // One ZEROPAGE of the four pages wakes the four threads at once.
+            Assert.Equal(Errno.Unspecified, (await c.Uffd.UffdioZeropageAsync(new UffdioZeropageRequest { UffdId = s.Uffd, Start = A, Len = 4 * Page })).Errno);
+            var done = await c.TakeCompletionsAsync(s.Machine);
+            Assert.Equal(4, done.Count);
+            Assert.Equal(seed, (await c.GetMachineAsync(s.Machine)).ScheduleSeed);
+            return string.Join(',', done.Select(d => threads.IndexOf(d.ThreadId)));
+        }
+
+        var orders = new List<string>();
+        for (ulong seed = 1; seed <= 8; seed++)
+        {
+            var o = await OrderAsync(seed);
+            Assert.Equal(o, await OrderAsync(seed));
+            orders.Add(o);
+        }
+        Assert.True(orders.Distinct().Count() > 1, string.Join(" ", orders));
+    }
 }

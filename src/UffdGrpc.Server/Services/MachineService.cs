@@ -31,6 +31,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             SwapTotalPages = k.SwapTotalPages,
             SwapUsedPages = k.SwapUsedPages,
             OomKills = k.OomKillCount,
+            ScheduleSeed = k.ScheduleSeed,
         };
         info.Grantees.AddRange(h.Grantees);
         info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
@@ -59,6 +60,8 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             SwapBytes = s?.SwapBytes ?? new Model.MachineConfig().SwapBytes,
         };
         var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal);
+        if (s?.ScheduleSeed is { } seed)
+            h.Kernel.SetSchedule(seed);
         Log.MachineCreated(logger, h.Id, profile);
         return Task.FromResult(new CreateMachineResponse { Machine = Info(h) });
     }
@@ -79,7 +82,12 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         var h = registry.Machine(request.MachineId);
         _ = ProtoMapping.ToModel(request.Settings?.Thp ?? ThpMode.Unspecified, Model.ThpMode.Madvise);
         RequestErrors.Require(request.Settings?.MemoryBytes is null && request.Settings?.SwapBytes is null, "settings.memory_bytes", "the memory and swap sizes are set at CreateMachine only");
-        h.Run(() => h.Kernel.Configure(c => Apply(c, request.Settings)));
+        h.Run(() =>
+        {
+            h.Kernel.Configure(c => Apply(c, request.Settings));
+            if (request.Settings?.ScheduleSeed is { } seed)
+                h.Kernel.SetSchedule(seed);
+        });
         return Task.FromResult(new ConfigureMachineResponse { Machine = Info(h) });
     }
 

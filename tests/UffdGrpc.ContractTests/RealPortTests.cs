@@ -155,6 +155,7 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
             Assert.Contains("serve write completed: ok", text, StringComparison.Ordinal);
             Assert.Contains("second UFFDIO_API: status OK, errno EINVAL", text, StringComparison.Ordinal);
             Assert.Contains("unknown uffd: NOT_FOUND", text, StringComparison.Ordinal);
+            Assert.Contains("injected mmap_changing: WRITEPROTECT EAGAIN, log 1 firing(s)", text, StringComparison.Ordinal);
         }
         finally
         {

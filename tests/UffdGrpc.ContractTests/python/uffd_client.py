@@ -17,6 +17,7 @@ sys.path.insert(0, sys.argv[2])
 
 import grpc  # noqa: E402
 from uffd.v1 import errno_pb2  # noqa: E402
+from uffd.v1 import inject_pb2, inject_pb2_grpc  # noqa: E402
 from uffd.v1 import machine_pb2, machine_pb2_grpc  # noqa: E402
 from uffd.v1 import mm_pb2, mm_pb2_grpc  # noqa: E402
 from uffd.v1 import thread_pb2, thread_pb2_grpc  # noqa: E402
@@ -58,6 +59,7 @@ def main():
     mm = mm_pb2_grpc.MmServiceStub(channel)
     threads = thread_pb2_grpc.ThreadServiceStub(channel)
     uffd = userfaultfd_pb2_grpc.UserfaultfdServiceStub(channel)
+    inject = inject_pb2_grpc.FaultInjectionServiceStub(channel)
 
     machine = machines.CreateMachine(machine_pb2.CreateMachineRequest()).machine.machine_id
     try:
@@ -136,6 +138,15 @@ def main():
         requests.put(None)
         serve.cancel()
 
+        # Fault injection: the next UFFDIO_WRITEPROTECT meets an mmap_changing window (EAGAIN,
+        # in-band), and the firing is in the machine's injection log.
+        inject.AddRule(inject_pb2.AddRuleRequest(machine_id=machine, rule=inject_pb2.InjectRule(
+            site=inject_pb2.INJECT_SITE_MMAP_CHANGING, uffd_id=u, max_firings=1)))
+        busy = uffd.UffdioWriteprotect(userfaultfd_pb2.UffdioWriteprotectRequest(uffd_id=u, start=A, len=PAGE, mode=1))
+        log = inject.ReadLog(inject_pb2.ReadLogRequest(machine_id=machine))
+        print("injected mmap_changing: WRITEPROTECT %s, log %d firing(s) at model step %d" % (
+            errno_name(busy.errno), log.total, log.records[0].model_step))
+
         # A failed ioctl is a result: status OK, the errno in the response.
         again, call = uffd.UffdioApi.with_call(userfaultfd_pb2.UffdioApiRequest(uffd_id=u, api=0xAA))
         print("second UFFDIO_API: status %s, errno %s" % (call.code().name, errno_name(again.errno)))
@@ -148,7 +159,8 @@ def main():
         print("unknown uffd:", unknown)
         ok = (blocked and r.errno == errno_pb2.ERRNO_UNSPECIFIED and value == 0x22
               and served.errno == errno_pb2.ERRNO_UNSPECIFIED and len(faults) == 1
-              and again.errno == errno_pb2.ERRNO_EINVAL and unknown == "NOT_FOUND")
+              and again.errno == errno_pb2.ERRNO_EINVAL and unknown == "NOT_FOUND"
+              and busy.errno == errno_pb2.ERRNO_EAGAIN and log.total == 1)
         return 0 if ok else 1
     finally:
         machines.DestroyMachine(machine_pb2.DestroyMachineRequest(machine_id=machine))

@@ -22,6 +22,8 @@ public enum InjectSite
     TargetExiting = 5,
     /// <summary>A read races with a fault being queued: the oldest unread event is read before the unread faults.</summary>
     ReadEventFirst = 6,
+    /// <summary>A fault's page allocation fails after the OOM killer ran: VM_FAULT_OOM (a user fault retries; a kernel access gets EFAULT; GUP ENOMEM).</summary>
+    FaultOom = 7,
 
     // Signals to a thread asleep in a userfault (eligible when its PAGEFAULT message is read).
 

@@ -32,11 +32,26 @@ public sealed partial class Mm
     {
         AssertLocked();
         Debug.Assert((addr & (Kernel.PageSize - 1)) + (ulong)(write ? src.Length : dst.Length) <= Kernel.PageSize);
+        _oomRetries = 0;
         for (var tries = 0; tries < 64; tries++)
         {
             if (TryHwAccess(addr, write, src, dst))
                 return FaultResult.Ok;
+            _faulting = t;
             var r = HandleMmFault(t, addr, write, origin);
+            _faulting = null;
+            if (r == FaultResult.Oom && _oomInjected)
+            {
+                // An injected VM_FAULT_OOM: the allocator already ran the OOM killer, and
+                // pagefault_out_of_memory (no memcg) only warns; a user fault retries. A
+                // kernel access goes to its exception fixup (EFAULT), as any VM_FAULT_OOM.
+                _oomInjected = false;
+                if (origin == AccessOrigin.User && !Exited && t.State != ThreadState.Exited)
+                {
+                    _oomRetries++;
+                    continue;
+                }
+            }
             // VM_FAULT_OOM → pagefault_out_of_memory: the allocation already ran the OOM
             // killer; a thread it killed dies on the way back (its operation is aborted).
             // With nothing killable the kernel panics ("System is deadlocked on memory");
@@ -45,6 +60,24 @@ public sealed partial class Mm
                 return Exited ? FaultResult.Oom : r;
         }
         throw new InvalidOperationException($"fault livelock at 0x{addr:x}");
+    }
+
+    private SimThread? _faulting;
+    private bool _oomInjected;
+    private int _oomRetries;
+
+    /// <summary>
+    /// <see cref="InjectSite.FaultOom"/>: the page the fault allocates (do_anonymous_page,
+    /// do_cow_fault, do_swap_page, wp_page_copy) is not granted, as when the allocation fails
+    /// after reclaim and the OOM killer: VM_FAULT_OOM. A rule that keeps firing on one access
+    /// stops being eligible after 32 retries (the kernel would spin in the fault).
+    /// </summary>
+    private bool FaultOomInjected(ulong addr)
+    {
+        if (_oomRetries >= 32 || Kernel.Inject(InjectSite.FaultOom, this, null, _faulting, addr) is null)
+            return false;
+        _oomInjected = true;
+        return true;
     }
 
     /// <summary>

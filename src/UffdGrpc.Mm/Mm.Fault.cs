@@ -182,7 +182,7 @@ public sealed partial class Mm
             return FaultResult.Ok;
         }
         AnonVmaPrepare(vma);
-        var page = Kernel.AllocPage(PageKind.Anon, this);
+        var page = FaultOomInjected(addr) ? null : Kernel.AllocPage(PageKind.Anon, this);
         if (page is null)
             return FaultResult.Oom;
         if (vma.UserfaultfdMissing)
@@ -226,7 +226,7 @@ public sealed partial class Mm
         {
             // do_cow_fault: copy the page-cache page into a new exclusive anon page.
             AnonVmaPrepare(vma);
-            var copy = AllocPageHolding(page, PageKind.Anon);
+            var copy = FaultOomInjected(addr) ? null : AllocPageHolding(page, PageKind.Anon);
             if (copy is null)
                 return FaultResult.Oom;
             copy.CopyFrom(page!);
@@ -393,7 +393,7 @@ public sealed partial class Mm
         if (page is null)
         {
             // swapin_readahead: a new folio enters the swap cache.
-            page = Kernel.AllocPage(PageKind.Anon, this);
+            page = FaultOomInjected(addr) ? null : Kernel.AllocPage(PageKind.Anon, this);
             if (page is null)
                 return FaultResult.Oom;
             page.Data = slot.Data is null ? null : (byte[])slot.Data.Clone();
@@ -502,7 +502,7 @@ public sealed partial class Mm
     private FaultResult WpPageCopy(Vma vma, PteTable table, ulong addr, Pte old, Page? oldPage, bool unshare = false)
     {
         AnonVmaPrepare(vma);
-        var copy = AllocPageHolding(oldPage, PageKind.Anon);
+        var copy = FaultOomInjected(addr) ? null : AllocPageHolding(oldPage, PageKind.Anon);
         if (copy is null)
             return FaultResult.Oom;
         if (oldPage is not null)

@@ -53,7 +53,10 @@ public sealed partial class Mm
         {
             if (GupFollow(addr, write))
                 return FaultResult.Ok;
+            _faulting = t;
             var r = HandleMmFault(t, addr, write, AccessOrigin.Kernel);
+            _faulting = null;
+            _oomInjected = false;
             if (r != FaultResult.Ok || Exited)
                 return Exited ? FaultResult.Oom : r;
         }

@@ -123,6 +123,7 @@ public sealed partial class Mm
                 return FaultResult.Ok;
             }
             var r = unshare ? HandleUnshareFault(t, vma, addr) : HandleMmFault(t, addr, write, AccessOrigin.Kernel);
+            _oomInjected = false;
             if (r != FaultResult.Ok || Exited)
                 return Exited ? FaultResult.Oom : r;
         }

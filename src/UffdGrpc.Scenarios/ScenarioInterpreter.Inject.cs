@@ -20,6 +20,7 @@ public sealed partial class ScenarioInterpreter
         ["fill_nomem"] = InjectSite.FillNomem,
         ["target_exiting"] = InjectSite.TargetExiting,
         ["read_event_first"] = InjectSite.ReadEventFirst,
+        ["fault_oom"] = InjectSite.FaultOom,
         ["signal"] = InjectSite.Signal,
         ["fatal_signal"] = InjectSite.FatalSignal,
         ["thp_split"] = InjectSite.ThpSplit,

@@ -47,6 +47,11 @@ public class InjectionSuite(TestServerFixture server) : IClassFixture<TestServer
             ["ENOMEM copy=-ENOMEM", "EAGAIN copy=4096", "pagemap A 0: none", "pagemap A 1: present exclusive", "pagemap A 2-3: none"]
         },
         {
+            "fault_oom: VM_FAULT_OOM in a user write retries the fault and the write lands; a kernel access gets EFAULT; populate gets ENOMEM",
+            "map A 4 anon private rw\ninject fault_oom times=1\nwrite A 0 0x11\ninject fault_oom times=1\nkwrite A 1 0x22\ninject fault_oom times=1\npopulate A 2 1 write\ninject log\npagemap A 0 4",
+            ["worker: write A 0 0x11 ok", "worker: kwrite A 1 0x22 EFAULT", "worker: populate A 2 1 write ENOMEM", "injection fault_oom A 0", "injection fault_oom A 1", "injection fault_oom A 2", "pagemap A 0: present exclusive", "pagemap A 1-3: none"]
+        },
+        {
             "target_exiting: the target process is exiting: ESRCH with the field untouched, and its thread asleep in the fault is gone",
             "map A 2 anon private rw\nuffd open fork\nregister A 0 2 missing\nhandler none\nfork\nuffd use u1\nchild: write A 0 0x22\ninject target_exiting uffd=u1 times=1\ncopy A 0 1 0x55\nzeropage A 1 1\nuffd poll",
             ["child: write A 0 0x22 blocked", "ESRCH copy=untouched", "ESRCH zeropage=untouched", "poll: none"]

@@ -24,6 +24,10 @@ public sealed partial class Kernel
     private int _nextRuleId = 1;
     private int _modelRules;
     private int _wireRules;
+    private static int s_wireRulesAnywhere;
+
+    /// <summary>Whether any machine in the process holds a wire rule (the server's interceptor skips every lookup while none does).</summary>
+    public static bool WireRulesAnywhere => Volatile.Read(ref s_wireRulesAnywhere) > 0;
 
     /// <summary>
     /// The machine's model step: one per operation a thread starts and per userfaultfd
@@ -49,7 +53,10 @@ public sealed partial class Kernel
         var a = new ActiveRule(_nextRuleId++, rule, InjectClock());
         _rules.Add(a);
         if (rule.IsWireSite)
+        {
             _wireRules++;
+            Interlocked.Increment(ref s_wireRulesAnywhere);
+        }
         else
             _modelRules++;
         return a;
@@ -65,7 +72,10 @@ public sealed partial class Kernel
         var a = _rules[i];
         _rules.RemoveAt(i);
         if (a.Rule.IsWireSite)
+        {
             _wireRules--;
+            Interlocked.Decrement(ref s_wireRulesAnywhere);
+        }
         else
             _modelRules--;
         ReleaseLongtermPins(a);

@@ -30,7 +30,7 @@ public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
 
     private async Task BeforeAsync(object request, ServerCallContext context)
     {
-        if (request is not IMessage m || context.Method.StartsWith("/uffd.v1.FaultInjectionService/", StringComparison.Ordinal))
+        if (!Model.Kernel.WireRulesAnywhere || request is not IMessage m || context.Method.StartsWith("/uffd.v1.FaultInjectionService/", StringComparison.Ordinal))
             return;
         if (HostOf(m, out var uffdId) is not { } host || !host.Kernel.HasWireRules)
             return;

@@ -166,14 +166,8 @@ public sealed class ActiveRule
     public long Eligible { get; private set; }
     public long Firings { get; private set; }
 
-    /// <summary>SplitMix64: the rule's own stream, the same for the same seed on every platform.</summary>
-    public ulong NextU64()
-    {
-        var z = _state += 0x9E3779B97F4A7C15UL;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-        return z ^ (z >> 31);
-    }
+    /// <summary>The rule's own stream, the same for the same seed on every platform.</summary>
+    public ulong NextU64() => SplitMix64.Next(ref _state);
 
     /// <summary>A uniform integer in [0, n).</summary>
     public long NextBelow(long n) => n <= 1 ? 0 : (long)(NextU64() % (ulong)n);
@@ -222,3 +216,15 @@ public sealed class ActiveRule
 
 /// <summary>A wire rule that fired: its id, the rule, and the delay drawn for this firing (DelayMs ± JitterMs).</summary>
 public readonly record struct WireDecision(int RuleId, InjectRule Rule, int DelayMs);
+
+/// <summary>SplitMix64 (Steele, Lea and Flood): the model's seeded PRNG, the same on every platform.</summary>
+public static class SplitMix64
+{
+    public static ulong Next(ref ulong state)
+    {
+        var z = state += 0x9E3779B97F4A7C15UL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+        return z ^ (z >> 31);
+    }
+}

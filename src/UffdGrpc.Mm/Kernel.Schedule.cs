@@ -37,13 +37,7 @@ public sealed partial class Kernel
     }
 
     /// <summary>SplitMix64 over the schedule seed.</summary>
-    private ulong SchedNext()
-    {
-        var z = _schedState += 0x9E3779B97F4A7C15UL;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-        return z ^ (z >> 31);
-    }
+    private ulong SchedNext() => SplitMix64.Next(ref _schedState);
 
     private int SchedBelow(int n) => n <= 1 ? 0 : (int)(SchedNext() % (ulong)n);
 

@@ -21,6 +21,8 @@ public static class UffdServerServiceCollectionExtensions
             o.EnableDetailedErrors = false;
             o.Interceptors.Add<ServerErrorInterceptor>();
             o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
+            // Outside the injection interceptor: a wire rule's decision is a journaled step.
+            o.Interceptors.Add<JournalInterceptor>();
             o.Interceptors.Add<InjectionInterceptor>();
         });
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
@@ -35,7 +37,7 @@ public static class UffdServerServiceCollectionExtensions
         services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
             .Validate(o => o.ServerMemoryBytes >= 1 << 20 && o.MaxMachineMemoryBytes >= 1 << 20, "Limits: ServerMemoryBytes and MaxMachineMemoryBytes must be at least 1 MiB")
-            .Validate(o => o.MachinesPerPrincipal > 0 && o.StreamsPerPrincipal > 0 && o.MmsPerMachine > 0 && o.ThreadsPerMachine > 0 && o.UffdsPerMachine > 0 && o.FilesPerMachine > 0 && o.CompletionLogPerMachine > 0, "Limits: every limit must be positive")
+            .Validate(o => o.MachinesPerPrincipal > 0 && o.StreamsPerPrincipal > 0 && o.MmsPerMachine > 0 && o.ThreadsPerMachine > 0 && o.UffdsPerMachine > 0 && o.FilesPerMachine > 0 && o.CompletionLogPerMachine > 0 && o.JournalEntriesPerMachine > 0 && o.JournalBytesPerMachine > 0, "Limits: every limit must be positive")
             .ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.AuthOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section)

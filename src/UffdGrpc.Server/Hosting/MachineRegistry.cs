@@ -50,13 +50,16 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
-    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config, string owner = Security.AuthOptions.AnonymousPrincipal)
+    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config, string owner = Security.AuthOptions.AnonymousPrincipal, JournalHeader? journal = null)
     {
         if (_shuttingDown)
             throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
         Security.Quotas.Check(_machines.Values.Count(m => m.Owner == owner), Quotas.Limits.MachinesPerPrincipal, nameof(Security.LimitOptions.MachinesPerPrincipal), "principal " + owner);
         var kernel = new Model.Kernel(profile, config) { FrameBudget = Budget };
-        var host = new MachineHost(NextId(), kernel, owner);
+        var host = new MachineHost(NextId(), kernel, owner)
+        {
+            Journal = journal is null ? null : new MachineJournal(journal, Quotas.Limits.JournalEntriesPerMachine, Quotas.Limits.JournalBytesPerMachine),
+        };
         // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
         // runs from the thread pool, so other calls on the machine get in between.
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
@@ -94,6 +97,33 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     }
 
     public MachineHost Machine(long id) => Get<MachineHost>(id, "machine_id");
+
+    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id", "op_id"];
+
+    /// <summary>
+    /// The live machine a request names by its first id field (machine_id, mm_id, uffd_id,
+    /// thread_id, file_id or op_id), if the caller may see it, and the model id of the uffd it
+    /// names (0 when none). No status: the service reports unknown ids itself.
+    /// </summary>
+    internal MachineHost? HostNamedBy(Google.Protobuf.IMessage m, out int uffdId)
+    {
+        uffdId = 0;
+        foreach (var name in s_idFields)
+        {
+            if (m.Descriptor.FindFieldByName(name) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
+                continue;
+            if (name == "machine_id")
+                return TryGetMachine(id);
+            if (TryGet<Entry>(id, out var e))
+            {
+                if (e is UffdEntry u)
+                    uffdId = u.Ctx.Id;
+                return e.Host;
+            }
+            return null;
+        }
+        return null;
+    }
 
     /// <summary>The live machine <paramref name="id"/> the caller may see, or null (no status).</summary>
     public MachineHost? TryGetMachine(long id) =>
@@ -195,7 +225,7 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     }
 
     /// <summary>Drains the completion log; the drained operations are forgotten.</summary>
-    public List<ThreadOpResult> TakeCompletions(MachineHost host) => host.Kernel.Locked(() =>
+    public List<ThreadOpResult> TakeCompletions(MachineHost host) => host.Run(() =>
     {
         var list = host.CompletionLog.ToList();
         host.CompletionLog.Clear();

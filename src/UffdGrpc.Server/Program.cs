@@ -1,18 +1,11 @@
 using UffdGrpc.Server;
 using UffdGrpc.Server.Hosting;
-using UffdGrpc.Server.Services;
 
 var builder = WebApplication.CreateBuilder(ServerStartup.Options(args));
 builder.Services.AddUffdServer();
 
 var app = builder.Build();
-app.MapGrpcService<MachineService>();
-app.MapGrpcService<MmService>();
-app.MapGrpcService<ThreadService>();
-app.MapGrpcService<UserfaultfdService>();
-app.MapGrpcService<FaultInjectionService>();
-app.MapGrpcHealthChecksService();
-app.MapGrpcReflectionService();
+app.MapUffdServices();
 // Graceful shutdown (SIGTERM): streams, pending accesses and waits end with UNAVAILABLE at
 // once, so Kestrel's drain finishes well inside the host's shutdown timeout.
 var registry = app.Services.GetRequiredService<MachineRegistry>();

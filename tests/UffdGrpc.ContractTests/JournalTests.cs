@@ -2,16 +2,6 @@ using Google.Protobuf;
 
 namespace UffdGrpc.ContractTests;
 
-/// <summary>Starts one real server process for the journal tests that replay against a server.</summary>
-public sealed class RealServerFixture : IAsyncLifetime
-{
-    public ServerProcess Server { get; private set; } = null!;
-
-    public async Task InitializeAsync() => Server = await ServerProcess.StartAsync();
-
-    public async Task DisposeAsync() => await Server.DisposeAsync();
-}
-
 /// <summary>A server whose journals hold 8 steps.</summary>
 public sealed class SmallJournalFixture : GrpcTestFixture
 {
@@ -27,10 +17,8 @@ public sealed class SmallJournalFixture : GrpcTestFixture
 /// replayed in-process and against a real server process: every step, answer and the final
 /// state digest identical.
 /// </summary>
-public sealed class JournalTests(GrpcTestFixture fx, RealServerFixture real) : IClassFixture<GrpcTestFixture>, IClassFixture<RealServerFixture>
+public sealed class JournalTests(GrpcTestFixture fx, ServerProcessFixture real) : IClassFixture<GrpcTestFixture>, IClassFixture<ServerProcessFixture>
 {
-    private const ulong Page = 4096;
-
     [Fact]
     public async Task Hundred_random_sessions_replay_identically_in_process_and_against_a_server()
     {
@@ -127,8 +115,9 @@ public sealed class JournalTests(GrpcTestFixture fx, RealServerFixture real) : I
         var threads = new List<long>();
         for (var i = 0; i < 3; i++)
             threads.Add((await c.Threads.CreateThreadAsync(new CreateThreadRequest { MmId = mm })).Thread.ThreadId);
-        var a = (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Len = 16 * Page, Prot = 3 })).Addr;
-        var b = (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Len = 8 * Page, Prot = 3, Shared = true })).Addr;
+        const ulong a = A, b = B;
+        Assert.Equal(Errno.Unspecified, (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = a, Len = 16 * Page, Prot = 3 })).Errno);
+        Assert.Equal(Errno.Unspecified, (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = b, Len = 8 * Page, Prot = 3, Shared = true })).Errno);
         var uffd = (await c.Uffd.UserfaultfdAsync(new UserfaultfdRequest { MmId = mm, Flags = 0x800 })).UffdId;
         await c.Uffd.UffdioApiAsync(new UffdioApiRequest { UffdId = uffd, Api = 0xAA, Features = 1 << 8 }); // THREAD_ID
         await c.Uffd.UffdioRegisterAsync(new UffdioRegisterRequest { UffdId = uffd, Start = a, Len = 16 * Page, Mode = 3 });
@@ -225,5 +214,76 @@ public sealed class JournalTests(GrpcTestFixture fx, RealServerFixture real) : I
         var journal = await SessionJournal.ExportAsync(c, machine);
         await c.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = machine });
         return (journal, slept);
+    }
+}
+
+/// <summary>The journal's limits: past Limits:JournalEntriesPerMachine a call is refused and changes nothing.</summary>
+public sealed class JournalLimitTests(SmallJournalFixture fx) : IClassFixture<SmallJournalFixture>
+{
+    [Fact]
+    public async Task A_full_journal_refuses_the_next_call_with_resource_exhausted_and_nothing_changes()
+    {
+        using var c = fx.NewClient();
+        var machine = (await c.Machines.CreateMachineAsync(new CreateMachineRequest { Settings = new MachineSettings { Journal = true } })).Machine.MachineId;
+        var mm = (await c.Mm.CreateMmAsync(new CreateMmRequest { MachineId = machine })).Mm.MmId;
+        for (var i = 0; i < 7; i++)
+            Assert.Equal(Errno.Unspecified, (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = A + ((ulong)i * 2 * Page), Len = Page, Prot = 3 })).Errno);
+        var vmas = (await c.Mm.ListVmasAsync(new ListVmasRequest { MmId = mm })).Vmas.Count;
+
+        var ex = await Assert.ThrowsAsync<RpcException>(async () => await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = B, Len = Page, Prot = 1 }));
+        Assert.Equal(StatusCode.ResourceExhausted, ex.StatusCode);
+        Assert.Contains("JournalEntriesPerMachine", ex.Status.Detail, StringComparison.Ordinal);
+        Assert.Equal(vmas, (await c.Mm.ListVmasAsync(new ListVmasRequest { MmId = mm })).Vmas.Count);
+        // Reads still answer, and the journal holds its 8 steps.
+        var j = await c.Machines.ReadJournalAsync(new ReadJournalRequest { MachineId = machine });
+        Assert.Equal(8, j.Steps);
+        Assert.Equal(Enumerable.Range(1, 8).Select(i => (long)i), j.Entries.Select(e => e.Step));
+        Assert.Equal(8, (await c.Machines.GetMachineAsync(new GetMachineRequest { MachineId = machine })).Machine.JournalSteps);
+        await c.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = machine });
+    }
+}
+
+/// <summary>The CLI's session commands on a journal a random session left: replay in-process and against a server, a divergence, explore.</summary>
+public sealed class JournalCliTests(ServerProcessFixture real) : IClassFixture<ServerProcessFixture>
+{
+    private static readonly string s_cli = Path.Combine(RepoRoot(), "src", "UffdGrpc.Cli", "bin", "Release", "net10.0", "UffdGrpc.Cli.dll");
+
+    private static Task<(int Rc, string Output)> CliAsync(params string[] args) => RunAsync("dotnet", [s_cli, .. args], RepoRoot());
+
+    [Fact]
+    public async Task Session_export_replay_and_explore_from_the_command_line()
+    {
+        using var c = new UffdClient(real.Server.Address);
+        var (journal, _) = await JournalTests.RecordRandomSessionAsync(c, 3);
+        var dir = Directory.CreateTempSubdirectory("uffd-journal-").FullName;
+        try
+        {
+            var file = Path.Combine(dir, "s3.journal");
+            journal.Save(file);
+
+            var (rc, text) = await CliAsync("session", "replay", file);
+            Assert.True(rc == 0, text);
+            Assert.Contains($"session: {journal.Entries.Count} steps replayed identically", text, StringComparison.Ordinal);
+            (rc, text) = await CliAsync("session", "replay", file, "--server", real.Server.Address);
+            Assert.True(rc == 0, text);
+
+            // A journal whose last entry says another method ran: exit 1 and the step.
+            var entries = journal.Entries.Select(e => e.Clone()).ToList();
+            var last = entries.FindLastIndex(e => e.Method == "uffd.v1.UserfaultfdService/Close");
+            entries[last].Response = new CloseResponse { Errno = Errno.Ebadf }.ToByteString();
+            var bad = Path.Combine(dir, "bad.journal");
+            new SessionJournal { Header = journal.Header, Entries = entries, End = journal.End }.Save(bad);
+            (rc, text) = await CliAsync("session", "replay", bad);
+            Assert.True(rc == 1, text);
+            Assert.Contains($"DIVERGED at step {entries[last].Step} (uffd.v1.UserfaultfdService/Close): errno", text, StringComparison.Ordinal);
+
+            (rc, text) = await CliAsync("explore", file, "--seeds", "3");
+            Assert.True(rc == 0, text);
+            Assert.Contains("explore: 3 seeds from 1:", text, StringComparison.Ordinal);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 }

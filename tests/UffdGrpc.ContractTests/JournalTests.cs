@@ -90,13 +90,21 @@ public sealed class JournalTests(GrpcTestFixture fx, ServerProcessFixture real) 
     }
 
     [Fact]
-    public async Task Read_journal_of_a_machine_without_one_is_failed_precondition()
+    public async Task Read_journal_of_a_machine_without_one_and_an_import_into_a_journaled_one_are_failed_precondition()
     {
         using var client = fx.NewClient();
         var m = await client.CreateMachineAsync();
         var ex = await Assert.ThrowsAsync<RpcException>(async () => await client.Machines.ReadJournalAsync(new ReadJournalRequest { MachineId = m.MachineId }));
         Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+
+        var mm = (await client.Mm.CreateMmAsync(new CreateMmRequest { MachineId = m.MachineId })).Mm.MmId;
+        var image = await client.ExportMmAsync(mm);
+        var journaled = (await client.Machines.CreateMachineAsync(new CreateMachineRequest { Settings = new MachineSettings { Journal = true } })).Machine.MachineId;
+        ex = await Assert.ThrowsAsync<RpcException>(() => client.ImportMmAsync(journaled, image));
+        Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+        Assert.Equal(0, (await client.Machines.ReadJournalAsync(new ReadJournalRequest { MachineId = journaled })).Steps);
         await client.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = m.MachineId });
+        await client.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = journaled });
     }
 
     /// <summary>

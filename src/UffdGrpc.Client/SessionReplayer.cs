@@ -33,7 +33,8 @@ public sealed record ReplayReport(long Steps, long MachineId, byte[] StateDigest
 public sealed class SessionReplayer(UffdClient client)
 {
     private const string StepHeader = "uffd-journal-step";
-    private const string ContinueYielded = "uffd.v1.internal/ContinueYielded";
+    /// <summary>Steps the server takes by itself (a long operation's continuation, the watchdog's kill): a replay waits for them.</summary>
+    private const string Internal = "uffd.v1.internal/";
     private static readonly TimeSpan s_answerWait = TimeSpan.FromSeconds(30);
 
     private static readonly Dictionary<string, MethodDescriptor> s_methods =
@@ -108,9 +109,9 @@ public sealed class SessionReplayer(UffdClient client)
     /// <summary>Issues one entry's call and waits until the server has run it; false when the replay cannot go on.</summary>
     private async Task<bool> RunStepAsync(long machineId, JournalEntry e, List<Pending> pending, CancellationToken ct)
     {
-        if (e.Method == ContinueYielded)
+        if (e.Method.StartsWith(Internal, StringComparison.Ordinal))
         {
-            // Not a call: the server continues a long operation by itself; wait for it to.
+            // Not a call: the server takes the step by itself; wait for it to.
             var r = await client.Machines.ReadJournalAsync(new ReadJournalRequest { MachineId = machineId, FromStep = e.Step, MaxEntries = 1, Wait = true }, cancellationToken: ct).ConfigureAwait(false);
             if (r.Entries[0].Method != e.Method)
                 return Diverge(e.Step, e.Method, $"the server ran {r.Entries[0].Method} as this step");

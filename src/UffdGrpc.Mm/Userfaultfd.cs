@@ -136,6 +136,7 @@ public sealed partial class UserfaultfdCtx
         var w = new UffdWaiter(t, msg, origin);
         _faultPending.Add(w);
         t.Park(this, w, ThreadState.BlockedInUserfault);
+        Mm.Kernel.OnUserfaultSleep(t, w);
         FdWqhWake?.Invoke();
     }
 

@@ -34,6 +34,10 @@ public static class UffdServerServiceCollectionExtensions
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
         services.AddSingleton<MachinePersistence>();
         services.AddOptions<PersistenceOptions>().BindConfiguration(PersistenceOptions.Section);
+        services.AddOptions<WatchdogOptions>()
+            .BindConfiguration(WatchdogOptions.Section)
+            .Validate(o => o.UserfaultSeconds >= 0 && double.IsFinite(o.UserfaultSeconds), "Watchdog:UserfaultSeconds must be 0 (off) or a positive number of seconds")
+            .ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
             .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
             .Validate(o => o.ServerMemoryBytes >= 1 << 20 && o.MaxMachineMemoryBytes >= 1 << 20, "Limits: ServerMemoryBytes and MaxMachineMemoryBytes must be at least 1 MiB")

@@ -62,6 +62,9 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// <summary>Why the machine's state can no longer be trusted (null while it can).</summary>
     public string? Broken { get; private set; }
 
+    /// <summary>The hung-userfault watchdog (null when Watchdog:UserfaultSeconds is 0).</summary>
+    internal UserfaultWatchdog? Watchdog { get; set; }
+
     /// <summary>The session journal (null unless the machine was created with settings.journal).</summary>
     internal MachineJournal? Journal { get; init; }
 
@@ -185,6 +188,7 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     {
         InjectionPulse.Fire();
         Journal?.Appended.Fire();
+        Watchdog?.Stop();
         foreach (var op in PendingOps)
             Kernel.DeferUntilUnlocked(() => op.Result.TrySetException(status));
         PendingOps.Clear();

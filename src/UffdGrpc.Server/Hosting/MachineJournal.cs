@@ -21,6 +21,9 @@ internal sealed class JournalCall(string method, IMessage request)
     /// <summary>The journal method of a long operation's continuation after it yielded (not an RPC).</summary>
     public const string ContinueYieldedMethod = "uffd.v1.internal/ContinueYielded";
 
+    /// <summary>The journal method of the hung-userfault watchdog's SIGKILL (not an RPC).</summary>
+    public const string WatchdogKillMethod = "uffd.v1.internal/WatchdogKill";
+
     public string Method { get; } = method;
     public IMessage Request { get; } = request;
 

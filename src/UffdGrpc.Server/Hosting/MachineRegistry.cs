@@ -11,7 +11,7 @@ namespace UffdGrpc.Server.Hosting;
 /// across the server and never reused. The registry itself is thread-safe; the model objects
 /// it names are protected by their machine's lock.
 /// </summary>
-public sealed class MachineRegistry(Security.Quotas quotas)
+public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions.Options.IOptions<WatchdogOptions> watchdog, ILogger<MachineRegistry> logger)
 {
     /// <summary>The limits every creation checks.</summary>
     public Security.Quotas Quotas { get; } = quotas;
@@ -62,6 +62,8 @@ public sealed class MachineRegistry(Security.Quotas quotas)
         };
         // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
         // runs from the thread pool, so other calls on the machine get in between.
+        if (watchdog.Value.UserfaultSeconds > 0)
+            host.Watchdog = new UserfaultWatchdog(host, TimeSpan.FromSeconds(watchdog.Value.UserfaultSeconds), logger);
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
         _objects[host.Id] = host;
         _machines[host.Id] = host;

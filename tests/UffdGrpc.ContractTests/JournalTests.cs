@@ -8,6 +8,7 @@ public sealed class SmallJournalFixture : GrpcTestFixture
     protected override IReadOnlyDictionary<string, string?> Settings { get; } = new Dictionary<string, string?>
     {
         ["Limits:JournalEntriesPerMachine"] = "8",
+        ["Limits:JournalBytesPerMachine"] = "20000",
     };
 }
 
@@ -225,7 +226,7 @@ public sealed class JournalTests(GrpcTestFixture fx, ServerProcessFixture real) 
     }
 }
 
-/// <summary>The journal's limits: past Limits:JournalEntriesPerMachine a call is refused and changes nothing.</summary>
+/// <summary>The journal's limits: past Limits:JournalEntriesPerMachine or JournalBytesPerMachine a call is refused and changes nothing.</summary>
 public sealed class JournalLimitTests(SmallJournalFixture fx) : IClassFixture<SmallJournalFixture>
 {
     [Fact]
@@ -247,6 +248,25 @@ public sealed class JournalLimitTests(SmallJournalFixture fx) : IClassFixture<Sm
         Assert.Equal(8, j.Steps);
         Assert.Equal(Enumerable.Range(1, 8).Select(i => (long)i), j.Entries.Select(e => e.Step));
         Assert.Equal(8, (await c.Machines.GetMachineAsync(new GetMachineRequest { MachineId = machine })).Machine.JournalSteps);
+        await c.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = machine });
+    }
+
+    [Fact]
+    public async Task Answers_count_against_the_journal_bytes_and_the_next_call_is_refused()
+    {
+        using var c = fx.NewClient();
+        var machine = (await c.Machines.CreateMachineAsync(new CreateMachineRequest { Settings = new MachineSettings { Journal = true } })).Machine.MachineId;
+        var mm = (await c.Mm.CreateMmAsync(new CreateMmRequest { MachineId = machine })).Mm.MmId;
+        var t = (await c.Threads.CreateThreadAsync(new CreateThreadRequest { MmId = mm })).Thread.ThreadId;
+        Assert.Equal(Errno.Unspecified, (await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = A, Len = 8 * Page, Prot = 3 })).Errno);
+        // A 24 KiB read: its answer takes the journal past 20,000 bytes.
+        var read = await c.Threads.AccessAsync(new AccessRequest { ThreadId = t, Access = new AccessOp { Addr = A, Span = new ByteSpan { Length = 6 * Page } } });
+        Assert.Equal(6 * (int)Page, read.Result.Values.Length);
+
+        var ex = await Assert.ThrowsAsync<RpcException>(async () => await c.Mm.MmapAsync(new MmapRequest { MmId = mm, Addr = B, Len = Page, Prot = 3 }));
+        Assert.Equal(StatusCode.ResourceExhausted, ex.StatusCode);
+        Assert.Contains("JournalBytesPerMachine", ex.Status.Detail, StringComparison.Ordinal);
+        Assert.Equal(4, (await c.Machines.ReadJournalAsync(new ReadJournalRequest { MachineId = machine })).Steps);
         await c.Machines.DestroyMachineAsync(new DestroyMachineRequest { MachineId = machine });
     }
 }

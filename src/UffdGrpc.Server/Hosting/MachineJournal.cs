@@ -37,9 +37,16 @@ internal sealed class JournalCall(string method, IMessage request)
 
     private sealed record Outcome(ByteString Response, int StatusCode, string Detail);
 
-    /// <summary>Records the call's answer (once; later answers are ignored).</summary>
-    public void Answer(IMessage? response, int statusCode, string detail) =>
-        Interlocked.CompareExchange(ref _outcome, new Outcome(response?.ToByteString() ?? ByteString.Empty, statusCode, detail), null);
+    /// <summary>The journal that gave the call its step (set under the machine lock).</summary>
+    public MachineJournal? Journal { get; set; }
+
+    /// <summary>Records the call's answer (once; later answers are ignored); its bytes count against the journal's limit.</summary>
+    public void Answer(IMessage? response, int statusCode, string detail)
+    {
+        var outcome = new Outcome(response?.ToByteString() ?? ByteString.Empty, statusCode, detail);
+        if (Interlocked.CompareExchange(ref _outcome, outcome, null) is null)
+            Journal?.Account(outcome.Response.Length + detail.Length);
+    }
 
     public JournalEntry ToEntry()
     {
@@ -60,7 +67,8 @@ internal sealed class JournalCall(string method, IMessage request)
 /// order the model ran it. Calls are appended under the machine's lock when the model first
 /// runs them (<see cref="MachineHost.Run{T}"/>), so the order is the lock order; each call
 /// records its own answer when it has one. Bounded by Limits:JournalEntriesPerMachine and
-/// Limits:JournalBytesPerMachine.
+/// Limits:JournalBytesPerMachine (requests and answers: a call past either is refused
+/// before it runs, so the journal holds at most the limit plus one answer).
 /// </summary>
 /// <remarks>Protected by the machine's kernel lock (the answers are published by each call on its own).</remarks>
 internal sealed class MachineJournal(JournalHeader header, int maxEntries, long maxBytes)
@@ -87,12 +95,14 @@ internal sealed class MachineJournal(JournalHeader header, int maxEntries, long 
             return;
         var size = call.Request.CalculateSize();
         Security.Quotas.Check(_calls.Count, maxEntries, nameof(Security.LimitOptions.JournalEntriesPerMachine), $"machine {host.Id}'s journal");
-        if (_bytes + size > maxBytes)
+        var bytes = Interlocked.Read(ref _bytes);
+        if (bytes + size > maxBytes)
         {
             throw Security.Quotas.Exhausted(nameof(Security.LimitOptions.JournalBytesPerMachine), maxBytes, $"machine {host.Id}'s journal",
-                $"JournalBytesPerMachine: machine {host.Id}'s journal holds {_bytes} bytes and this request has {size} (the limit is {maxBytes})");
+                $"JournalBytesPerMachine: machine {host.Id}'s journal holds {bytes} bytes and this request has {size} (the limit is {maxBytes})");
         }
-        _bytes += size;
+        Account(size);
+        call.Journal = this;
         _calls.Add(call);
         var step = call.Step = _calls.Count;
         host.Kernel.DeferUntilUnlocked(() =>
@@ -111,10 +121,14 @@ internal sealed class MachineJournal(JournalHeader header, int maxEntries, long 
         if (call.Step == _calls.Count && call.Step > 0 && _calls[^1] == call)
         {
             _calls.RemoveAt(_calls.Count - 1);
-            _bytes -= call.Request.CalculateSize();
+            Account(-call.Request.CalculateSize());
             call.Step = 0;
+            call.Journal = null;
         }
     }
+
+    /// <summary>Counts <paramref name="n"/> bytes (requests under the lock, answers from their calls).</summary>
+    public void Account(long n) => Interlocked.Add(ref _bytes, n);
 
     /// <summary>Entries from step <paramref name="from"/> on, at most <paramref name="max"/>. Caller holds the kernel lock.</summary>
     public List<JournalEntry> Read(long from, int max)

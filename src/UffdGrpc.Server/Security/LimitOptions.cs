@@ -27,6 +27,6 @@ public sealed class LimitOptions
     public int CompletionLogPerMachine { get; set; } = 65536;
     /// <summary>Steps a machine's session journal holds (MachineSettings.journal).</summary>
     public int JournalEntriesPerMachine { get; set; } = 1_000_000;
-    /// <summary>Request bytes a machine's session journal holds (responses are kept as well and are of the same order).</summary>
+    /// <summary>Bytes of requests and answers a machine's session journal holds (a call past it is refused before it runs).</summary>
     public long JournalBytesPerMachine { get; set; } = 256L << 20;
 }

@@ -21,7 +21,7 @@ public sealed class JournalInterceptor(MachineRegistry registry) : Interceptor
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
         var method = context.Method.TrimStart('/');
-        if (request is not IMessage m || MachineJournal.IsReadOnly(method) || registry.HostNamedBy(m, out _) is not { Journal: not null })
+        if (!registry.AnyJournal || request is not IMessage m || MachineJournal.IsReadOnly(method) || registry.HostNamedBy(m, out _) is not { Journal: not null })
             return await continuation(request, context).ConfigureAwait(false);
         var call = new JournalCall(method, m);
         JournalCall.Current = call;

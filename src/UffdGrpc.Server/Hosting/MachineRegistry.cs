@@ -22,6 +22,10 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     private readonly ConcurrentDictionary<long, object> _objects = new();
     private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
     private volatile bool _shuttingDown;
+    private int _journaled;
+
+    /// <summary>Some live machine keeps a session journal (the journal interceptor looks nothing up otherwise).</summary>
+    internal bool AnyJournal => Volatile.Read(ref _journaled) > 0;
 
     /// <summary>Set once the host begins to stop: every call and wait then ends with UNAVAILABLE.</summary>
     public bool ShuttingDown => _shuttingDown;
@@ -62,6 +66,8 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
         };
         // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
         // runs from the thread pool, so other calls on the machine get in between.
+        if (journal is not null)
+            Interlocked.Increment(ref _journaled);
         if (watchdog.Value.UserfaultSeconds > 0)
             host.Watchdog = new UserfaultWatchdog(host, TimeSpan.FromSeconds(watchdog.Value.UserfaultSeconds), logger);
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
@@ -266,8 +272,10 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
                 host.EndWaiters(gone);
             });
         }
-        _machines.TryRemove(host.Id, out _);
+        var removed = _machines.TryRemove(host.Id, out _);
         Budget.Release(host.Kernel);
+        if (removed && host.Journal is not null)
+            Interlocked.Decrement(ref _journaled);
         foreach (var (id, o) in _objects)
         {
             if (o == host || (o is Entry e && e.Host == host))

@@ -27,6 +27,10 @@ internal static class BenchSuite
         ["rt.cross"] = 66,
     };
 
+    /// <summary>Untimed round trips per shape and seconds of untimed throughput per layout, on each server, before anything over the wire is timed.</summary>
+    private const int WarmupTrips = 2000;
+    private const double WarmupSeconds = 1.5;
+
     /// <summary>The parts of the run, in order (<c>--only</c> picks some).</summary>
     public static readonly string[] Sections = ["kernel", "roundtrip", "batch", "scaling", "memory"];
 
@@ -82,9 +86,18 @@ internal static class BenchSuite
             {
                 var url = server ?? product!.Url;
                 var secs = quick ? 1.0 : 2.0;
+                // Warm-up, untimed: every RPC shape and the fault path on both servers until
+                // tiered JIT has compiled them (it otherwise takes a CPU of the two mid-run).
+                foreach (var u in new[] { floor.Url, url })
+                {
+                    await Transport.RoundTripAsync(u, false, 1, WarmupTrips, ct).ConfigureAwait(false);
+                    await Transport.RoundTripAsync(u, true, 1, WarmupTrips, ct).ConfigureAwait(false);
+                    await Transport.ThroughputAsync(u, 64, 1, 1, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
+                    await Transport.ThroughputAsync(u, 256, 4, 8, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
+                }
                 if (Want("roundtrip"))
                 {
-                    var (iters, warm) = quick ? (500, 500) : (3000, 2000);
+                    var (iters, warm) = quick ? (500, 500) : (3000, 1000);
                     const string T = "fault round trip over loopback (WP write -> handler -> un-protect -> access returns), one thread";
                     foreach (var (serve, label) in new[] { (false, "ReadEvents + unary WRITEPROTECT"), (true, "Serve, one fault at a time") })
                     {
@@ -97,15 +110,15 @@ internal static class BenchSuite
                     {
                         var (x50, x99) = KernelProbe.CrossRoundTrip();
                         rows.Add((T, new Row("(the kernel's, handler on the other vCPU, p50)", x50, "us", s_reference["rt.cross"], "kernel ref", "")));
-                        rows.Add((T, new Row("(the kernel's, handler on the other vCPU, p99)", x99, "us", double.NaN, "", "")));
+                        rows.Add((T, new Row("(the kernel's, handler on the other vCPU, p99)", x99, "us", double.NaN, "none", "")));
                     }
                 }
                 if (Want("batch"))
                 {
                     const string B = "batched resolution: 64 threads faulting server-side (StartOp touches writing 0), one Serve handler, batches of <= 64";
-                    var fb = await Transport.ThroughputAsync(floor.Url, 64, 1, 1, 262_144, secs, ct).ConfigureAwait(false);
-                    var pb = await Transport.ThroughputAsync(url, 64, 1, 1, 262_144, secs, ct).ConfigureAwait(false);
-                    rows.Add((B, new Row("resolved faults/s", pb, "1/s", fb, "floor", ">= 500k/s")));
+                    var (fb, fbBatch) = await Transport.ThroughputAsync(floor.Url, 64, 1, 1, 262_144, secs, ct).ConfigureAwait(false);
+                    var (pb, pbBatch) = await Transport.ThroughputAsync(url, 64, 1, 1, 262_144, secs, ct).ConfigureAwait(false);
+                    rows.Add((B, new Row(string.Create(inv, $"resolved faults/s (faults per request: {pbBatch:F1}; floor {fbBatch:F1})"), pb, "1/s", fb, "floor", ">= 500k/s")));
                     ModelThroughput.Measure(64, 64, 64);
                     rows.Add((B, new Row("the same in-process (no transport)", ModelThroughput.Measure(64, 1024, 64), "1/s", fb, "floor", "")));
                 }
@@ -117,10 +130,10 @@ internal static class BenchSuite
                         double one = 0;
                         foreach (var threads in new[] { 1, 8, 64, 256 })
                         {
-                            var rate = await Transport.ThroughputAsync(url, threads, streams, mms, 65_536, secs * 0.75, ct).ConfigureAwait(false);
+                            var (rate, perRequest) = await Transport.ThroughputAsync(url, threads, streams, mms, 65_536, secs * 0.75, ct).ConfigureAwait(false);
                             if (threads == 1)
                                 one = rate;
-                            rows.Add((S, new Row($"{label}, {threads} thread{(threads == 1 ? "" : "s")}", rate, "1/s", one, "1 thread", threads == 256 ? ">= 1" : "")));
+                            rows.Add((S, new Row(string.Create(inv, $"{label}, {threads} thread{(threads == 1 ? "" : "s")} ({perRequest:F1} per request)"), rate, "1/s", one, "1 thread", threads == 256 ? ">= 1" : "")));
                         }
                     }
                 }
@@ -137,11 +150,11 @@ internal static class BenchSuite
         if (Want("memory"))
         {
             var mem = MemoryRows.Measure();
-            const string M = "memory: managed heap of the model (what a server holds), per page";
+            const string M = "memory: managed heap of the model (what a server holds), per page; 128 Ki pages in runs of 512, 4 GiB apart, in a 1 TiB mapping";
             rows.Add((M, new Row("metadata per resident page (beside 4 KiB)", mem["mem.resident"], "B", 64, "target", "<= 1")));
-            rows.Add((M, new Row("read of an untouched page (zero page)", mem["mem.zero"], "B", 8, "kernel PTE", "<= 1")));
+            rows.Add((M, new Row("read of an untouched page (zero page)", mem["mem.zero"], "B", 16, "kernel PTE + PMD tables", "<= 1")));
             rows.Add((M, new Row("sparse 1 TiB mapping, never touched", mem["mem.sparse"], "B", 0, "none", "0")));
-            rows.Add((M, new Row("fork of 1 GiB written, at fork", mem["mem.fork"], "B", 8, "kernel PTE", "<= 1")));
+            rows.Add((M, new Row("fork of 1 GiB of written anon pages, at fork", mem["mem.fork"], "B", 8, "kernel PTE", "<= 1")));
             rows.Add((M, new Row("  then each page the child writes", mem["mem.fork.touched"], "B", 4096 + 64, "4 KiB + 64", "<= 1")));
         }
 
@@ -149,7 +162,7 @@ internal static class BenchSuite
         o.WriteLine(why is null
             ? "kernel anchors: measured live on this host (root, userfaultfd) with the same operations and sizes; ref = the reference machine (issue 12)"
             : $"kernel anchors: the reference machine's figures (Linux 6.18, 2 vCPUs): this host cannot be measured ({why})");
-        o.WriteLine(string.Create(inv, $"JIT warm-up: {ModelRows.WarmupSeconds:F1} s per in-process operation before timing; servers run with DOTNET_TC_CallCountingDelayMs=0; round trips warm up with {(quick ? 500 : 2000)} untimed trips; throughput counts after the first 10 % of faults (or 0.3 s)"));
+        o.WriteLine(string.Create(inv, $"JIT warm-up: {ModelRows.WarmupSeconds:F1} s per in-process operation before timing; servers run with DOTNET_TC_CallCountingDelayMs=0 and first serve {WarmupTrips} untimed round trips of each shape and {WarmupSeconds:F1} s of untimed faults in two layouts; each round-trip row then warms up with {(quick ? 500 : 1000)} more; throughput counts after the first 10 % of faults (or 0.3 s)"));
         o.WriteLine(server is null ? "servers: the product (UffdGrpc.Server) and the floor (bench-floor), each its own process on a loopback port this run picked" : $"servers: the product at {server}, the floor (bench-floor) its own process on a loopback port this run picked");
         string? section = null;
         foreach (var (sec, r) in rows)
@@ -163,7 +176,8 @@ internal static class BenchSuite
                 o.WriteLine("|---|---:|---:|---:|---:|");
             }
             var ratio = r.Anchor == 0 || double.IsNaN(r.Anchor) ? "-" : (r.Figure / r.Anchor).ToString("F2", inv);
-            o.WriteLine($"| {r.Operation} | {Fmt(r.Figure, r.Unit)} | {Fmt(r.Anchor, r.Unit)} ({r.AnchorWhat}) | {ratio} | {r.Target} |");
+            var anchor = double.IsNaN(r.Anchor) ? "-" : $"{Fmt(r.Anchor, r.Unit)} ({r.AnchorWhat})";
+            o.WriteLine($"| {r.Operation} | {Fmt(r.Figure, r.Unit)} | {anchor} | {ratio} | {r.Target} |");
         }
         o.WriteLine();
         o.WriteLine(string.Create(inv, $"bench took {clock.Elapsed.TotalSeconds:F0} s"));

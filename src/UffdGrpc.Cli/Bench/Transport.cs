@@ -95,13 +95,13 @@ internal static class Transport
     /// request per batch. Counted from the first 10 % of the faults (or 0.3 s) until all are
     /// resolved or <paramref name="seconds"/> more have passed.
     /// </summary>
-    public static async Task<double> ThroughputAsync(string url, int threads, int streams, int mms, int totalPages, double seconds, CancellationToken ct)
+    public static async Task<(double Rate, double MeanBatch)> ThroughputAsync(string url, int threads, int streams, int mms, int totalPages, double seconds, CancellationToken ct)
     {
         using var guest = CliCommands.Connect(url);
         var machine = (await guest.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var clients = new List<UffdClient>();
-        var loops = new List<FaultHandlerLoop>();
+        var loops = new List<Handler>();
         var serving = new List<Task>();
         try
         {
@@ -124,9 +124,9 @@ internal static class Transport
                 {
                     var c = CliCommands.Connect(url);
                     clients.Add(c);
-                    var loop = new FaultHandlerLoop(c, uffd);
+                    var loop = new Handler();
                     loops.Add(loop);
-                    serving.Add(loop.RunAsync(stop.Token));
+                    serving.Add(loop.RunAsync(c, uffd, stop.Token));
                 }
             }
             var total = (long)threads * perThread;
@@ -153,7 +153,7 @@ internal static class Transport
                 }
             }
             var rate = (Handled() - h0) / (clock.Elapsed.TotalSeconds - t0);
-            return rate;
+            return (rate, (double)Handled() / Math.Max(1, loops.Sum(l => l.Batches)));
         }
         finally
         {
@@ -171,6 +171,40 @@ internal static class Transport
             }
             foreach (var c in clients)
                 c.Dispose();
+        }
+    }
+
+    /// <summary>A Serve handler that un-protects every WP fault received since its last request in one request (what <see cref="FaultHandlerLoop"/> does), counting faults and requests.</summary>
+    private sealed class Handler
+    {
+        private long _handled, _batches;
+
+        public long Handled => Interlocked.Read(ref _handled);
+        public long Batches => Interlocked.Read(ref _batches);
+
+        public async Task RunAsync(UffdClient c, long uffd, CancellationToken ct)
+        {
+            await using var session = await c.ServeAsync(uffd, 0, ct).ConfigureAwait(false);
+            var batch = new List<Resolution>();
+            await foreach (var first in session.Messages.ReadAllAsync(ct).ConfigureAwait(false))
+            {
+                batch.Clear();
+                var msgs = first;
+                do
+                {
+                    foreach (var m in msgs)
+                    {
+                        if (m.Pagefault is { } pf)
+                            batch.Add(ServeSession.Unprotect(pf.Address & ~(Page - 1)));
+                    }
+                }
+                while (batch.Count < FaultHandlerLoop.MaxResolutions && session.Messages.TryRead(out msgs));
+                if (batch.Count == 0)
+                    continue;
+                await session.ResolveAsync(batch, ct).ConfigureAwait(false);
+                Interlocked.Add(ref _handled, batch.Count);
+                Interlocked.Increment(ref _batches);
+            }
         }
     }
 

@@ -171,7 +171,7 @@ internal static class BenchSuite
             {
                 section = sec;
                 o.WriteLine();
-                o.WriteLine($"## {sec}");
+                o.WriteLine($"### {sec}");
                 o.WriteLine("| operation | figure | anchor | ratio | target |");
                 o.WriteLine("|---|---:|---:|---:|---:|");
             }
@@ -192,6 +192,8 @@ internal static class BenchSuite
         var inv = CultureInfo.InvariantCulture;
         if (double.IsNaN(v))
             return "-";
+        if (Math.Abs(v) < 0.05)
+            v = 0; // a heap delta a few bytes under zero is noise, not a negative cost
         return unit switch
         {
             "1/s" => v >= 10_000 ? (v / 1000).ToString("F1", inv) + "k/s" : v.ToString("F0", inv) + "/s",

@@ -63,8 +63,13 @@ internal static class BenchSuite
             }
             var model = ModelRows.Measure(rounds);
             const string K = "model in-process vs the kernel (1 GiB populated, 4 KiB pages unless noted)";
-            void Kr(string op, string key, string unit, string target) =>
-                rows.Add((K, new Row(op, model[key], unit, kernel.GetValueOrDefault(key, double.NaN), kernelWhat + Ref(key, unit), target)));
+            void Kr(string op, string key, string unit, string target)
+            {
+                if (kernel.TryGetValue(key, out var k))
+                    rows.Add((K, new Row(op, model[key], unit, k, kernelWhat + (kernel == s_reference ? "" : Ref(key, unit)), target)));
+                else
+                    rows.Add((K, new Row(op, model[key], unit, s_reference.GetValueOrDefault(key, double.NaN), "kernel ref", target)));
+            }
             Kr("UFFDIO_WRITEPROTECT protect", "wp.protect", "ns/page", "<= 0.5");
             Kr("UFFDIO_WRITEPROTECT un-protect", "wp.unprotect", "ns/page", "<= 0.5");
             Kr("UFFDIO_WRITEPROTECT protect, THP", "thp.protect", "ns/PMD", "<= 1");

@@ -417,7 +417,7 @@ public sealed partial class Mm
         var refOne = page.SwapCacheSlot == 0 && !othersMapped && page.Pins == 0;
         if (exclusive || refOne)
         {
-            if ((IsV6 || write) && (vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
+            if ((Kernel.SwapinMapsWritableOnRead || write) && (vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
             {
                 pte = pte.MkWrite();
                 if (write)
@@ -481,7 +481,7 @@ public sealed partial class Mm
     {
         if (!IsV6)
             return page.PreciseMapCount == 1;
-        if (page.Folio is { } folio)
+        if (page.Folio is { } folio && Kernel.ReusesLargeAnonFolio)
         {
             // __wp_can_reuse_large_anon_folio: mapped by this mm only, more than one page mapped, no extra references.
             return folio.LargeMapCount > 1 && !folio.MaybeMappedShared && folio.MmMaps.ContainsKey(this)
@@ -624,6 +624,12 @@ public sealed partial class Mm
         }
         var head = Kernel.PageOf(pmd.Pfn)!;
         var folio = head.Folio!;
+        if (folio.IsHugeZero && !Kernel.HugeZeroWpAllocatesThp)
+        {
+            SplitHugePmd(vma, pmdt, pi, haddr);
+            fallback = true;
+            return FaultResult.Ok;
+        }
         if (folio.IsHugeZero)
         {
             var thp = Kernel.AllocThp(this, (vma.Flags & VmFlags.HugePage) != 0);

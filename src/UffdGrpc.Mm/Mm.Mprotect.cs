@@ -207,7 +207,7 @@ public sealed partial class Mm
         if (!vma.IsShared)
         {
             var page = NormalPage(pte);
-            return page is { IsAnon: true, AnonExclusive: true };
+            return page is { IsAnon: true, AnonExclusive: true } && (Kernel.CleanAnonPteMayBecomeWritable || pte.Dirty);
         }
         return pte.Dirty;
     }
@@ -220,7 +220,7 @@ public sealed partial class Mm
             pmd = pmd.MkUffdWp();
         else if ((cpFlags & CpFlags.UffdWpResolve) != 0)
             pmd = pmd.ClearUffdWp();
-        if (IsV6 && (cpFlags & CpFlags.TryChangeWritable) != 0 && !pmd.Write && (vma.Flags & VmFlags.Write) != 0
+        if (Kernel.PmdTryChangeWritable && (cpFlags & CpFlags.TryChangeWritable) != 0 && !pmd.Write && (vma.Flags & VmFlags.Write) != 0
             && pmd.HwPresent && !Userfaultfd.HugePmdWp(vma, pmd) && !(SoftDirtyEnabled(vma) && !pmd.SoftDirty))
         {
             var head = Kernel.PageOf(pmd.Pfn)!;

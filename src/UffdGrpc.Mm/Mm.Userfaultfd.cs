@@ -80,7 +80,7 @@ public sealed partial class Mm
     internal long UffdWpRange(Vma vma, ulong start, ulong len, bool enableWp)
     {
         var flags = enableWp ? CpFlags.UffdWp : CpFlags.UffdWpResolve;
-        if (!enableWp && IsV6 && WantsManualPteWriteUpgrade(vma))
+        if (!enableWp && Kernel.ResolveTriesChangeWritable && WantsManualPteWriteUpgrade(vma))
             flags |= CpFlags.TryChangeWritable;
         return ChangeProtection(vma, start, start + len, flags);
     }
@@ -88,17 +88,21 @@ public sealed partial class Mm
     /// <summary>
     /// Models mwriteprotect_range: every VMA intersecting the range must be WP-registered
     /// (ENOENT otherwise, after the earlier VMAs were already changed; holes are skipped;
-    /// no VMA at all is ENOENT). v5.7 accepts a single anonymous private VMA only.
+    /// no VMA at all is ENOENT). Before that (<see cref="Kernel.WriteprotectSpansVmas"/>) the
+    /// range must lie in one VMA (find_dst_vma): in 6.1 a WP-registered VMA that
+    /// vma_can_userfault accepts, in v5.7 an anonymous private one.
     /// </summary>
     internal Errno MwriteprotectRange(UserfaultfdCtx ctx, ulong start, ulong len, bool enableWp)
     {
         if (ctx.MmapChanging > 0)
             return Errno.EAGAIN;
         var end = start + len;
-        if (!IsV6)
+        if (!Kernel.WriteprotectSpansVmas)
         {
             var v = FindVma(start);
-            if (v is null || v.Start > start || end > v.End || !v.UserfaultfdWp || !v.IsAnonymous || v.IsShared)
+            if (v is null || v.Start > start || end > v.End || !v.UserfaultfdWp)
+                return Errno.ENOENT;
+            if (IsV6 ? !VmaCanUserfault(v, v.Flags, ctx.WpAsync, isV6: true) : !v.IsAnonymous || v.IsShared)
                 return Errno.ENOENT;
             UffdWpRange(v, start, len, enableWp);
             return Errno.OK;

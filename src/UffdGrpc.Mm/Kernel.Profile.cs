@@ -1,0 +1,132 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>
+/// What each kernel profile has (spec §7). Every behaviour that differs between profiles is a
+/// named property here, with the kernel change that introduced it; the code paths consult
+/// these and never compare profiles themselves. The 6.1 profile is Debian 12's
+/// linux-image 6.1.0-56-amd64 (6.1.192): mainline 6.1 plus the stable backports that the
+/// recorded traces show (tests/conformance/README.md, "Linux 6.1 profile").
+/// </summary>
+public sealed partial class Kernel
+{
+    /// <summary>The seed profile, Linux 5.7: uffd-wp for private anonymous memory only, no MINOR, no markers.</summary>
+    public bool IsV5_7 => Profile == KernelProfile.V5_7;
+
+    /// <summary>The reference profile, Linux 6.18.</summary>
+    public bool IsV6_18 => Profile == KernelProfile.V6_18;
+
+    /// <summary>
+    /// The 6.x uffd machinery that 6.1 already has: MINOR mode and UFFDIO_CONTINUE (5.13),
+    /// MINOR_SHMEM (5.14), uffd-wp on shmem with PTE markers (5.19), the anon-exclusive page
+    /// flag (5.19), fork keeping uffd-wp only in a child VMA that stays registered (5.14),
+    /// UNREGISTER and close resetting uffd-wp, pagemap bit 57 (5.14), MADV_COLLAPSE (6.1),
+    /// mprotect's MM_CP_TRY_CHANGE_WRITABLE (6.0).
+    /// </summary>
+    public bool IsV6 => Profile != KernelProfile.V5_7;
+
+    /// <summary>PAGEMAP_SCAN and UFFD_FEATURE_WP_ASYNC (6.7).</summary>
+    public bool HasPagemapScan => IsV6_18;
+
+    /// <summary>UFFDIO_POISON and UFFD_FEATURE_POISON (6.6). On older kernels the ioctl number is unknown: EINVAL.</summary>
+    public bool HasPoison => IsV6_18;
+
+    /// <summary>UFFDIO_MOVE and UFFD_FEATURE_MOVE (6.8). On older kernels the ioctl number is unknown: EINVAL.</summary>
+    public bool HasMove => IsV6_18;
+
+    /// <summary>UFFDIO_CONTINUE_MODE_WP (6.4); 6.1's userfaultfd_continue accepts DONTWAKE only (EINVAL, field untouched).</summary>
+    public bool HasContinueModeWp => IsV6_18;
+
+    /// <summary>
+    /// UFFDIO_WRITEPROTECT over several VMAs, holes skipped (after 6.1; spec §7 "≈6.3–6.4");
+    /// 6.1's mwriteprotect_range takes find_dst_vma(start, len): one VMA that holds the whole
+    /// range, else ENOENT.
+    /// </summary>
+    public bool WriteprotectSpansVmas => IsV6_18;
+
+    /// <summary>
+    /// uffd_wp_range resolving with MM_CP_TRY_CHANGE_WRITABLE (6.3, spec §4.3); 6.1's
+    /// uffd_wp_range passes vm_get_page_prot(vm_flags) and MM_CP_UFFD_WP_RESOLVE only.
+    /// </summary>
+    public bool ResolveTriesChangeWritable => IsV6_18;
+
+    /// <summary>
+    /// mremap without EVENT_REMAP clears uffd-wp from the moved range (6.13, spec §7); 6.1's
+    /// move_page_tables moves the bits along.
+    /// </summary>
+    public bool MremapClearsUffdWp => IsV6_18;
+
+    /// <summary>
+    /// mprotect_fixup drops VM_ACCOUNT when an anonymous VMA without anon_vma becomes
+    /// read-only (6.18 has it); 6.1's mprotect_fixup "cannot reduce our commit if we make it
+    /// unwritable again" and keeps VM_ACCOUNT.
+    /// </summary>
+    public bool MprotectDropsAccount => IsV6_18;
+
+    /// <summary>
+    /// do_swap_page maps an exclusive swapped-in page writable on a read fault too (6.18);
+    /// 6.1's do_swap_page does so only for a write fault (maybe_mkwrite under FAULT_FLAG_WRITE).
+    /// </summary>
+    public bool SwapinMapsWritableOnRead => IsV6_18;
+
+    /// <summary>
+    /// change_huge_pmd honours MM_CP_TRY_CHANGE_WRITABLE (can_change_pmd_writable, 6.18); 6.1's
+    /// change_huge_pmd leaves the write bit to the fault handler.
+    /// </summary>
+    public bool PmdTryChangeWritable => IsV6_18;
+
+    /// <summary>
+    /// can_change_pte_writable accepts a clean exclusive anon PTE (6.18); 6.1's requires
+    /// pte_dirty for every mapping.
+    /// </summary>
+    public bool CleanAnonPteMayBecomeWritable => IsV6_18;
+
+    /// <summary>
+    /// A write fault on the huge zero PMD allocates a THP (do_huge_zero_wp_pmd, 6.18); 6.1's
+    /// do_huge_pmd_wp_page splits the PMD and falls back to PTEs ("goto fallback").
+    /// </summary>
+    public bool HugeZeroWpAllocatesThp => IsV6_18;
+
+    /// <summary>
+    /// do_wp_page reuses a large anon folio mapped only by this mm
+    /// (__wp_can_reuse_large_anon_folio, 6.18); 6.1's do_wp_page copies whenever the folio
+    /// has more references than this mapping and the swap cache.
+    /// </summary>
+    public bool ReusesLargeAnonFolio => IsV6_18;
+
+    /// <summary>
+    /// UFFDIO_UNREGISTER refuses a VMA registered on another context (EINVAL, 6.18); 6.1's
+    /// userfaultfd_unregister only checks vma_can_userfault, so one uffd can unregister (and
+    /// wake, through the VMA's own context) another's range. The v5.7 profile keeps the check.
+    /// </summary>
+    public bool UnregisterChecksOwner => Profile != KernelProfile.V6_1;
+
+    /// <summary>UFFDIO_API features of the profile (UFFD_API_FEATURES).</summary>
+    public static UffdFeatures ApiFeatures(KernelProfile profile) => profile switch
+    {
+        KernelProfile.V6_18 => (UffdFeatures)0x1ffff,
+        KernelProfile.V6_1 => (UffdFeatures)0x1fff,
+        _ => (UffdFeatures)0x1ff,
+    };
+
+    /// <summary>UFFD_API_RANGE_IOCTLS of the profile (non-hugetlb), before REGISTER masks WRITEPROTECT and CONTINUE.</summary>
+    internal ulong RangeIoctls => Profile switch
+    {
+        KernelProfile.V6_18 => Uapi.RangeIoctls,
+        KernelProfile.V6_1 => Uapi.RangeIoctlsV61,
+        _ => Uapi.RangeIoctlsV57,
+    };
+
+    /// <summary>
+    /// The machine settings a profile starts with: the reference machine's for 6.18 and 5.7;
+    /// for 6.1 Debian's build, which has CONFIG_MEM_SOFT_DIRTY=y and CONFIG_MEMORY_FAILURE=y.
+    /// </summary>
+    public static MachineConfig DefaultConfig(KernelProfile profile) =>
+        profile == KernelProfile.V6_1 ? new MachineConfig { SoftDirty = true, MemoryFailure = true } : new MachineConfig();
+
+    /// <summary>
+    /// Whether CONFIG_MEM_SOFT_DIRTY and CONFIG_MEMORY_FAILURE are fixed by the profile: the
+    /// 6.1 profile is one distribution build (Debian 12), so they are built in and cannot be
+    /// turned off; the 6.18 and 5.7 profiles leave them to the machine settings.
+    /// </summary>
+    public static bool ConfigIsBuiltIn(KernelProfile profile) => profile == KernelProfile.V6_1;
+}

@@ -50,10 +50,10 @@ public sealed partial class Kernel
     public bool ResolveTriesChangeWritable => IsV6_18;
 
     /// <summary>
-    /// mremap without EVENT_REMAP clears uffd-wp from the moved range (6.13, spec §7); 6.1's
-    /// move_page_tables moves the bits along.
+    /// mremap without EVENT_REMAP clears uffd-wp from the moved range (6.13, spec §7; Debian's
+    /// 6.1.192 carries the stable backport: move_ptes checks vma_has_uffd_without_event_remap).
     /// </summary>
-    public bool MremapClearsUffdWp => IsV6_18;
+    public bool MremapClearsUffdWp => IsV6;
 
     /// <summary>
     /// mprotect_fixup drops VM_ACCOUNT when an anonymous VMA without anon_vma becomes
@@ -99,6 +99,78 @@ public sealed partial class Kernel
     /// wake, through the VMA's own context) another's range. The v5.7 profile keeps the check.
     /// </summary>
     public bool UnregisterChecksOwner => Profile != KernelProfile.V6_1;
+
+    /// <summary>
+    /// madvise_collapse_errno maps SCAN_EXCEED_NONE_PTE (an empty slot in a uffd-armed VMA) to
+    /// EBUSY (6.18); 6.1's maps it, like every result but allocation, cgroup and transient
+    /// ones, to EINVAL.
+    /// </summary>
+    public bool CollapseNonePteIsEbusy => IsV6_18;
+
+    /// <summary>
+    /// MADV_COLLAPSE of anon memory fails with SCAN_PAGE_RO (EINVAL) when no PTE of the range is
+    /// writable: 6.1's hpage_collapse_scan_pmd checks "writable" for every caller; 6.18 only
+    /// for khugepaged.
+    /// </summary>
+    public bool CollapseNeedsWritablePte => Profile == KernelProfile.V6_1;
+
+    /// <summary>
+    /// collapse_file refuses to fill holes of a range that some VMA has MISSING-registered
+    /// (SCAN_EXCEED_NONE_PTE, 6.18); 6.1's collapse_file has no userfaultfd check and
+    /// zero-fills them.
+    /// </summary>
+    public bool CollapseFileChecksMissingHoles => IsV6_18;
+
+    /// <summary>
+    /// Splitting an anon THP maps its zero-filled subpages to the shared zero page
+    /// (RMP_USE_SHARED_ZEROPAGE in remap_page, 6.12); 6.1's split_huge_page keeps every
+    /// subpage mapped as it is.
+    /// </summary>
+    public bool SplitMapsZeroFilledToZeroPage => IsV6_18;
+
+    /// <summary>
+    /// MADV_FREE leaves a PTE-mapped large folio that lies wholly in the range whole and
+    /// skips a shared one (6.18); 6.1's madvise_free_pte_range splits every exclusive large
+    /// folio it meets and stops the PMD's walk at a shared one ("folio_estimated_sharers != 1").
+    /// </summary>
+    public bool FreeKeepsWholeLargeFolio => IsV6_18;
+
+    /// <summary>
+    /// CONFIG_PT_RECLAIM (6.14): MADV_DONTNEED of a whole PMD range frees its emptied PTE
+    /// table. 6.1 keeps the table, so a later read fault there cannot map a huge PMD.
+    /// </summary>
+    public bool HasPtReclaim => IsV6_18;
+
+    /// <summary>
+    /// smaps counts a PROT_NONE huge PMD (6.18); 6.1's smaps_pmd_entry looks the page up with
+    /// follow_trans_huge_pmd(FOLL_DUMP), which returns NULL for pmd_protnone without
+    /// FOLL_FORCE (gup_can_follow_protnone), so such a PMD adds nothing.
+    /// </summary>
+    public bool SmapsCountsProtnonePmd => IsV6_18;
+
+    /// <summary>
+    /// The 6.1 readahead path with order-0 folios (mm/readahead.c): read-around marks the
+    /// folio at nr_to_read - async_size with PG_readahead, fault-around skips marked folios,
+    /// and a fault on a marked folio starts the next (async) window. The 6.18 profile reads
+    /// around without a marker, which its goldens bear out.
+    /// </summary>
+    public bool ReadaheadMarksFolios => Profile == KernelProfile.V6_1;
+
+    /// <summary>
+    /// A fill locks its VMA with uffd_mfill_lock, which prepares a private VMA's anon_vma
+    /// before the registration checks (6.18); 6.1's __mcopy_atomic checks mmap_changing, then
+    /// find_dst_vma (one registered VMA holding the range, else ENOENT) and the mode and VMA
+    /// kind, and only then calls anon_vma_prepare.
+    /// </summary>
+    public bool FillPreparesAnonVmaFirst => IsV6_18;
+
+    /// <summary>
+    /// userfaultfd_register and userfaultfd_unregister pass the VMA's own vm_pgoff to
+    /// vma_merge also when the range starts inside the VMA (6.1); the pgoff then does not
+    /// match the piece, so a piece that starts inside its VMA merges with no neighbour. 6.18
+    /// computes the piece's pgoff.
+    /// </summary>
+    public bool UffdMergeUsesVmaPgoff => Profile == KernelProfile.V6_1;
 
     /// <summary>UFFDIO_API features of the profile (UFFD_API_FEATURES).</summary>
     public static UffdFeatures ApiFeatures(KernelProfile profile) => profile switch

@@ -196,7 +196,10 @@ public class K61ServerModeSuite(TestServerFixture server, ITestOutputHelper outp
                 differ.Add($"DIFFER {p}: in-process vs gRPC: {d}");
             return overGrpc;
         });
-        var text = report + string.Concat(differ.Select(d => d + "\n"));
+        // The summary stays the last line: "...; N differ from in-process".
+        var body = report.TrimEnd('\n');
+        var cut = body.LastIndexOf('\n') + 1;
+        var text = body[..cut] + string.Concat(differ.Select(d => d + "\n")) + body[cut..] + $"; {differ.Count} differ from in-process\n";
         output.WriteLine(text);
         await K61Goldens.WriteArtifactAsync("conformance-k61-server-report.txt", text);
         Assert.True(pass > 0, "no 6.1 golden ran");

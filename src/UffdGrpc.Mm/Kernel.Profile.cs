@@ -172,6 +172,22 @@ public sealed partial class Kernel
     /// </summary>
     public bool UffdMergeUsesVmaPgoff => Profile == KernelProfile.V6_1;
 
+    /// <summary>
+    /// userfaultfd_copy checks the source with validate_unaligned_range (6.18); 5.7's and
+    /// 6.1's only refuse a source range that wraps ("double check for wraparound").
+    /// </summary>
+    public bool CopyValidatesSourceRange => IsV6_18;
+
+    /// <summary>
+    /// A fill ioctl that sees mmap_changing at its entry stores -EAGAIN in the result field
+    /// (put_user before "goto out", 6.18); 5.7's and 6.1's userfaultfd_copy, _zeropage and
+    /// _continue return -EAGAIN before reading the struct, so the field stays untouched.
+    /// </summary>
+    public bool FillEagainWritesField => IsV6_18;
+
+    /// <summary>UFFD_USER_MODE_ONLY (5.11).</summary>
+    public bool HasUserModeOnly => IsV6;
+
     /// <summary>UFFDIO_API features of the profile (UFFD_API_FEATURES).</summary>
     public static UffdFeatures ApiFeatures(KernelProfile profile) => profile switch
     {

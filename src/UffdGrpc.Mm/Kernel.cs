@@ -183,7 +183,7 @@ public sealed partial class Kernel
         ctx = null;
         if ((flags & ~(Uapi.OCloexec | Uapi.ONonblock | Uapi.UffdUserModeOnly)) != 0)
             return Errno.EINVAL;
-        if ((flags & Uapi.UffdUserModeOnly) != 0 && Profile == KernelProfile.V5_7)
+        if ((flags & Uapi.UffdUserModeOnly) != 0 && !HasUserModeOnly)
             return Errno.EINVAL;
         ctx = new UserfaultfdCtx(mm, _nextCtxId++, (flags & Uapi.ONonblock) != 0, (flags & Uapi.UffdUserModeOnly) != 0);
         _ctxs.Add(ctx);

@@ -224,12 +224,10 @@ public sealed partial class UserfaultfdCtx
         Kernel.InjectPoint(Mm);
         if (MmapChangingSeen(dst))
             return EarlyEagain();
-        // 6.18 checks the source with validate_unaligned_range; 6.1's userfaultfd_copy only
-        // refuses a source range that wraps ("double check for wraparound").
-        var r = Kernel.IsV6_18 ? ValidateRange(srcAddr, len, allowUnaligned: true) : Errno.OK;
+        var r = Kernel.CopyValidatesSourceRange ? ValidateRange(srcAddr, len, allowUnaligned: true) : Errno.OK;
         if (r == Errno.OK)
             r = ValidateRange(dst, len);
-        if (r == Errno.OK && !Kernel.IsV6_18 && srcAddr + len <= srcAddr)
+        if (r == Errno.OK && !Kernel.CopyValidatesSourceRange && srcAddr + len <= srcAddr)
             r = Errno.EINVAL;
         if (r != Errno.OK)
             return FillResult.Untouched(r);
@@ -243,13 +241,9 @@ public sealed partial class UserfaultfdCtx
         return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
     }
 
-    /// <summary>
-    /// The ioctl's early mmap_changing check: 6.18 stores -EAGAIN in the result field
-    /// (put_user before "goto out"); 6.1's userfaultfd_copy/zeropage/continue return -EAGAIN
-    /// before reading the struct, so the field stays untouched.
-    /// </summary>
+    /// <summary>The ioctl's early mmap_changing check (<see cref="Kernel.FillEagainWritesField"/>).</summary>
     private FillResult EarlyEagain() =>
-        Kernel.IsV6_18 ? new(Errno.EAGAIN, -(long)Errno.EAGAIN) : FillResult.Untouched(Errno.EAGAIN);
+        Kernel.FillEagainWritesField ? new(Errno.EAGAIN, -(long)Errno.EAGAIN) : FillResult.Untouched(Errno.EAGAIN);
 
     /// <summary>
     /// The common entry checks of the fill ioctls, in the kernel's order: state, an ioctl

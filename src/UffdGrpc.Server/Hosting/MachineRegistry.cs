@@ -47,6 +47,9 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     /// <summary>Every live machine, whoever owns it (persistence, shutdown).</summary>
     internal IEnumerable<MachineHost> AllMachines() => _machines.Values.OrderBy(m => m.Id);
 
+    /// <summary>Raised for each machine created (before any call can reach it): the metrics subscribe to its kernel's events here.</summary>
+    public event Action<MachineHost>? MachineCreated;
+
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
@@ -60,6 +63,7 @@ public sealed class MachineRegistry(Security.Quotas quotas)
         // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
         // runs from the thread pool, so other calls on the machine get in between.
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
+        MachineCreated?.Invoke(host);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
         return host;

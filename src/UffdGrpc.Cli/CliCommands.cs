@@ -32,6 +32,7 @@ public static class CliCommands
         root.Subcommands.Add(BenchCommand.Build());
         root.Subcommands.Add(BuildBenchModel());
         root.Subcommands.Add(ExploreCommand.Build());
+        root.Subcommands.Add(HealthCommand.Build());
         return root;
     }
 

@@ -18,6 +18,10 @@ public sealed class TestServerFixture : WebApplicationFactory<Program>
         MaxReceiveMessageSize = 64 << 20,
     });
 
+    /// <summary>The test output shows the server's warnings and errors only, not its Information lines.</summary>
+    protected override void ConfigureWebHost(Microsoft.AspNetCore.Hosting.IWebHostBuilder builder) =>
+        builder.ConfigureLogging(l => l.ClearProviders().AddConsole().AddFilter<Microsoft.Extensions.Logging.Console.ConsoleLoggerProvider>((_, level) => level >= Microsoft.Extensions.Logging.LogLevel.Warning));
+
     protected override void Dispose(bool disposing)
     {
         _channel?.Dispose();

@@ -1,5 +1,3 @@
-using UffdGrpc.Client;
-
 namespace UffdGrpc.Testing.Tests;
 
 // The README's example test, verbatim: a user's handler under test against the in-process server.

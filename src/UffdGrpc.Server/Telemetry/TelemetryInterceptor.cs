@@ -89,14 +89,19 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
         _ => StatusCode.Internal,
     };
 
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<string, (string Name, string Service, string Method)> s_names = new(StringComparer.Ordinal);
+
+    /// <summary>"/uffd.v1.MmService/Mmap" → ("uffd.v1.MmService/Mmap", "uffd.v1.MmService", "Mmap"), once per method.</summary>
+    private static (string, string, string) Split(string full)
+    {
+        var slash = full.LastIndexOf('/');
+        return (full.TrimStart('/'), full[1..slash], full[(slash + 1)..]);
+    }
+
     private Call Begin(ServerCallContext context, object? request, bool stream)
     {
-        // "/uffd.v1.MmService/Mmap" → service "uffd.v1.MmService", method "Mmap".
-        var full = context.Method;
-        var slash = full.LastIndexOf('/');
-        var service = full[1..slash];
-        var method = full[(slash + 1)..];
-        var activity = Source.StartActivity(full.TrimStart('/'), ActivityKind.Server);
+        var (name, service, method) = s_names.GetOrAdd(context.Method, Split);
+        var activity = Source.StartActivity(name, ActivityKind.Server);
         if (activity is { IsAllDataRequested: true })
         {
             activity.SetTag("rpc.system", "grpc");

@@ -60,4 +60,21 @@ public sealed class ConfigurationTests
         Assert.Equal(KernelProfile.V57, unspecified.Profile);
         Assert.Equal(KernelProfile.V618, explicitly.Profile);
     }
+
+    [Fact]
+    public async Task Metrics_ListenUrl_adds_an_http1_scrape_endpoint_beside_the_h2c_grpc_endpoint()
+    {
+        await using var server = await ServerProcess.StartAsync(new Dictionary<string, string> { ["Metrics__ListenUrl"] = "http://127.0.0.1:0" });
+        using var c = new UffdClient(server.Address);
+        await c.CreateMachineAsync();
+        await EventuallyAsync(() => Task.FromResult(server.Listening.Count == 2), "both endpoints listen");
+        var scrape = server.Listening.Single(a => a != server.Address);
+
+        using var http = new HttpClient { DefaultRequestVersion = System.Net.HttpVersion.Version11, DefaultVersionPolicy = HttpVersionPolicy.RequestVersionExact };
+        var r = await http.GetAsync(new Uri(scrape + "/metrics"));
+        var text = new PrometheusText(await r.Content.ReadAsStringAsync());
+
+        Assert.Equal(System.Net.HttpVersion.Version11, r.Version);
+        Assert.Equal(1, text.Sum("uffdgrpc_rpc_calls_total", ("rpc_method", "CreateMachine"), ("rpc_grpc_status", "OK")));
+    }
 }

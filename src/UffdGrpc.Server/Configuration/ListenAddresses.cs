@@ -68,10 +68,7 @@ internal static class ListenAddresses
                 : [UffdDefaults.Address];
             for (var i = 0; i < grpc.Length; i++)
                 extra[$"Kestrel:Endpoints:Grpc{i}:Url"] = grpc[i];
-            // Kestrel logs that these override `urls` when both are set: they are the same addresses.
-            builder.WebHost.UseSetting("urls", null);
-            builder.WebHost.UseSetting("http_ports", null);
-            builder.WebHost.UseSetting("https_ports", null);
+            // Kestrel then warns that these override `urls`: they are the same addresses.
         }
         c.AddInMemoryCollection(extra);
     }

@@ -30,9 +30,11 @@ public static class CliCommands
         root.Subcommands.Add(DemoCommand.Build());
         root.Subcommands.Add(DemoCommand.BuildHandler());
         root.Subcommands.Add(BenchCommand.Build());
+        root.Subcommands.Add(BenchCommand.BuildFloor());
         root.Subcommands.Add(BuildBenchModel());
         root.Subcommands.Add(ExploreCommand.Build());
         root.Subcommands.Add(HealthCommand.Build());
+        root.Subcommands.Add(SessionCommand.Build());
         return root;
     }
 

@@ -14,13 +14,13 @@ public static class ExploreCommand
 {
     public static Command Build()
     {
-        var file = new Argument<string?>("scenario") { Description = "Scenario script (.scn)", Arity = ArgumentArity.ZeroOrOne };
+        var file = new Argument<string?>("scenario") { Description = "Scenario script (.scn), or a session journal (.journal, from session export)", Arity = ArgumentArity.ZeroOrOne };
         var seeds = new Option<int>("--seeds") { Description = "How many schedule seeds to run", DefaultValueFactory = _ => 100 };
         var first = new Option<ulong>("--first-seed") { Description = "The first seed", DefaultValueFactory = _ => 1 };
         var workload = new Option<string?>("--workload") { Description = "A built-in workload instead of a scenario: dirty-two-calls or dirty-wp-matching" };
         var expect = new Option<string?>("--expect")
         {
-            Description = "Property every seed must keep: 'golden' (a scenario's trace equals its .out), 'absent:TEXT' / 'present:TEXT' (a trace line), 'no-lost-writes' (the dirty-tracking workloads)",
+            Description = "Property every seed must keep: 'golden' (a scenario's trace equals its .out), 'absent:TEXT' / 'present:TEXT' (a trace line), 'no-lost-writes' (the dirty-tracking workloads), 'same-state' (a journal: every seed ends in the journal's state)",
         };
         var cmd = new Command("explore", "Run a workload under many schedule seeds and report each distinct outcome with the seeds that produce it.") { file, seeds, first, workload, expect };
         cmd.SetAction(async (parse, ct) =>
@@ -35,6 +35,8 @@ public static class ExploreCommand
                 await Console.Error.WriteLineAsync("explore: give a scenario or --workload, and --seeds of at least 1").ConfigureAwait(false);
                 return 2;
             }
+            if (path is not null && path.EndsWith(".journal", StringComparison.Ordinal))
+                return await SessionCommand.ExploreAsync(path, s0, n, exp).ConfigureAwait(false);
             IReadOnlyList<ExploreOutcome> outcomes;
             string replay;
             if (w is not null)

@@ -3,9 +3,10 @@ using UffdGrpc.Contracts.V1;
 namespace UffdGrpc.Client;
 
 /// <summary>
-/// A remote userfaultfd handler on the batched <c>Serve</c> stream: each batch of messages
-/// the server reads for it becomes one request of resolutions, built by a callback per page
-/// fault (default: un-protect a WP fault, zero-fill a missing one, continue a minor one).
+/// A remote userfaultfd handler on the batched <c>Serve</c> stream: the batches of messages
+/// the server read for it since its last request become one request of resolutions, built
+/// by a callback per page fault (default: un-protect a WP fault, zero-fill a missing one,
+/// continue a minor one).
 /// </summary>
 /// <example>
 /// <code>
@@ -30,6 +31,9 @@ public sealed class FaultHandlerLoop(UffdClient client, long uffdId)
     /// <summary>Most messages per batch the server sends (0: its default, 64).</summary>
     public uint MaxMessages { get; init; }
 
+    /// <summary>The most resolutions sent in one request (batches already received are merged up to this).</summary>
+    public const int MaxResolutions = 1024;
+
     /// <summary>Page faults resolved so far.</summary>
     public long Handled => Interlocked.Read(ref _handled);
 
@@ -40,15 +44,24 @@ public sealed class FaultHandlerLoop(UffdClient client, long uffdId)
     {
         await using var session = await client.ServeAsync(uffdId, MaxMessages, ct).ConfigureAwait(false);
         var batch = new List<Resolution>();
-        await foreach (var msgs in session.Messages.ReadAllAsync(ct).ConfigureAwait(false))
+        await foreach (var first in session.Messages.ReadAllAsync(ct).ConfigureAwait(false))
         {
             batch.Clear();
-            foreach (var msg in msgs)
+            // Every batch that arrived while the last request was out joins this one: the
+            // server sends messages as they are queued, so without this a busy stream
+            // settles at one fault per request (each resolution wakes one thread, whose
+            // next fault is sent alone) and one round trip per fault.
+            var msgs = first;
+            do
             {
-                OnMessage?.Invoke(msg);
-                if (msg.Pagefault is { } pf && (OnPagefault ?? Default)(pf) is { } r)
-                    batch.Add(r);
+                foreach (var msg in msgs)
+                {
+                    OnMessage?.Invoke(msg);
+                    if (msg.Pagefault is { } pf && (OnPagefault ?? Default)(pf) is { } r)
+                        batch.Add(r);
+                }
             }
+            while (batch.Count < MaxResolutions && session.Messages.TryRead(out msgs));
             if (batch.Count == 0)
                 continue;
             foreach (var res in await session.ResolveAsync(batch, ct).ConfigureAwait(false))

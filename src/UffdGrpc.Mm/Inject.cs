@@ -43,6 +43,8 @@ public enum InjectSite
     Reclaim = 22,
     /// <summary>Page migration (migrate_pages): a new PFN, the same contents, uffd-wp and soft-dirty kept.</summary>
     Migrate = 23,
+    /// <summary>A hardware memory error in a present anonymous page (memory_failure): the next access gets SIGBUS BUS_MCEERR_AR.</summary>
+    HwPoison = 24,
     /// <summary>A long-term pin (FOLL_LONGTERM, as vfio or io_uring hold) of the present pages of the range.</summary>
     LongtermPin = 25,
 

@@ -265,7 +265,7 @@ public sealed partial class Kernel
         var leaks = new List<ulong>();
         foreach (var p in _frames)
         {
-            if (p is null || p.IsZeroPage)
+            if (p is null || p.IsZeroPage || p.HwPoison)
                 continue;
             if (reachable.Contains(p) || (p.Folio is { } f && liveFolios.Contains(f)))
                 continue;

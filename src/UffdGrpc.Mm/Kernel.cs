@@ -310,7 +310,7 @@ public sealed partial class Kernel
     /// <summary>Frees <paramref name="page"/> once nothing maps or caches it.</summary>
     internal void MaybeFree(Page page)
     {
-        if (page.IsZeroPage || page.PreciseMapCount > 0 || page.Pins > 0)
+        if (page.IsZeroPage || page.PreciseMapCount > 0 || page.Pins > 0 || page.HwPoison)
             return;
         if (page.SwapCacheSlot != 0)
         {

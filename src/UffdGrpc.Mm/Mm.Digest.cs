@@ -187,7 +187,7 @@ public sealed partial class Mm
             data = slot.Cache is { } cached ? cached.Data : slot.Data;
             return PageContentState.Swapped;
         }
-        if (pte.IsPoisonMarker)
+        if (pte.IsPoisonMarker || pte.IsHwpoison)
             return PageContentState.Poisoned;
         if (pte.IsGuardMarker)
             return PageContentState.Guard;

@@ -120,6 +120,9 @@ public sealed partial class Mm
         {
             if (pte.IsMarker)
                 return HandlePteMarker(t, vma, table, addr, write, origin);
+            // do_swap_page: a hwpoison entry is VM_FAULT_HWPOISON before anything else (uffd-wp included).
+            if (pte.IsHwpoison)
+                return FaultResult.HwPoison;
             return DoSwapPage(t, vma, table, addr, write, origin);
         }
         if (write)

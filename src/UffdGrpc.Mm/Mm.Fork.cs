@@ -143,7 +143,7 @@ public sealed partial class Mm
         return pte;
     }
 
-    /// <summary>copy_nonpresent_pte: swap entries are shared; markers copied per copy_pte_marker.</summary>
+    /// <summary>copy_nonpresent_pte: swap entries are shared; markers copied per copy_pte_marker; hwpoison entries copied.</summary>
     private Pte CopyNonpresentPte(PteTable table, int i, Pte pte, bool childWp)
     {
         if (pte.IsSwap)
@@ -156,6 +156,9 @@ public sealed partial class Mm
             }
             return childWp ? pte : pte.SwpClearUffdWp();
         }
+        // Other non-swap entries (hwpoison) are copied as they are, uffd-wp only for a uffd-wp child.
+        if (pte.IsHwpoison)
+            return childWp ? pte : pte.SwpClearUffdWp();
         var marker = pte.MarkerBits & (PteMarker.Poisoned | PteMarker.Guard);
         if ((pte.MarkerBits & PteMarker.UffdWp) != 0 && childWp)
             marker |= PteMarker.UffdWp;

@@ -53,6 +53,8 @@ public sealed partial class Mm
                         continue;
                     if (site == InjectSite.Migrate && !Migratable(p))
                         continue;
+                    if (site == InjectSite.HwPoison && !MemoryFailureHandles(v, p))
+                        continue;
                     list.Add(a);
                 }
             }
@@ -92,6 +94,8 @@ public sealed partial class Mm
                 return MigratePage(vma, addr) is { } pfns ? pfns : null;
             case InjectSite.LongtermPin:
                 return LongtermPin(addr, rule) ? "pin_user_pages FOLL_LONGTERM" : null;
+            case InjectSite.HwPoison:
+                return MemoryFailure(vma, addr);
             default:
                 return null;
         }
@@ -180,6 +184,42 @@ public sealed partial class Mm
             page.Mapping = null;
         Kernel.MaybeFree(page);
         return $"pfn {page.Pfn:x} -> {np.Pfn:x}";
+    }
+
+    /// <summary>
+    /// The pages the model's memory_failure handles: a machine with CONFIG_MEMORY_FAILURE, a
+    /// small anonymous page of a private anonymous VMA mapped by this one PTE and not in the
+    /// swap cache (shared, THP, shmem and file pages are not injected).
+    /// </summary>
+    private bool MemoryFailureHandles(Vma vma, Page p) =>
+        Kernel.Config.MemoryFailure && vma.IsAnonymous && p.IsAnon && p.Folio is null && p.MapCount == 1 && p.SwapCacheSlot == 0 && !p.HwPoison;
+
+    /// <summary>
+    /// Models memory_failure (mm/memory-failure.c) of the frame mapped at <paramref name="addr"/>,
+    /// as an asynchronous hardware error reports it (no MF_ACTION_REQUIRED; with the default
+    /// late kill no process is signalled now): the frame gets PG_hwpoison and is never freed
+    /// or reused; hwpoison_user_mappings runs try_to_unmap with TTU_HWPOISON, and
+    /// try_to_unmap_one replaces the PTE by a hwpoison entry (make_hwpoison_entry: no
+    /// uffd-wp, soft-dirty or exclusive bit survives). The next access faults with
+    /// VM_FAULT_HWPOISON (do_swap_page): SIGBUS BUS_MCEERR_AR, EFAULT for a kernel access.
+    /// Returns "pfn N", or null when the page is not one the model handles.
+    /// </summary>
+    private string? MemoryFailure(Vma vma, ulong addr)
+    {
+        var table = PageTable.PteTableOf(addr);
+        if (table is null)
+            return null;
+        var i = PageTable.PteIndex(addr);
+        var pte = table.Entries[i];
+        if (!pte.Present || NormalPage(pte) is not { IsZeroPage: false } page || !MemoryFailureHandles(vma, page))
+            return null;
+        page.HwPoison = true;
+        if (pte.Dirty)
+            page.Dirty = true;
+        table.Entries[i] = Pte.HwpoisonEntry(page.Pfn);
+        page.AnonExclusive = false;
+        RemoveRmap(page);
+        return $"memory_failure pfn {page.Pfn:x}";
     }
 
     /// <summary>

@@ -231,7 +231,8 @@ public sealed partial class Mm
                 return;
             if (pte.IsGuardMarker && !details.DropMarkers)
                 return;
-            if (!vma.IsAnonymous && !details.DropMarkers && pte.IsPoisonMarker && !details.EvenCows)
+            // is_hwpoison_entry || is_poisoned_swp_entry: kept unless should_zap_cows.
+            if (!vma.IsAnonymous && !details.DropMarkers && (pte.IsPoisonMarker || pte.IsHwpoison) && !details.EvenCows)
                 return;
             table.Entries[i] = Pte.None;
         }

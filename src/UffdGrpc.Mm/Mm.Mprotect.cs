@@ -165,7 +165,7 @@ public sealed partial class Mm
                 slot = pte;
                 pages++;
             }
-            else if (old.IsSwap)
+            else if (old.IsSwap || old.IsHwpoison)
             {
                 if (uffdWp)
                     slot = old.SwpMkUffdWp();

@@ -105,7 +105,7 @@ public sealed partial class Mm
                 if (clearWp)
                     pte = pte.ClearUffdWp();
             }
-            else if (pte.IsSwap)
+            else if (pte.IsSwap || pte.IsHwpoison)
             {
                 pte = pte.SwpMkSoftDirty();
                 if (clearWp)

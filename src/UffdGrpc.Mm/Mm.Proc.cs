@@ -84,6 +84,12 @@ public sealed partial class Mm
             flags |= Uapi.PmSwap;
             if (pte.IsSwap)
                 flags |= pte.SwapSlot << 5;
+            else if (pte.IsHwpoison)
+            {
+                // A pfn swap entry: swp_type | swp_offset_pfn << MAX_SWAPFILES_SHIFT, and its page.
+                flags |= PteBits.SwpTypeHwpoison | (pte.SwapSlot << 5);
+                page = Kernel.PageOf(pte.SwapSlot);
+            }
         }
         if (page is not null)
         {
@@ -107,6 +113,8 @@ public sealed partial class Mm
             u |= 1UL << Uapi.KpfZeroPage;
         if (page.Folio is not null)
             u |= 1UL << Uapi.KpfThp;
+        if (page.HwPoison)
+            u |= 1UL << Uapi.KpfHwpoison;
         return u;
     }
 

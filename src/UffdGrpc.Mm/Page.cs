@@ -42,6 +42,8 @@ public sealed class Page
     public bool Dirty { get; internal set; }
     /// <summary>MADV_FREE marked this anon page lazily freeable (folio_mark_lazyfree).</summary>
     public bool LazyFree { get; internal set; }
+    /// <summary>PG_hwpoison: memory_failure took the frame out of use for good (it is never freed or reused).</summary>
+    public bool HwPoison { get; internal set; }
     /// <summary>The swap slot whose swap cache holds this page (0: not in the swap cache).</summary>
     internal ulong SwapCacheSlot;
 

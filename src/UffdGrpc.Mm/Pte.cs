@@ -52,6 +52,8 @@ public static class PteBits
     public const ulong SwpOffsetMask = (1UL << 49) - 1;
     /// <summary>Swap type used for PTE markers (SWP_PTE_MARKER).</summary>
     public const ulong SwpTypeMarker = 31;
+    /// <summary>Swap type of hwpoison entries (SWP_HWPOISON = MAX_SWAPFILES = 32 - 3 device - 3 migration - 1 hwpoison - 1 marker).</summary>
+    public const ulong SwpTypeHwpoison = 24;
 }
 
 /// <summary>PTE marker bits (include/linux/swapops.h).</summary>
@@ -80,6 +82,10 @@ public readonly record struct Pte(ulong Value)
     /// <summary>Models swp_entry_to_pte(swp_entry(type 0, offset)).</summary>
     public static Pte SwapEntry(ulong slot) => new((slot & PteBits.SwpOffsetMask) << PteBits.SwpOffsetShift);
 
+    /// <summary>Models swp_entry_to_pte(make_hwpoison_entry(page)): type SWP_HWPOISON, offset the pfn.</summary>
+    public static Pte HwpoisonEntry(ulong pfn) =>
+        new((PteBits.SwpTypeHwpoison << PteBits.SwpTypeShift) | ((pfn & PteBits.SwpOffsetMask) << PteBits.SwpOffsetShift));
+
     /// <summary>Models make_pte_marker().</summary>
     public static Pte Marker(PteMarker marker) =>
         new((PteBits.SwpTypeMarker << PteBits.SwpTypeShift) | (((ulong)marker & PteBits.SwpOffsetMask) << PteBits.SwpOffsetShift));
@@ -92,8 +98,10 @@ public readonly record struct Pte(ulong Value)
     /// <summary>A swap-like (non-present, non-none) entry: swap entry or PTE marker.</summary>
     public bool IsSwapLike => Value != 0 && !Present;
     public bool IsMarker => IsSwapLike && (Value >> PteBits.SwpTypeShift) == PteBits.SwpTypeMarker;
-    /// <summary>A real swap entry (not a marker).</summary>
-    public bool IsSwap => IsSwapLike && !IsMarker;
+    /// <summary>is_hwpoison_entry: memory_failure replaced the mapping of a poisoned page (the offset is its pfn).</summary>
+    public bool IsHwpoison => IsSwapLike && (Value >> PteBits.SwpTypeShift) == PteBits.SwpTypeHwpoison;
+    /// <summary>A real swap entry (not a marker, not a hwpoison entry).</summary>
+    public bool IsSwap => IsSwapLike && !IsMarker && !IsHwpoison;
     public PteMarker MarkerBits => IsMarker ? (PteMarker)((Value >> PteBits.SwpOffsetShift) & PteBits.SwpOffsetMask) : PteMarker.None;
     /// <summary>pte_marker_uffd_wp: a marker carrying PTE_MARKER_UFFD_WP.</summary>
     public bool IsUffdWpMarker => (MarkerBits & PteMarker.UffdWp) != 0;

@@ -74,6 +74,7 @@ public static class Uapi
     public const ulong PmPfnMask = (1UL << 55) - 1;
 
     // /proc/kpageflags bits.
+    public const int KpfHwpoison = 19;
     public const int KpfThp = 22;
     public const int KpfZeroPage = 24;
 }

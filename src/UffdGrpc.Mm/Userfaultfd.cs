@@ -141,6 +141,7 @@ public sealed partial class UserfaultfdCtx
         _faultPending.Add(w);
         t.Park(this, w, ThreadState.BlockedInUserfault);
         Kernel.OnUserfaultRaised(w);
+        Mm.Kernel.OnUserfaultSleep(t, w);
         FdWqhWake?.Invoke();
     }
 

@@ -27,6 +27,7 @@ public sealed partial class ScenarioInterpreter
         ["collapse"] = InjectSite.Collapse,
         ["reclaim"] = InjectSite.Reclaim,
         ["migrate"] = InjectSite.Migrate,
+        ["hwpoison"] = InjectSite.HwPoison,
         ["longterm_pin"] = InjectSite.LongtermPin,
     };
 

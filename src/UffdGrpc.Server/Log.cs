@@ -3,6 +3,9 @@ namespace UffdGrpc.Server;
 /// <summary>The server's log messages (source-generated, stable event ids).</summary>
 internal static partial class Log
 {
+    [LoggerMessage(EventId = 50, EventName = "WatchdogKilled", Level = LogLevel.Warning, Message = "Machine {MachineId}: thread {Tid} slept {Seconds} s in a userfault: the watchdog sent it SIGKILL (Watchdog:UserfaultSeconds)")]
+    public static partial void WatchdogKilled(ILogger logger, long machineId, int tid, double seconds);
+
     [LoggerMessage(EventId = 1, EventName = "MachineCreated", Level = LogLevel.Debug, Message = "Machine {MachineId} created (profile {Profile})")]
     public static partial void MachineCreated(ILogger logger, long machineId, UffdGrpc.Mm.KernelProfile profile);
 

@@ -2,7 +2,6 @@ using Microsoft.Extensions.Options;
 using UffdGrpc.Server;
 using UffdGrpc.Server.Configuration;
 using UffdGrpc.Server.Hosting;
-using UffdGrpc.Server.Services;
 using UffdGrpc.Server.Telemetry;
 
 // A configuration value the server cannot start with ends it here with one line naming the
@@ -17,13 +16,7 @@ try
     var app = builder.Build();
     // Check every section now (ValidateOnStart), before anything reads one or logs.
     app.Services.GetRequiredService<IStartupValidator>().Validate();
-    app.MapGrpcService<MachineService>();
-    app.MapGrpcService<MmService>();
-    app.MapGrpcService<ThreadService>();
-    app.MapGrpcService<UserfaultfdService>();
-    app.MapGrpcService<FaultInjectionService>();
-    app.MapGrpcHealthChecksService();
-    app.MapGrpcReflectionService();
+    app.MapUffdServices();
     var metrics = app.Services.GetRequiredService<IOptions<MetricsOptions>>().Value;
     if (metrics.Prometheus)
         app.MapPrometheusScrapingEndpoint(metrics.PrometheusPath);

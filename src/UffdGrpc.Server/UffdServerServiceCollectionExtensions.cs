@@ -25,6 +25,8 @@ public static class UffdServerServiceCollectionExtensions
             o.Interceptors.Add<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
             o.Interceptors.Add<ServerErrorInterceptor>();
             o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
+            // Outside the injection interceptor: a wire rule's decision is a journaled step.
+            o.Interceptors.Add<JournalInterceptor>();
             o.Interceptors.Add<InjectionInterceptor>();
         });
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
@@ -33,6 +35,9 @@ public static class UffdServerServiceCollectionExtensions
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();
+        // The meter exists in every host of the services (the telemetry interceptor feeds it);
+        // AddUffdTelemetry exports it.
+        services.TryAddSingleton<UffdGrpc.Server.Telemetry.ServerMetrics>();
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
         services.AddSingleton<MachinePersistence>();
         // Every section is checked at start (OptionsValidators: each failure names its key and
@@ -42,12 +47,14 @@ public static class UffdServerServiceCollectionExtensions
         services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<UffdGrpc.Server.Security.AuthOptions>, OptionsValidators>());
         services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<ServerOptions>, OptionsValidators>());
         services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<MetricsOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<WatchdogOptions>, OptionsValidators>());
         static void Strict(BinderOptions b) => b.ErrorOnUnknownConfiguration = true;
         services.AddOptions<PersistenceOptions>().BindConfiguration(PersistenceOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.LimitOptions>().BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<UffdGrpc.Server.Security.AuthOptions>().BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<ServerOptions>().BindConfiguration(ServerOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<MetricsOptions>().BindConfiguration(MetricsOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<WatchdogOptions>().BindConfiguration(WatchdogOptions.Section, Strict).ValidateOnStart();
         // One message limit for the whole transport: gRPC's per-message limit above is the
         // only bound on a request (a Serve stream's body is as long as the stream lives).
         services.Configure<Microsoft.AspNetCore.Server.Kestrel.Core.KestrelServerOptions>(o => o.Limits.MaxRequestBodySize = null);

@@ -166,6 +166,30 @@ public class InjectionSuite(TestServerFixture server) : IClassFixture<TestServer
         }
     }
 
+    /// <summary>
+    /// THP split: the kernel's user-visible triggers (a partial munmap or mprotect of a
+    /// PMD-mapped THP) split the PMD and also change the range, so the injected split goes
+    /// just before the trigger: the trigger then finds the PTE-mapped THP the injected split
+    /// left, and the recorded trace must come out unchanged (but for the injected line).
+    /// </summary>
+    [Theory]
+    [InlineData("p12-thp-split-munmap-mprotect", "munmap T 511 1", "inject now thp_split T 0 512")]
+    [InlineData("p12-thp-split-munmap-mprotect", "mprotect U 256 256 r", "inject now thp_split U 0 512")]
+    public async Task Injected_split_before_its_real_trigger_leaves_the_trace_of_the_trigger(string scenario, string trigger, string injected)
+    {
+        var path = Path.Combine(ScenarioFolders.Project, scenario + ".scn");
+        var script = await File.ReadAllTextAsync(path);
+        var golden = (await File.ReadAllTextAsync(Path.ChangeExtension(path, ".out"))).Split('\n');
+        Assert.Contains(trigger, script.Split('\n'));
+        var replaced = string.Join('\n', script.Split('\n').SelectMany(l => l == trigger ? new[] { injected, l } : [l]));
+        foreach (var trace in new[] { await InProcessAsync(replaced), await OverGrpcAsync(replaced) })
+        {
+            var got = trace.Split('\n');
+            Assert.Contains("ok fired=1", got);
+            Assert.Equal(golden, Mask(got, "> " + injected));
+        }
+    }
+
     /// <summary>The trace without the echo of <paramref name="echo"/>, the result line after it and a reaped child's line.</summary>
     private static List<string> Mask(string[] lines, string echo)
     {

@@ -12,6 +12,8 @@ public sealed class ConfigurationTests
         { "Limits__MachinesPerPrincpal", "3", "Limits has no key MachinesPerPrincpal" },
         { "Metrics__OtlpEndpoint", "collector", "Metrics:OtlpEndpoint = 'collector'" },
         { "Metrics__ListenUrl", "9464", "Metrics:ListenUrl = '9464'" },
+        { "Watchdog__UserfaultSeconds", "-1", "Watchdog:UserfaultSeconds = '-1': must be 0 (off) or a positive number of seconds" },
+        { "Limits__JournalBytesPerMachine", "0", "Limits:JournalBytesPerMachine = '0': must be a positive integer" },
     };
 
     [Theory]

@@ -220,4 +220,35 @@ public class FaultInjectionTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         }
         Assert.True(orders.Distinct().Count() > 1, string.Join(" ", orders));
     }
+
+    [Fact]
+    public async Task Hwpoison_leaves_a_hwpoison_entry_that_answers_the_next_access_with_SIGBUS_MCEERR_AR()
+    {
+        var c = fx.NewClient();
+        await using var s = await CreateAsync(c, pages: 2, registerMode: 2, features: 1);
+        await c.Machines.ConfigureMachineAsync(new ConfigureMachineRequest { MachineId = s.Machine, Settings = new MachineSettings { MemoryFailure = true } });
+        var wrote = await c.Threads.AccessAsync(new AccessRequest { ThreadId = s.Thread, Access = new AccessOp { Addr = A, Write = true, Touch = new TouchPattern { Pages = 2, Value = 0x11 } } });
+        Assert.Equal(2u, wrote.Result.Done);
+        await c.Uffd.UffdioWriteprotectAsync(new UffdioWriteprotectRequest { UffdId = s.Uffd, Start = A, Len = 2 * Page, Mode = 1 });
+        var rule = await AddAsync(c, s.Machine, new InjectRule { Site = InjectSite.Hwpoison, Start = A, End = A + Page });
+
+        var fired = await c.Injection.FireRuleAsync(new FireRuleRequest { MachineId = s.Machine, RuleId = rule });
+
+        var record = Assert.Single(fired.Records);
+        Assert.Equal(InjectSite.Hwpoison, record.Site);
+        Assert.Contains("memory_failure pfn", record.Detail, StringComparison.Ordinal);
+        var pm = (await c.Mm.PagemapAsync(new PagemapRequest { MmId = s.Mm, Start = A, Pages = 2 })).Entries;
+        Assert.True(pm[0] is { Present: false, Swapped: true, UffdWp: false }, pm[0].ToString());
+        Assert.True(pm[1] is { Present: true, UffdWp: true }, pm[1].ToString());
+        var digest = (await c.Mm.DigestAsync(new DigestRequest { MmId = s.Mm, Start = A, Pages = 2 })).Pages;
+        Assert.Equal(PageState.Poisoned, digest[0].State);
+
+        // A write to the write-protected page gets SIGBUS before any uffd-wp fault: no message queued.
+        var write = await c.Threads.AccessAsync(new AccessRequest { ThreadId = s.Thread, Access = new AccessOp { Addr = A, Write = true, Touch = new TouchPattern { Pages = 1, Value = 0x22 } } });
+        Assert.Equal(SignalCode.BusMceerrAr, write.Result.Signal);
+        Assert.Equal(0u, (await c.Uffd.PollAsync(new PollRequest { UffdId = s.Uffd })).Unread);
+        var kernel = await c.Threads.AccessAsync(new AccessRequest { ThreadId = s.Thread, Access = new AccessOp { Addr = A, Origin = AccessOrigin.Kernel, Touch = new TouchPattern { Pages = 1 } } });
+        Assert.Equal(Errno.Efault, kernel.Result.Errno);
+        Assert.Empty(fx.Errors);
+    }
 }

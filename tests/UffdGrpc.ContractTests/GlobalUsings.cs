@@ -3,5 +3,6 @@ global using Grpc.Core;
 global using UffdGrpc.Client;
 global using UffdGrpc.Contracts.V1;
 global using UffdGrpc.ContractTests.Infrastructure;
+global using static UffdGrpc.ContractTests.Infrastructure.ProcessTools;
 global using static UffdGrpc.ContractTests.Infrastructure.Sandbox;
 global using ThreadState = UffdGrpc.Contracts.V1.ThreadState;

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Grpc.Health.V1;
 using Grpc.Net.Client;
 using Grpc.Reflection.V1Alpha;
@@ -161,25 +160,5 @@ public class RealPortTests(ServerProcessFixture fx, ITestOutputHelper output) : 
         {
             Directory.Delete(outDir, recursive: true);
         }
-    }
-
-    private static string RepoRoot()
-    {
-        var dir = new DirectoryInfo(AppContext.BaseDirectory);
-        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "UffdGrpc.sln")))
-            dir = dir.Parent;
-        return dir?.FullName ?? throw new InvalidOperationException("UffdGrpc.sln not found");
-    }
-
-    private static async Task<(int Rc, string Output)> RunAsync(string exe, string[] args, string cwd)
-    {
-        var psi = new ProcessStartInfo(exe) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false, WorkingDirectory = cwd };
-        foreach (var a in args)
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(120));
-        return (p.ExitCode, await stdout + await stderr);
     }
 }

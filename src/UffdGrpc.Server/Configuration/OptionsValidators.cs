@@ -14,7 +14,8 @@ internal sealed class OptionsValidators :
     IValidateOptions<AuthOptions>,
     IValidateOptions<ServerOptions>,
     IValidateOptions<MetricsOptions>,
-    IValidateOptions<PersistenceOptions>
+    IValidateOptions<PersistenceOptions>,
+    IValidateOptions<WatchdogOptions>
 {
     private static string Bad(string section, string key, object? value, string rule) =>
         $"{section}:{key} = '{value}': {rule}";
@@ -34,6 +35,8 @@ internal sealed class OptionsValidators :
         Positive(nameof(o.UffdsPerMachine), o.UffdsPerMachine);
         Positive(nameof(o.FilesPerMachine), o.FilesPerMachine);
         Positive(nameof(o.CompletionLogPerMachine), o.CompletionLogPerMachine);
+        Positive(nameof(o.JournalEntriesPerMachine), o.JournalEntriesPerMachine);
+        Positive(nameof(o.JournalBytesPerMachine), o.JournalBytesPerMachine);
         if (o.ServerMemoryBytes < 1 << 20)
             errors.Add(Bad(LimitOptions.Section, nameof(o.ServerMemoryBytes), o.ServerMemoryBytes, "must be at least 1 MiB (1048576)"));
         if (o.MaxMachineMemoryBytes < 1 << 20)
@@ -82,6 +85,11 @@ internal sealed class OptionsValidators :
         o.Directory is { Length: > 0 } d && d.IndexOfAny(Path.GetInvalidPathChars()) >= 0
             ? ValidateOptionsResult.Fail(Bad(PersistenceOptions.Section, nameof(o.Directory), d, "is not a valid path"))
             : ValidateOptionsResult.Success;
+
+    public ValidateOptionsResult Validate(string? name, WatchdogOptions o) =>
+        o.UserfaultSeconds >= 0 && double.IsFinite(o.UserfaultSeconds)
+            ? ValidateOptionsResult.Success
+            : ValidateOptionsResult.Fail(Bad(WatchdogOptions.Section, nameof(o.UserfaultSeconds), o.UserfaultSeconds, "must be 0 (off) or a positive number of seconds"));
 
     private static ValidateOptionsResult Result(List<string> errors) =>
         errors.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(errors);

@@ -43,6 +43,7 @@ internal static partial class StartupFailure
                     nameof(ServerOptions) => ServerOptions.Section,
                     nameof(MetricsOptions) => MetricsOptions.Section,
                     nameof(Hosting.PersistenceOptions) => Hosting.PersistenceOptions.Section,
+                    nameof(Hosting.WatchdogOptions) => Hosting.WatchdogOptions.Section,
                     var other => other,
                 };
                 errors.Add($"{section} has no key {m.Groups[2].Value.Replace("'", "", StringComparison.Ordinal)} (a typo?)");

@@ -14,8 +14,6 @@ namespace UffdGrpc.Server.Hosting;
 /// </summary>
 public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
 {
-    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id"];
-
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
         await BeforeAsync(request, context).ConfigureAwait(false);
@@ -32,33 +30,14 @@ public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
     {
         if (!Model.Kernel.WireRulesAnywhere || request is not IMessage m || context.Method.StartsWith("/uffd.v1.FaultInjectionService/", StringComparison.Ordinal))
             return;
-        if (HostOf(m, out var uffdId) is not { } host || !host.Kernel.HasWireRules)
+        if (registry.HostNamedBy(m, out var uffdId) is not { } host || !host.Kernel.HasWireRules)
             return;
         var method = context.Method.TrimStart('/');
-        if (host.Kernel.DecideWire(Model.InjectSite.RpcDelay, method, uffdId) is { } delay)
+        // Through Run: on a journaled machine the decision (it draws from the rule's PRNG) is
+        // the call's first step, so a replay makes it at the same point.
+        if (host.Run(() => host.Kernel.DecideWire(Model.InjectSite.RpcDelay, method, uffdId)) is { } delay)
             await Task.Delay(delay.DelayMs, context.CancellationToken).ConfigureAwait(false);
-        if (host.Kernel.DecideWire(Model.InjectSite.RpcAbort, method, uffdId) is { } abort)
+        if (host.Run(() => host.Kernel.DecideWire(Model.InjectSite.RpcAbort, method, uffdId)) is { } abort)
             throw new RpcException(new Status((StatusCode)abort.Rule.Status, $"aborted by injection rule {abort.RuleId}"));
-    }
-
-    /// <summary>The machine a request names, and its uffd (model id; 0 when it names none).</summary>
-    private MachineHost? HostOf(IMessage m, out int uffdId)
-    {
-        uffdId = 0;
-        foreach (var name in s_idFields)
-        {
-            if (m.Descriptor.FindFieldByName(name) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
-                continue;
-            if (name == "machine_id")
-                return registry.TryGetMachine(id);
-            if (registry.TryGet<Entry>(id, out var e))
-            {
-                if (e is UffdEntry u)
-                    uffdId = u.Ctx.Id;
-                return e.Host;
-            }
-            return null;
-        }
-        return null;
     }
 }

@@ -62,6 +62,12 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// <summary>Why the machine's state can no longer be trusted (null while it can).</summary>
     public string? Broken { get; private set; }
 
+    /// <summary>The hung-userfault watchdog (null when Watchdog:UserfaultSeconds is 0).</summary>
+    internal UserfaultWatchdog? Watchdog { get; set; }
+
+    /// <summary>The session journal (null unless the machine was created with settings.journal).</summary>
+    internal MachineJournal? Journal { get; init; }
+
     /// <summary>Wakes injection-log watchers at each firing and when the machine ends.</summary>
     internal Pulse InjectionPulse { get; } = Pulse.On(kernel);
 
@@ -93,15 +99,22 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
 
     /// <summary>
     /// Runs <paramref name="fn"/> under the machine lock; woken threads run before it is
-    /// released. An exception from the model (not a request error) leaves the lock released
-    /// but the state untrustworthy: the machine is marked broken, every waiter is failed, and
-    /// the call fails with INTERNAL.
+    /// released. On a journaled machine the current call (<see cref="JournalCall.Current"/>)
+    /// gets its step here, before it changes anything. An exception from the model (not a
+    /// request error) leaves the lock released but the state untrustworthy: the machine is
+    /// marked broken, every waiter is failed, and the call fails with INTERNAL.
     /// </summary>
     public T Run<T>(Func<T> fn)
     {
         try
         {
-            return Kernel.Locked(fn);
+            if (Journal is not { } journal || JournalCall.Current is not { } call)
+                return Kernel.Locked(fn);
+            return Kernel.Locked(() =>
+            {
+                journal.Stamp(this, call);
+                return fn();
+            });
         }
         catch (Exception ex) when (ex is not RpcException)
         {
@@ -122,6 +135,9 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     {
         if (Destroyed || Broken is not null)
             return;
+        // On a journaled machine the continuation is a step of its own (a replay waits for it).
+        var previous = JournalCall.Current;
+        JournalCall.Current = Journal is null ? null : new JournalCall(JournalCall.ContinueYieldedMethod, new Google.Protobuf.WellKnownTypes.Empty());
         try
         {
             Run(Kernel.RunYielded);
@@ -129,6 +145,11 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
         catch (RpcException)
         {
             // Run marked the machine broken and failed its waiters.
+        }
+        finally
+        {
+            JournalCall.Current?.Answer(null, 0, "");
+            JournalCall.Current = previous;
         }
     }
 
@@ -166,6 +187,8 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     internal void EndWaiters(RpcException status)
     {
         InjectionPulse.Fire();
+        Journal?.Appended.Fire();
+        Watchdog?.Stop();
         foreach (var op in PendingOps)
             Kernel.DeferUntilUnlocked(() => op.Result.TrySetException(status));
         PendingOps.Clear();

@@ -11,7 +11,7 @@ namespace UffdGrpc.Server.Hosting;
 /// across the server and never reused. The registry itself is thread-safe; the model objects
 /// it names are protected by their machine's lock.
 /// </summary>
-public sealed class MachineRegistry(Security.Quotas quotas)
+public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions.Options.IOptions<WatchdogOptions> watchdog, ILogger<MachineRegistry> logger)
 {
     /// <summary>The limits every creation checks.</summary>
     public Security.Quotas Quotas { get; } = quotas;
@@ -22,6 +22,10 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     private readonly ConcurrentDictionary<long, object> _objects = new();
     private readonly ConcurrentDictionary<long, MachineHost> _machines = new();
     private volatile bool _shuttingDown;
+    private int _journaled;
+
+    /// <summary>Some live machine keeps a session journal (the journal interceptor looks nothing up otherwise).</summary>
+    internal bool AnyJournal => Volatile.Read(ref _journaled) > 0;
 
     /// <summary>Set once the host begins to stop: every call and wait then ends with UNAVAILABLE.</summary>
     public bool ShuttingDown => _shuttingDown;
@@ -53,15 +57,22 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
-    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config, string owner = Security.AuthOptions.AnonymousPrincipal)
+    public MachineHost CreateMachine(Model.KernelProfile profile, Model.MachineConfig config, string owner = Security.AuthOptions.AnonymousPrincipal, JournalHeader? journal = null)
     {
         if (_shuttingDown)
             throw new RpcException(new Status(StatusCode.Unavailable, "the server is shutting down"));
         Security.Quotas.Check(_machines.Values.Count(m => m.Owner == owner), Quotas.Limits.MachinesPerPrincipal, nameof(Security.LimitOptions.MachinesPerPrincipal), "principal " + owner);
         var kernel = new Model.Kernel(profile, config) { FrameBudget = Budget };
-        var host = new MachineHost(NextId(), kernel, owner);
+        var host = new MachineHost(NextId(), kernel, owner)
+        {
+            Journal = journal is null ? null : new MachineJournal(journal, Quotas.Limits.JournalEntriesPerMachine, Quotas.Limits.JournalBytesPerMachine),
+        };
         // A long populate or access yields the lock every Kernel.ReschedPages pages; the rest
         // runs from the thread pool, so other calls on the machine get in between.
+        if (journal is not null)
+            Interlocked.Increment(ref _journaled);
+        if (watchdog.Value.UserfaultSeconds > 0)
+            host.Watchdog = new UserfaultWatchdog(host, TimeSpan.FromSeconds(watchdog.Value.UserfaultSeconds), logger);
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
         MachineCreated?.Invoke(host);
         _objects[host.Id] = host;
@@ -98,6 +109,33 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     }
 
     public MachineHost Machine(long id) => Get<MachineHost>(id, "machine_id");
+
+    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id", "op_id"];
+
+    /// <summary>
+    /// The live machine a request names by its first id field (machine_id, mm_id, uffd_id,
+    /// thread_id, file_id or op_id), if the caller may see it, and the model id of the uffd it
+    /// names (0 when none). No status: the service reports unknown ids itself.
+    /// </summary>
+    internal MachineHost? HostNamedBy(Google.Protobuf.IMessage m, out int uffdId)
+    {
+        uffdId = 0;
+        foreach (var name in s_idFields)
+        {
+            if (m.Descriptor.FindFieldByName(name) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
+                continue;
+            if (name == "machine_id")
+                return TryGetMachine(id);
+            if (TryGet<Entry>(id, out var e))
+            {
+                if (e is UffdEntry u)
+                    uffdId = u.Ctx.Id;
+                return e.Host;
+            }
+            return null;
+        }
+        return null;
+    }
 
     /// <summary>The live machine <paramref name="id"/> the caller may see, or null (no status).</summary>
     public MachineHost? TryGetMachine(long id) =>
@@ -199,7 +237,7 @@ public sealed class MachineRegistry(Security.Quotas quotas)
     }
 
     /// <summary>Drains the completion log; the drained operations are forgotten.</summary>
-    public List<ThreadOpResult> TakeCompletions(MachineHost host) => host.Kernel.Locked(() =>
+    public List<ThreadOpResult> TakeCompletions(MachineHost host) => host.Run(() =>
     {
         var list = host.CompletionLog.ToList();
         host.CompletionLog.Clear();
@@ -238,8 +276,10 @@ public sealed class MachineRegistry(Security.Quotas quotas)
                 host.EndWaiters(gone);
             });
         }
-        _machines.TryRemove(host.Id, out _);
+        var removed = _machines.TryRemove(host.Id, out _);
         Budget.Release(host.Kernel);
+        if (removed && host.Journal is not null)
+            Interlocked.Decrement(ref _journaled);
         foreach (var (id, o) in _objects)
         {
             if (o == host || (o is Entry e && e.Host == host))

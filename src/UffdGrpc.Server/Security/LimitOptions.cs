@@ -25,4 +25,8 @@ public sealed class LimitOptions
     public int FilesPerMachine { get; set; } = 1024;
     /// <summary>Undrained StartOp results of one machine (TakeCompletions drains them).</summary>
     public int CompletionLogPerMachine { get; set; } = 65536;
+    /// <summary>Steps a machine's session journal holds (MachineSettings.journal).</summary>
+    public int JournalEntriesPerMachine { get; set; } = 1_000_000;
+    /// <summary>Bytes of requests and answers a machine's session journal holds (a call past it is refused before it runs).</summary>
+    public long JournalBytesPerMachine { get; set; } = 256L << 20;
 }

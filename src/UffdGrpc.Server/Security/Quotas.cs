@@ -14,23 +14,26 @@ public sealed class Quotas(IOptions<LimitOptions> options)
     public LimitOptions Limits { get; } = options.Value;
 
     /// <summary>RESOURCE_EXHAUSTED with a QuotaFailure naming the limit, unless <paramref name="count"/> is below <paramref name="limit"/>.</summary>
-    public static void Check(int count, int limit, string name, string subject)
+    public static void Check(long count, long limit, string name, string subject)
     {
         if (count < limit)
             return;
-        throw new Google.Rpc.Status
-        {
-            Code = (int)Code.ResourceExhausted,
-            Message = $"{name}: {subject} already holds {count} (the limit is {limit})",
-            Details =
-            {
-                Any.Pack(new QuotaFailure
-                {
-                    Violations = { new QuotaFailure.Types.Violation { Subject = subject, Description = $"{name} = {limit} (Limits:{name})" } },
-                }),
-            },
-        }.ToRpcException();
+        throw Exhausted(name, limit, subject, $"{name}: {subject} already holds {count} (the limit is {limit})");
     }
+
+    /// <summary>RESOURCE_EXHAUSTED with <paramref name="message"/> and a QuotaFailure naming Limits:<paramref name="name"/>.</summary>
+    public static RpcException Exhausted(string name, long limit, string subject, string message) => new Google.Rpc.Status
+    {
+        Code = (int)Code.ResourceExhausted,
+        Message = message,
+        Details =
+        {
+            Any.Pack(new QuotaFailure
+            {
+                Violations = { new QuotaFailure.Types.Violation { Subject = subject, Description = $"{name} = {limit} (Limits:{name})" } },
+            }),
+        },
+    }.ToRpcException();
 
     /// <summary>Counts a stream opening for the current principal; dispose the result when it closes.</summary>
     public StreamLease OpenStream()

@@ -1,3 +1,4 @@
+using Google.Protobuf;
 using Grpc.Core;
 using UffdGrpc.Contracts.V1;
 using UffdGrpc.Server.Hosting;
@@ -32,6 +33,8 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             SwapUsedPages = k.SwapUsedPages,
             OomKills = k.OomKillCount,
             ScheduleSeed = k.ScheduleSeed,
+            Journal = h.Journal is not null,
+            JournalSteps = h.Journal?.Steps ?? 0,
         };
         info.Grantees.AddRange(h.Grantees);
         info.MmIds.AddRange(h.MmIds.Where(p => !p.Key.Exited).Select(p => p.Value).Order());
@@ -60,11 +63,15 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             MemoryBytes = s?.MemoryBytes ?? new Model.MachineConfig().MemoryBytes,
             SwapBytes = s?.SwapBytes ?? new Model.MachineConfig().SwapBytes,
         };
-        var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal);
+        var journal = s?.Journal == true ? new JournalHeader { FormatVersion = 1, CreateMachineRequest = request.ToByteString() } : null;
+        var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal, journal);
         if (s?.ScheduleSeed is { } seed)
             h.Kernel.SetSchedule(seed);
         Log.MachineCreated(logger, h.Id, profile);
-        return Task.FromResult(new CreateMachineResponse { Machine = Info(h) });
+        var response = new CreateMachineResponse { Machine = Info(h) };
+        if (journal is not null)
+            h.Kernel.Locked(() => journal.CreateMachineResponse = response.ToByteString());
+        return Task.FromResult(response);
     }
 
     public override Task<GetMachineResponse> GetMachine(GetMachineRequest request, ServerCallContext context) =>
@@ -123,6 +130,43 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         registry.Destroy(h);
         Log.MachineDestroyed(logger, h.Id);
         return Task.FromResult(new DestroyMachineResponse());
+    }
+
+    private const int DefaultJournalPage = 1000;
+    private const int MaxJournalPage = 10000;
+
+    /// <summary>The session journal from a step on; with wait, sleeps on the journal until that step exists (or the machine ends).</summary>
+    public override async Task<ReadJournalResponse> ReadJournal(ReadJournalRequest request, ServerCallContext context)
+    {
+        var h = registry.Machine(request.MachineId);
+        RequestErrors.Require(request.FromStep >= 0, "from_step", "0 or more");
+        RequestErrors.Require(request.MaxEntries is >= 0 and <= MaxJournalPage, "max_entries", $"0 (the default, {DefaultJournalPage}) to {MaxJournalPage}");
+        if (h.Journal is not { } journal)
+            throw RequestErrors.Precondition("NO_JOURNAL", $"machine {h.Id} was not created with settings.journal");
+        var from = Math.Max(1, request.FromStep);
+        var max = request.MaxEntries == 0 ? DefaultJournalPage : request.MaxEntries;
+        while (true)
+        {
+            var wake = journal.Appended.Next;
+            var r = h.Kernel.Locked(() =>
+            {
+                if (request.Wait && journal.Steps < from)
+                    return null;
+                var page = new ReadJournalResponse { Header = journal.Header, Steps = journal.Steps };
+                page.Entries.AddRange(journal.Read(from, max));
+                page.NextStep = from + page.Entries.Count;
+                return page;
+            });
+            if (r is not null)
+            {
+                if (request.StateDigest)
+                    r.StateDigest = Google.Protobuf.ByteString.CopyFrom(h.Kernel.StateDigest());
+                return r;
+            }
+            await wake.WaitAsync(context.CancellationToken).ConfigureAwait(false);
+            if (registry.Unusable(h) is { } status)
+                throw status;
+        }
     }
 
     public override Task<KpageflagsResponse> Kpageflags(KpageflagsRequest request, ServerCallContext context)

@@ -364,6 +364,8 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
             r.Chunk.WriteTo(buffer);
         }
         var h = registry.Machine(machineId);
+        if (h.Journal is not null)
+            throw RequestErrors.Precondition("JOURNALED", $"machine {h.Id} keeps a session journal, which has no step for an image import");
         MmImage image;
         try
         {

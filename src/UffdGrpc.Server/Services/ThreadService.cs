@@ -65,6 +65,8 @@ public sealed class ThreadService(MachineRegistry registry) : Contracts.V1.Threa
     public override async Task<WaitOpResponse> WaitOp(WaitOpRequest request, ServerCallContext context)
     {
         var op = registry.Get<OpEntry>(request.OpId, "op_id");
+        // The wait begins under the machine lock: on a journaled machine that is its step.
+        op.Host.Run(() => { });
         var r = await op.Result.Task.WaitAsync(context.CancellationToken).ConfigureAwait(false);
         registry.Forget(op);
         return new WaitOpResponse { Result = r };

@@ -17,26 +17,49 @@ public sealed partial class UserfaultfdService
     /// Reads up to <paramref name="max"/> messages under the machine lock (they leave the
     /// queue now: a read FORK installs the child uffd, a read event completes and its syscall
     /// resumes), or returns the wait-queue task to sleep on when none is queued. Null wait
-    /// and no message: the uffd is gone and the stream ends.
+    /// and no message: the uffd is gone and the stream ends. On a journaled machine each
+    /// message is read in a step of its own, journaled as the unary Read it equals.
     /// </summary>
-    private (List<UffdMsg>? Msgs, Task? Wait) ReadBatch(UffdEntry u, int max) => u.Host.Run(() =>
+    private (List<UffdMsg>? Msgs, Task? Wait) ReadBatch(UffdEntry u, int max)
     {
-        if (u.Ctx.Released)
-            return (null, (Task?)null);
-        List<UffdMsg>? msgs = null;
-        while (msgs is null || msgs.Count < max)
+        var journal = u.Host.Journal;
+        var call = journal is null ? null : new JournalCall("uffd.v1.UserfaultfdService/Read", new ReadRequest { UffdId = u.Id });
+        var previous = JournalCall.Current;
+        JournalCall.Current = call;
+        try
         {
-            var errno = u.Ctx.Read(out var m);
-            if (m is null)
+            var r = u.Host.Run(() =>
             {
-                if (errno != Mm.Errno.EAGAIN)
-                    throw RequestErrors.Precondition("UFFD_NOT_READY", $"uffd {u.Id}: read gives {errno} (UFFDIO_API first)");
-                break;
-            }
-            (msgs ??= []).Add(UffdIoctls.ToProto(registry, u, m));
+                if (u.Ctx.Released)
+                {
+                    journal?.Retract(call!);
+                    return (null, (Task?)null);
+                }
+                List<UffdMsg>? msgs = null;
+                while (msgs is null || msgs.Count < (journal is null ? max : 1))
+                {
+                    var errno = u.Ctx.Read(out var m);
+                    if (m is null)
+                    {
+                        if (errno != Mm.Errno.EAGAIN)
+                            throw RequestErrors.Precondition("UFFD_NOT_READY", $"uffd {u.Id}: read gives {errno} (UFFDIO_API first)");
+                        break;
+                    }
+                    (msgs ??= []).Add(UffdIoctls.ToProto(registry, u, m));
+                }
+                if (msgs is null)
+                    journal?.Retract(call!);
+                return (msgs, msgs is null ? u.WaitTask() : null);
+            });
+            if (r.msgs is { } read)
+                call?.Answer(new ReadResponse { Msg = read[0] }, 0, "");
+            return r;
         }
-        return (msgs, msgs is null ? u.WaitTask() : null);
-    });
+        finally
+        {
+            JournalCall.Current = previous;
+        }
+    }
 
     /// <summary>
     /// Writes one response, or ends the stream with the call. Once the call has ended (the
@@ -188,15 +211,8 @@ public sealed partial class UserfaultfdService
                 throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
             if (req.Resolutions.Count == 0)
                 return;
-            var prepared = new UffdIoctls.Prepared[req.Resolutions.Count];
-            for (var i = 0; i < prepared.Length; i++)
-                prepared[i] = UffdIoctls.Prepare(registry, u, req.Resolutions[i], i);
             var response = new ServeResponse();
-            u.Host.Run(() =>
-            {
-                foreach (var p in prepared)
-                    response.Results.Add(UffdIoctls.Run(p));
-            });
+            response.Results.AddRange(RunResolutions(u, req.Resolutions, journaledAsResolve: true).Results);
             await WriteAsync(response).ConfigureAwait(false);
         }
 

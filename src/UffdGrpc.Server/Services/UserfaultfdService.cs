@@ -174,6 +174,54 @@ public sealed partial class UserfaultfdService(MachineRegistry registry, ILogger
         }
     }
 
+    /// <summary>One Serve request's resolutions as a unary call: in order, under one machine lock.</summary>
+    public override Task<ResolveResponse> Resolve(ResolveRequest request, ServerCallContext context)
+    {
+        var u = registry.Uffd(request.UffdId);
+        RequestErrors.Require(request.Resolutions.Count <= MaxBatch, "resolutions", $"at most {MaxBatch}");
+        return Task.FromResult(RunResolutions(u, request.Resolutions, journaledAsResolve: false));
+    }
+
+    /// <summary>
+    /// Runs <paramref name="resolutions"/> in order under one machine lock (threads they wake
+    /// run after the last). A Serve request's batch is journaled here as the Resolve call it
+    /// equals (<paramref name="journaledAsResolve"/>); a unary Resolve is journaled by the interceptor.
+    /// </summary>
+    private ResolveResponse RunResolutions(UffdEntry u, IList<Resolution> resolutions, bool journaledAsResolve)
+    {
+        var prepared = new UffdIoctls.Prepared[resolutions.Count];
+        for (var i = 0; i < prepared.Length; i++)
+            prepared[i] = UffdIoctls.Prepare(registry, u, resolutions[i], i);
+        var response = new ResolveResponse();
+        JournalCall? call = null;
+        var previous = JournalCall.Current;
+        if (journaledAsResolve && u.Host.Journal is not null)
+        {
+            var req = new ResolveRequest { UffdId = u.Id };
+            req.Resolutions.AddRange(resolutions);
+            JournalCall.Current = call = new JournalCall("uffd.v1.UserfaultfdService/Resolve", req);
+        }
+        try
+        {
+            u.Host.Run(() =>
+            {
+                foreach (var p in prepared)
+                    response.Results.Add(UffdIoctls.Run(p));
+            });
+            call?.Answer(response, 0, "");
+        }
+        catch (RpcException ex)
+        {
+            call?.Answer(null, (int)ex.StatusCode, ex.Status.Detail);
+            throw;
+        }
+        finally
+        {
+            JournalCall.Current = previous;
+        }
+        return response;
+    }
+
     /// <summary>close(2): userfaultfd_release on the last reference; EBADF when it was already closed.</summary>
     public override Task<CloseResponse> Close(CloseRequest request, ServerCallContext context)
     {

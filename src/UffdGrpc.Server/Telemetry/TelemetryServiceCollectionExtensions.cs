@@ -1,3 +1,4 @@
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using OpenTelemetry.Metrics;
 using OpenTelemetry.Trace;
 using UffdGrpc.Server.Configuration;
@@ -22,7 +23,7 @@ public static class TelemetryServiceCollectionExtensions
         var prometheus = !bool.TryParse(section[nameof(MetricsOptions.Prometheus)], out var p) || p;
         Uri? otlp = Uri.TryCreate(section[nameof(MetricsOptions.OtlpEndpoint)], UriKind.Absolute, out var u) ? u : null;
         var interval = int.TryParse(section[nameof(MetricsOptions.OtlpExportIntervalMs)], out var i) && i >= 100 ? i : new MetricsOptions().OtlpExportIntervalMs;
-        services.AddSingleton<ServerMetrics>();
+        services.TryAddSingleton<ServerMetrics>();
         var otel = services.AddOpenTelemetry().WithMetrics(b =>
         {
             b.AddMeter(ServerMetrics.MeterName, "Microsoft.AspNetCore.Hosting", "Microsoft.AspNetCore.Server.Kestrel");

@@ -1,0 +1,212 @@
+using System.Diagnostics;
+using UffdGrpc.Client;
+using UffdGrpc.Contracts.V1;
+
+namespace UffdGrpc.Cli.Bench;
+
+/// <summary>
+/// The over-the-wire measurements, the same code against the product server and the floor:
+/// the fault round trip (one thread; a ReadEvents stream with a unary UFFDIO_WRITEPROTECT, or
+/// Serve one fault at a time) and resolved faults per second with threads faulting
+/// server-side (StartOp touches of many write-protected pages, so no guest RPC per fault)
+/// served by Serve handler streams.
+/// </summary>
+internal static class Transport
+{
+    private const ulong A = 0x7e00_0000_0000;
+    private const ulong Page = 4096;
+
+    /// <summary>Per-access latencies (µs) of <paramref name="iterations"/> timed round trips after <paramref name="warmup"/> untimed ones.</summary>
+    public static async Task<double[]> RoundTripAsync(string url, bool serve, int iterations, int warmup, CancellationToken ct)
+    {
+        // Two connections: the guest's and the handler's, as two processes would have.
+        using var guest = CliCommands.Connect(url);
+        using var handler = CliCommands.Connect(url);
+        var machine = (await guest.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        try
+        {
+            var mm = await guest.CreateMmAsync(machine, ct).ConfigureAwait(false);
+            (await guest.MmapAsync(mm, A, Page, 3, ct: ct).ConfigureAwait(false)).Expect("mmap");
+            var tid = (await guest.CreateThreadAsync(mm, ct).ConfigureAwait(false)).ThreadId;
+            await guest.WriteAsync(tid, A, 1, ct: ct).ConfigureAwait(false);
+            var uffd = await OpenUffdAsync(guest, mm, Page, ct).ConfigureAwait(false);
+            var serving = serve ? new FaultHandlerLoop(handler, uffd) { MaxMessages = 1 }.RunAsync(stop.Token) : UnaryHandlerAsync(handler, uffd, stop.Token);
+            var samples = new double[iterations];
+            for (var i = -warmup; i < iterations; i++)
+            {
+                (await guest.WriteprotectAsync(uffd, A, Page, 1, ct).ConfigureAwait(false)).Expect("UFFDIO_WRITEPROTECT");
+                var s = Stopwatch.GetTimestamp();
+                var r = await guest.WriteAsync(tid, A, (byte)i, ct: ct).ConfigureAwait(false);
+                var e = Stopwatch.GetElapsedTime(s);
+                if (r.Signal != SignalCode.Unspecified || !r.Errno.IsOk())
+                    throw new InvalidOperationException($"write failed: {r}");
+                if (i >= 0)
+                    samples[i] = e.TotalMicroseconds;
+            }
+            await StopAsync(stop, serving).ConfigureAwait(false);
+            Array.Sort(samples);
+            return samples;
+        }
+        finally
+        {
+            await stop.CancelAsync().ConfigureAwait(false);
+            await guest.DestroyMachineAsync(machine, CancellationToken.None).ConfigureAwait(false);
+        }
+    }
+
+    private static async Task<long> OpenUffdAsync(UffdClient c, long mm, ulong len, CancellationToken ct)
+    {
+        var (e, uffd) = await c.CreateUffdAsync(mm, ct: ct).ConfigureAwait(false);
+        e.Expect("userfaultfd");
+        (await c.ApiAsync(uffd, ct: ct).ConfigureAwait(false)).Errno.Expect("UFFDIO_API");
+        (await c.RegisterAsync(uffd, A, len, 2, ct).ConfigureAwait(false)).Errno.Expect("UFFDIO_REGISTER");
+        return uffd;
+    }
+
+    private static async Task StopAsync(CancellationTokenSource stop, Task serving)
+    {
+        await stop.CancelAsync().ConfigureAwait(false);
+        try
+        {
+            await serving.ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ex is OperationCanceledException or Grpc.Core.RpcException { StatusCode: Grpc.Core.StatusCode.Cancelled })
+        {
+        }
+    }
+
+    /// <summary>The unary handler: a ReadEvents stream, one UFFDIO_WRITEPROTECT call per fault.</summary>
+    private static async Task UnaryHandlerAsync(UffdClient c, long uffd, CancellationToken ct)
+    {
+        await foreach (var msg in c.ReadEventsAsync(uffd, ct).ConfigureAwait(false))
+        {
+            if (msg.Pagefault is { } pf)
+                (await c.WriteprotectAsync(uffd, pf.Address & ~(Page - 1), Page, 0, ct).ConfigureAwait(false)).Expect("UFFDIO_WRITEPROTECT");
+        }
+    }
+
+    /// <summary>
+    /// Resolved faults per second: <paramref name="threads"/> simulated threads spread over
+    /// <paramref name="mms"/> address spaces (a uffd each), each thread touching its own run
+    /// of write-protected pages (one StartOp writing byte 0, so the model allocates no page
+    /// contents and the row times the fault path, not the heap), served by <paramref name="streams"/> Serve
+    /// streams per uffd (each on its own connection) that un-protect every fault in one
+    /// request per batch. Counted from the first 10 % of the faults (or 0.3 s) until all are
+    /// resolved or <paramref name="seconds"/> more have passed.
+    /// </summary>
+    public static async Task<(double Rate, double MeanBatch)> ThroughputAsync(string url, int threads, int streams, int mms, int totalPages, double seconds, CancellationToken ct)
+    {
+        using var guest = CliCommands.Connect(url);
+        var machine = (await guest.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var clients = new List<UffdClient>();
+        var loops = new List<Handler>();
+        var serving = new List<Task>();
+        try
+        {
+            mms = Math.Min(mms, threads);
+            var perThread = Math.Max(16, totalPages / threads);
+            var spaces = new (long Mm, long Uffd, List<long> Tids)[mms];
+            for (var m = 0; m < mms; m++)
+            {
+                var n = (threads / mms) + (m < threads % mms ? 1 : 0);
+                var len = (ulong)n * (ulong)perThread * Page;
+                var mm = await guest.CreateMmAsync(machine, ct).ConfigureAwait(false);
+                (await guest.MmapAsync(mm, A, len, 3, populate: true, ct: ct).ConfigureAwait(false)).Expect("mmap");
+                var tids = new List<long>();
+                for (var t = 0; t < n; t++)
+                    tids.Add((await guest.CreateThreadAsync(mm, ct).ConfigureAwait(false)).ThreadId);
+                var uffd = await OpenUffdAsync(guest, mm, len, ct).ConfigureAwait(false);
+                (await guest.WriteprotectAsync(uffd, A, len, 1, ct).ConfigureAwait(false)).Expect("UFFDIO_WRITEPROTECT");
+                spaces[m] = (mm, uffd, tids);
+                for (var s = 0; s < streams; s++)
+                {
+                    var c = CliCommands.Connect(url);
+                    clients.Add(c);
+                    var loop = new Handler();
+                    loops.Add(loop);
+                    serving.Add(loop.RunAsync(c, uffd, stop.Token));
+                }
+            }
+            var total = (long)threads * perThread;
+            var starts = new List<Task<StartOpResponse>>();
+            foreach (var (_, _, tids) in spaces)
+            {
+                for (var t = 0; t < tids.Count; t++)
+                    starts.Add(guest.StartOpAsync(tids[t], new ThreadOp { Access = UffdClient.Touch(A + ((ulong)t * (ulong)perThread * Page), true, 0, (uint)perThread) }, ct));
+            }
+            await Task.WhenAll(starts).ConfigureAwait(false);
+            long Handled() => loops.Sum(l => l.Handled);
+            var clock = Stopwatch.StartNew();
+            while (Handled() < total / 10 && clock.Elapsed.TotalSeconds < 0.3)
+                await Task.Delay(1, ct).ConfigureAwait(false);
+            var h0 = Handled();
+            var t0 = clock.Elapsed.TotalSeconds;
+            while (Handled() < total && clock.Elapsed.TotalSeconds - t0 < seconds)
+            {
+                await Task.Delay(2, ct).ConfigureAwait(false);
+                foreach (var s in serving)
+                {
+                    if (s.IsFaulted)
+                        await s.ConfigureAwait(false);
+                }
+            }
+            var rate = (Handled() - h0) / (clock.Elapsed.TotalSeconds - t0);
+            return (rate, (double)Handled() / Math.Max(1, loops.Sum(l => l.Batches)));
+        }
+        finally
+        {
+            await stop.CancelAsync().ConfigureAwait(false);
+            await guest.DestroyMachineAsync(machine, CancellationToken.None).ConfigureAwait(false);
+            foreach (var s in serving)
+            {
+                try
+                {
+                    await s.ConfigureAwait(false);
+                }
+                catch (Exception ex) when (ex is OperationCanceledException or Grpc.Core.RpcException)
+                {
+                }
+            }
+            foreach (var c in clients)
+                c.Dispose();
+        }
+    }
+
+    /// <summary>A Serve handler that un-protects every WP fault received since its last request in one request (what <see cref="FaultHandlerLoop"/> does), counting faults and requests.</summary>
+    private sealed class Handler
+    {
+        private long _handled, _batches;
+
+        public long Handled => Interlocked.Read(ref _handled);
+        public long Batches => Interlocked.Read(ref _batches);
+
+        public async Task RunAsync(UffdClient c, long uffd, CancellationToken ct)
+        {
+            await using var session = await c.ServeAsync(uffd, 0, ct).ConfigureAwait(false);
+            var batch = new List<Resolution>();
+            await foreach (var first in session.Messages.ReadAllAsync(ct).ConfigureAwait(false))
+            {
+                batch.Clear();
+                var msgs = first;
+                do
+                {
+                    foreach (var m in msgs)
+                    {
+                        if (m.Pagefault is { } pf)
+                            batch.Add(ServeSession.Unprotect(pf.Address & ~(Page - 1)));
+                    }
+                }
+                while (batch.Count < FaultHandlerLoop.MaxResolutions && session.Messages.TryRead(out msgs));
+                if (batch.Count == 0)
+                    continue;
+                await session.ResolveAsync(batch, ct).ConfigureAwait(false);
+                Interlocked.Add(ref _handled, batch.Count);
+                Interlocked.Increment(ref _batches);
+            }
+        }
+    }
+
+    public static double Percentile(double[] sorted, double p) => sorted[Math.Clamp((int)Math.Ceiling(p * sorted.Length) - 1, 0, sorted.Length - 1)];
+}

@@ -50,7 +50,7 @@ public static class CliCommands
     private static Command BuildReplay()
     {
         var file = new Argument<string>("file") { Description = "Scenario script (.scn), or - for standard input" };
-        var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default) or v5.7", DefaultValueFactory = _ => "6.18" };
+        var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default), 6.1 or v5.7", DefaultValueFactory = _ => "6.18" };
         var server = new Option<string?>("--server") { Description = "Replay against a UffdGrpc server at this URL (e.g. http://127.0.0.1:5051) instead of the in-process model" };
         var seed = new Option<ulong?>("--schedule-seed") { Description = "Run the in-process model under this schedule seed (see explore)" };
         var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed };
@@ -60,7 +60,7 @@ public static class CliCommands
             var prof = ParseProfile(parse.GetValue(profile));
             if (prof is null)
             {
-                await Console.Error.WriteLineAsync("replay: unknown profile (use 6.18 or v5.7)").ConfigureAwait(false);
+                await Console.Error.WriteLineAsync("replay: unknown profile (use 6.18, 6.1 or v5.7)").ConfigureAwait(false);
                 return 1;
             }
             var url = parse.GetValue(server);
@@ -137,6 +137,7 @@ public static class CliCommands
     internal static KernelProfile? ParseProfile(string? s) => s switch
     {
         "6.18" or "v6.18" or "6" or "v6" => KernelProfile.V6_18,
+        "6.1" or "v6.1" => KernelProfile.V6_1,
         "5.7" or "v5.7" => KernelProfile.V5_7,
         _ => null,
     };

@@ -9,6 +9,8 @@ public enum KernelProfile
     V5_7,
     /// <summary>The reference machine's kernel, Linux 6.18 (default).</summary>
     V6_18,
+    /// <summary>Linux 6.1 as Debian 12 builds it (6.1.0-56-amd64): no WP_UNPOPULATED, POISON, WP_ASYNC or MOVE; soft-dirty and memory-failure built in.</summary>
+    V6_1,
 }
 
 /// <summary>transparent_hugepage/enabled.</summary>
@@ -97,7 +99,7 @@ public sealed partial class Kernel
     public Kernel(KernelProfile profile = KernelProfile.V6_18, MachineConfig? config = null)
     {
         Profile = profile;
-        Config = config ?? new MachineConfig();
+        Config = config ?? DefaultConfig(profile);
         ZeroPage = NewFrame(PageKind.Zero);
         HugeZeroFolio = NewFolio(PageKind.Zero, hugeZero: true);
     }
@@ -106,7 +108,6 @@ public sealed partial class Kernel
     public object Lock { get; } = new();
     public KernelProfile Profile { get; }
     public MachineConfig Config { get; private set; }
-    public bool IsV6 => Profile == KernelProfile.V6_18;
     public Page ZeroPage { get; }
     public Folio HugeZeroFolio { get; }
     public IReadOnlyList<Mm> Mms => _mms;
@@ -128,11 +129,18 @@ public sealed partial class Kernel
     /// <summary>Swap slots in use: anon swap entries and swap cache, plus shmem pages in swap.</summary>
     public long SwapUsedPages => _swap.Count + _shmemSwapped;
 
-    /// <summary>Changes machine settings (swap, soft-dirty) before the first mapping exists.</summary>
+    /// <summary>
+    /// Changes machine settings (swap, soft-dirty) before the first mapping exists. On a
+    /// profile whose build fixes soft-dirty and memory-failure (<see cref="ConfigIsBuiltIn"/>)
+    /// turning either off is an <see cref="ArgumentException"/> and changes nothing.
+    /// </summary>
     public void Configure(Func<MachineConfig, MachineConfig> change)
     {
         using var _ = Enter();
-        Config = change(Config);
+        var next = change(Config);
+        if (ConfigIsBuiltIn(Profile) && (!next.SoftDirty || !next.MemoryFailure))
+            throw new ArgumentException($"the {Profile} profile's kernel has CONFIG_MEM_SOFT_DIRTY and CONFIG_MEMORY_FAILURE built in", nameof(change));
+        Config = next;
     }
 
     /// <summary>Creates a new, empty address space (a process).</summary>
@@ -175,7 +183,7 @@ public sealed partial class Kernel
         ctx = null;
         if ((flags & ~(Uapi.OCloexec | Uapi.ONonblock | Uapi.UffdUserModeOnly)) != 0)
             return Errno.EINVAL;
-        if ((flags & Uapi.UffdUserModeOnly) != 0 && Profile == KernelProfile.V5_7)
+        if ((flags & Uapi.UffdUserModeOnly) != 0 && !HasUserModeOnly)
             return Errno.EINVAL;
         ctx = new UserfaultfdCtx(mm, _nextCtxId++, (flags & Uapi.ONonblock) != 0, (flags & Uapi.UffdUserModeOnly) != 0);
         _ctxs.Add(ctx);

@@ -27,6 +27,9 @@ public sealed class MemFile
     internal readonly Dictionary<ulong, Page> Cache = [];
     internal readonly Dictionary<ulong, SwapSlot> Swapped = [];
 
+    /// <summary>file_ra_state of the open file (start, size, async_size), used by the 6.1 readahead path.</summary>
+    internal ulong RaStart, RaSize, RaAsync;
+
     /// <summary>The shmem behind a MAP_SHARED|MAP_ANONYMOUS mapping (shmem_zero_setup): only its VMAs refer to it.</summary>
     public bool AnonymousShared { get; internal set; }
 

@@ -282,7 +282,8 @@ public sealed partial class Mm
             if (index >= vma.File!.SizePages)
                 continue;
             var page = vma.File.FindCachePage(index);
-            if (page is null)
+            // next_uptodate_page (6.1): a PG_readahead folio is left to the fault path.
+            if (page is null || page.Readahead)
                 continue;
             var pte = FileFaultPte(vma, page, write: false, uffdWp: false);
             table.Entries[i] = a == (addr & ~(Kernel.PageSize - 1)) ? pte : pte.MkOld();
@@ -304,6 +305,8 @@ public sealed partial class Mm
         page = file.FindCachePage(index) ?? ShmemSwapin(file, index);
         if (page is not null)
         {
+            if (page.Readahead)
+                AsyncMmapReadahead(file, page);
             if (vma.UserfaultfdMinor)
             {
                 page = null;
@@ -337,6 +340,12 @@ public sealed partial class Mm
     private void ReadAround(MemFile file, ulong index)
     {
         var start = index >= RaPages / 2 ? index - (RaPages / 2) : 0;
+        if (Kernel.ReadaheadMarksFolios)
+        {
+            (file.RaStart, file.RaSize, file.RaAsync) = (start, RaPages, RaPages / 4);
+            DoPageCacheRa(file, start, RaPages, RaPages / 4);
+            return;
+        }
         var end = Math.Min(start + RaPages, file.SizePages);
         for (var i = start; i < end; i++)
         {
@@ -344,6 +353,61 @@ public sealed partial class Mm
                 ReadFilePage(file, i);
         }
     }
+
+    /// <summary>
+    /// do_page_cache_ra → page_cache_ra_unbounded (6.1, order 0): nr_to_read pages from
+    /// <paramref name="start"/>, clipped at EOF; cached ones are skipped; the new folio at
+    /// nr_to_read - lookahead gets PG_readahead.
+    /// </summary>
+    private void DoPageCacheRa(MemFile file, ulong start, ulong nrToRead, ulong lookahead)
+    {
+        if (file.SizePages == 0 || start > file.SizePages - 1)
+            return;
+        nrToRead = Math.Min(nrToRead, file.SizePages - start);
+        for (ulong i = 0; i < nrToRead; i++)
+        {
+            if (file.FindCachePage(start + i) is not null)
+                continue;
+            var page = ReadFilePage(file, start + i);
+            if (page is null)
+                break;
+            if (lookahead <= nrToRead && i == nrToRead - lookahead)
+                page.Readahead = true;
+        }
+    }
+
+    /// <summary>
+    /// do_async_mmap_readahead → page_cache_async_ra → ondemand_readahead (6.1): a fault on a
+    /// PG_readahead folio clears the mark and reads the next window: the expected index of
+    /// the file's readahead state pushes the window forward; any other marked folio starts a
+    /// window at the next page-cache miss (at most ra_pages away).
+    /// </summary>
+    private void AsyncMmapReadahead(MemFile file, Page page)
+    {
+        page.Readahead = false;
+        var index = page.Index;
+        if (index == file.RaStart + file.RaSize - file.RaAsync || index == file.RaStart + file.RaSize)
+        {
+            file.RaStart += file.RaSize;
+            file.RaSize = NextRaSize(file.RaSize);
+        }
+        else
+        {
+            var miss = index + 1;
+            while (miss <= index + RaPages && file.FindCachePage(miss) is not null)
+                miss++;
+            if (miss - index > RaPages)
+                return;
+            file.RaStart = miss;
+            file.RaSize = NextRaSize(miss - index + RaPages);
+        }
+        file.RaAsync = file.RaSize;
+        DoPageCacheRa(file, file.RaStart, file.RaSize, file.RaAsync);
+    }
+
+    /// <summary>get_next_ra_size with max_pages = ra_pages.</summary>
+    private static ulong NextRaSize(ulong cur) =>
+        cur < RaPages / 16 ? 4 * cur : cur <= RaPages / 2 ? 2 * cur : RaPages;
 
     /// <summary>Reads one page of a regular file (or allocates a zero page for shmem) into the page cache.</summary>
     private Page? ReadFilePage(MemFile file, ulong index)
@@ -420,7 +484,7 @@ public sealed partial class Mm
         var refOne = page.SwapCacheSlot == 0 && !othersMapped && page.Pins == 0;
         if (exclusive || refOne)
         {
-            if ((IsV6 || write) && (vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
+            if ((Kernel.SwapinMapsWritableOnRead || write) && (vma.Flags & VmFlags.Write) != 0 && !(vma.UserfaultfdWp && pte.UffdWp) && !NeedsSoftDirtyWp(vma, pte))
             {
                 pte = pte.MkWrite();
                 if (write)
@@ -484,7 +548,7 @@ public sealed partial class Mm
     {
         if (!IsV6)
             return page.PreciseMapCount == 1;
-        if (page.Folio is { } folio)
+        if (page.Folio is { } folio && Kernel.ReusesLargeAnonFolio)
         {
             // __wp_can_reuse_large_anon_folio: mapped by this mm only, more than one page mapped, no extra references.
             return folio.LargeMapCount > 1 && !folio.MaybeMappedShared && folio.MmMaps.ContainsKey(this)
@@ -627,6 +691,12 @@ public sealed partial class Mm
         }
         var head = Kernel.PageOf(pmd.Pfn)!;
         var folio = head.Folio!;
+        if (folio.IsHugeZero && !Kernel.HugeZeroWpAllocatesThp)
+        {
+            SplitHugePmd(vma, pmdt, pi, haddr);
+            fallback = true;
+            return FaultResult.Ok;
+        }
         if (folio.IsHugeZero)
         {
             var thp = Kernel.AllocThp(this, (vma.Flags & VmFlags.HugePage) != 0);

@@ -250,10 +250,15 @@ public sealed partial class Mm
             {
                 var i = PageTable.PteIndex(a);
                 var pte = table.Entries[i];
-                if (pte.Present && NormalPage(pte) is { Folio: { } f } && !FolioWithin(a, start, end) && !f.MaybeMappedShared)
+                if (pte.Present && NormalPage(pte) is { Folio: { } f })
                 {
-                    SplitAnonFolioAt(vma, a);
-                    pte = table.Entries[i];
+                    if (f.MaybeMappedShared && !Kernel.FreeKeepsWholeLargeFolio)
+                        break;
+                    if (!f.MaybeMappedShared && (!Kernel.FreeKeepsWholeLargeFolio || !FolioWithin(a, start, end)))
+                    {
+                        SplitAnonFolioAt(vma, a);
+                        pte = table.Entries[i];
+                    }
                 }
                 if (pte.IsSwap)
                 {
@@ -522,7 +527,8 @@ public sealed partial class Mm
     /// madvise_collapse (mm/khugepaged.c) for anon memory: every 2 MiB-aligned range fully
     /// inside the request is collapsed into a new PMD-mapped THP. A range holding a
     /// uffd-wp entry fails (SCAN_PTE_UFFD_WP: EINVAL); an empty slot in a uffd-armed VMA
-    /// fails (SCAN_EXCEED_NONE_PTE: EBUSY); no PTE table at all is SCAN_PMD_NULL (EINVAL).
+    /// fails (SCAN_EXCEED_NONE_PTE: EBUSY, EINVAL in 6.1); no PTE table at all is SCAN_PMD_NULL
+    /// (EINVAL). In 6.1 a range without a writable PTE is SCAN_PAGE_RO (EINVAL).
     /// </summary>
     private Errno MadviseCollapse(Vma vma, ulong start, ulong end)
     {
@@ -562,23 +568,27 @@ public sealed partial class Mm
         var table = pmdt?.Tables[pi];
         if (table is null)
             return Errno.EINVAL;
+        var writable = false;
         for (var i = 0; i < Kernel.PtrsPerTable; i++)
         {
             var pte = table.Entries[i];
             if (pte.IsNone || (pte.Present && pte.Special))
             {
                 if (vma.UserfaultfdArmed)
-                    return Errno.EBUSY;
+                    return Kernel.CollapseNonePteIsEbusy ? Errno.EBUSY : Errno.EINVAL;
                 continue;
             }
             if (!pte.Present)
                 return Errno.EINVAL;
             if (pte.UffdWp)
                 return Errno.EINVAL;
+            writable |= pte.Write;
             var page = NormalPage(pte)!;
             if (!page.IsAnon)
                 return Errno.EINVAL;
         }
+        if (!writable && Kernel.CollapseNeedsWritablePte)
+            return Errno.EINVAL;
         // hugepage_vma_revalidate: a VMA that never had an anon page has no anon_vma
         // (SCAN_PAGE_ANON). MADV_COLLAPSE ignores max_ptes_shared and read-only PTEs.
         if (vma.AnonVma is null)
@@ -645,7 +655,7 @@ public sealed partial class Mm
                 if (file.FindCachePage(i) is not null || ShmemSwapin(file, i) is not null)
                     UnmapFilePage(file, i);
             }
-            if (present < Kernel.PtrsPerTable && FileVmas(file).Any(v => v.Vma.UserfaultfdMissing
+            if (Kernel.CollapseFileChecksMissingHoles && present < Kernel.PtrsPerTable && FileVmas(file).Any(v => v.Vma.UserfaultfdMissing
                 && v.Vma.PgOff < end && v.Vma.PgOff + v.Vma.Pages > start))
                 return Errno.EBUSY;
             var folio = Kernel.AllocFileThp(file, start, this);

@@ -184,7 +184,7 @@ public sealed partial class Mm
                 ZapPte(vma, table, PageTable.PteIndex(a), details);
             // CONFIG_PT_RECLAIM (reclaim_pt_is_enabled): a zap covering a whole PMD range
             // frees the PTE table once every entry is none.
-            if (details.ReclaimPt && st.CoversPmd && Array.TrueForAll(table.Entries, e => e.IsNone))
+            if (details.ReclaimPt && Kernel.HasPtReclaim && st.CoversPmd && Array.TrueForAll(table.Entries, e => e.IsNone))
                 pmdt.Tables[st.Index] = null;
         }
     }

@@ -60,7 +60,8 @@ public sealed partial class Mm
     /// Models mprotect_fixup: nothing to do when the flags do not change. Making a private
     /// VMA that is not yet charged writable adds VM_ACCOUNT; making it non-writable drops
     /// VM_ACCOUNT only from an anonymous VMA that has no anon_vma yet (the commit cannot be
-    /// returned once pages may exist). The flags then take part in the merge.
+    /// returned once pages may exist; 6.1 never drops it: <see cref="Kernel.MprotectDropsAccount"/>).
+    /// The flags then take part in the merge.
     /// </summary>
     private void MprotectFixup(Vma vma, ulong start, ulong end, VmFlags newFlags)
     {
@@ -72,7 +73,7 @@ public sealed partial class Mm
             if ((oldFlags & (VmFlags.Account | VmFlags.Write | VmFlags.Shared)) == 0)
                 newFlags |= VmFlags.Account;
         }
-        else if ((oldFlags & VmFlags.Account) != 0 && vma.IsAnonymous && vma.AnonVma is null)
+        else if (Kernel.MprotectDropsAccount && (oldFlags & VmFlags.Account) != 0 && vma.IsAnonymous && vma.AnonVma is null)
         {
             newFlags &= ~VmFlags.Account;
         }
@@ -207,7 +208,7 @@ public sealed partial class Mm
         if (!vma.IsShared)
         {
             var page = NormalPage(pte);
-            return page is { IsAnon: true, AnonExclusive: true };
+            return page is { IsAnon: true, AnonExclusive: true } && (Kernel.CleanAnonPteMayBecomeWritable || pte.Dirty);
         }
         return pte.Dirty;
     }
@@ -220,7 +221,7 @@ public sealed partial class Mm
             pmd = pmd.MkUffdWp();
         else if ((cpFlags & CpFlags.UffdWpResolve) != 0)
             pmd = pmd.ClearUffdWp();
-        if (IsV6 && (cpFlags & CpFlags.TryChangeWritable) != 0 && !pmd.Write && (vma.Flags & VmFlags.Write) != 0
+        if (Kernel.PmdTryChangeWritable && (cpFlags & CpFlags.TryChangeWritable) != 0 && !pmd.Write && (vma.Flags & VmFlags.Write) != 0
             && pmd.HwPresent && !Userfaultfd.HugePmdWp(vma, pmd) && !(SoftDirtyEnabled(vma) && !pmd.SoftDirty))
         {
             var head = Kernel.PageOf(pmd.Pfn)!;

@@ -42,7 +42,7 @@ public sealed partial class Mm
             }
             else
             {
-                clearWp = IsV6;
+                clearWp = Kernel.MremapClearsUffdWp;
                 nv.UffdCtx = null;
                 nv.Flags &= ~VmFlags.UffdFlags;
             }

@@ -41,7 +41,7 @@ public sealed partial class Mm
     {
         using var _ = Kernel.Enter();
         Kernel.InjectPoint(this);
-        if (!IsV6)
+        if (!Kernel.HasPagemapScan)
             return new(Errno.ENOTTY, 0, []);
         if (arg.Size != 96)
             return new(Errno.EINVAL, 0, []);

@@ -131,8 +131,9 @@ public sealed partial class Mm
             {
                 if (st.IsHuge)
                 {
-                    var folio = Kernel.PageOf(st.Table!.Entries[st.Index].Pfn)!.Folio!;
-                    if (!folio.IsHugeZero)
+                    var hpmd = st.Table!.Entries[st.Index];
+                    var folio = Kernel.PageOf(hpmd.Pfn)!.Folio!;
+                    if (!folio.IsHugeZero && (hpmd.HwPresent || Kernel.SmapsCountsProtnonePmd))
                     {
                         rss += (long)((st.End - st.Addr) / Kernel.PageSize);
                         pmdMapped++;

@@ -35,7 +35,11 @@ public sealed partial class Mm
         vma.Flags = (vma.Flags & ~VmFlags.UffdFlags) | uffdFlags;
     }
 
-    /// <summary>userfaultfd_register_range: per VMA, skip if already a superset on this ctx, else split and set exactly these modes.</summary>
+    /// <summary>
+    /// userfaultfd_register_range: per VMA, skip if already a superset on this ctx, else split
+    /// and set exactly these modes, then merge (not for a piece starting inside its VMA in
+    /// 6.1: <see cref="Kernel.UffdMergeUsesVmaPgoff"/>).
+    /// </summary>
     internal void UserfaultfdRegisterRange(UserfaultfdCtx ctx, VmFlags vmFlags, ulong start, ulong end)
     {
         foreach (var v0 in VmasIn(start, end))
@@ -44,7 +48,8 @@ public sealed partial class Mm
                 continue;
             var v = IsolateRange(v0, Math.Max(start, v0.Start), Math.Min(end, v0.End));
             SetUffdCtx(v, ctx, vmFlags);
-            MergeVma(v);
+            if (!(Kernel.UffdMergeUsesVmaPgoff && start > v0.Start))
+                MergeVma(v);
         }
     }
 
@@ -57,9 +62,10 @@ public sealed partial class Mm
     {
         if (vma.UserfaultfdWp && IsV6)
             UffdWpRange(vma, start, end - start, enableWp: false);
+        var inside = start > vma.Start;
         vma = IsolateRange(vma, start, end);
         SetUffdCtx(vma, null, VmFlags.None);
-        return MergeVma(vma);
+        return Kernel.UffdMergeUsesVmaPgoff && inside ? vma : MergeVma(vma);
     }
 
     /// <summary>userfaultfd_release_all: unregisters every VMA of <paramref name="ctx"/>.</summary>
@@ -80,7 +86,7 @@ public sealed partial class Mm
     internal long UffdWpRange(Vma vma, ulong start, ulong len, bool enableWp)
     {
         var flags = enableWp ? CpFlags.UffdWp : CpFlags.UffdWpResolve;
-        if (!enableWp && IsV6 && WantsManualPteWriteUpgrade(vma))
+        if (!enableWp && Kernel.ResolveTriesChangeWritable && WantsManualPteWriteUpgrade(vma))
             flags |= CpFlags.TryChangeWritable;
         return ChangeProtection(vma, start, start + len, flags);
     }
@@ -88,17 +94,21 @@ public sealed partial class Mm
     /// <summary>
     /// Models mwriteprotect_range: every VMA intersecting the range must be WP-registered
     /// (ENOENT otherwise, after the earlier VMAs were already changed; holes are skipped;
-    /// no VMA at all is ENOENT). v5.7 accepts a single anonymous private VMA only.
+    /// no VMA at all is ENOENT). Before that (<see cref="Kernel.WriteprotectSpansVmas"/>) the
+    /// range must lie in one VMA (find_dst_vma): in 6.1 a WP-registered VMA that
+    /// vma_can_userfault accepts, in v5.7 an anonymous private one.
     /// </summary>
     internal Errno MwriteprotectRange(UserfaultfdCtx ctx, ulong start, ulong len, bool enableWp)
     {
         if (ctx.MmapChanging > 0)
             return Errno.EAGAIN;
         var end = start + len;
-        if (!IsV6)
+        if (!Kernel.WriteprotectSpansVmas)
         {
             var v = FindVma(start);
-            if (v is null || v.Start > start || end > v.End || !v.UserfaultfdWp || !v.IsAnonymous || v.IsShared)
+            if (v is null || v.Start > start || end > v.End || !v.UserfaultfdWp)
+                return Errno.ENOENT;
+            if (IsV6 ? !VmaCanUserfault(v, v.Flags, ctx.WpAsync, isV6: true) : !v.IsAnonymous || v.IsShared)
                 return Errno.ENOENT;
             UffdWpRange(v, start, len, enableWp);
             return Errno.OK;
@@ -136,7 +146,8 @@ public sealed partial class Mm
     }
 
     /// <summary>
-    /// Models mfill_atomic: the destination VMA checks (ENOENT, EINVAL for MODE_WP without
+    /// Models mfill_atomic (6.18) or __mcopy_atomic (6.1, <see cref="Kernel.FillPreparesAnonVmaFirst"/>):
+    /// the destination VMA checks (ENOENT, EINVAL for MODE_WP without
     /// VM_UFFD_WP, unsupported kinds, CONTINUE on anon), then page by page from the start,
     /// stopping at the first error. Returns bytes done if any, else the errno. A PTE table
     /// (__pte_alloc) or page that cannot be allocated is -ENOMEM; both allocations reclaim
@@ -146,17 +157,32 @@ public sealed partial class Mm
     /// </summary>
     internal long MfillAtomic(UserfaultfdCtx ctx, ulong dst, ReadOnlySpan<byte> src, bool repeat, ulong len, MfillMode mode, bool wp)
     {
-        var vma = UffdMfillLock(dst, len);
-        if (vma is null)
-            return -(long)Errno.ENOENT;
-        if (ctx.MmapChanging > 0)
-            return -(long)Errno.EAGAIN;
+        Vma? vma;
+        if (Kernel.FillPreparesAnonVmaFirst)
+        {
+            vma = UffdMfillLock(dst, len);
+            if (vma is null)
+                return -(long)Errno.ENOENT;
+            if (ctx.MmapChanging > 0)
+                return -(long)Errno.EAGAIN;
+        }
+        else
+        {
+            // __mcopy_atomic (6.1): mmap_changing, then find_dst_vma.
+            if (ctx.MmapChanging > 0)
+                return -(long)Errno.EAGAIN;
+            vma = FindVma(dst);
+            if (vma is null || vma.Start > dst || dst + len > vma.End || vma.UffdCtx is null)
+                return -(long)Errno.ENOENT;
+        }
         if (wp && !vma.UserfaultfdWp)
             return -(long)Errno.EINVAL;
         if (!vma.IsAnonymous && !vma.IsShmem)
             return -(long)Errno.EINVAL;
         if (!vma.IsShmem && mode == MfillMode.Continue)
             return -(long)Errno.EINVAL;
+        if (!Kernel.FillPreparesAnonVmaFirst && !vma.IsShared)
+            AnonVmaPrepare(vma);
         long copied = 0;
         var err = Errno.OK;
         var pages = (long)(len / Kernel.PageSize);
@@ -482,13 +508,14 @@ public sealed partial class Mm
     /// <summary>
     /// split_folio of a PTE-mapped anon THP mapped by <paramref name="table"/>: the folio
     /// becomes 512 small pages; subpages that are mapped and hold only zeros are replaced by
-    /// the shared zero page (RMP_USE_SHARED_ZEROPAGE), keeping soft-dirty and uffd-wp.
+    /// the shared zero page (RMP_USE_SHARED_ZEROPAGE), keeping soft-dirty and uffd-wp
+    /// (<see cref="Kernel.SplitMapsZeroFilledToZeroPage"/>; 6.1 keeps them all).
     /// </summary>
     internal void SplitFolio(Folio folio, Vma vma, PteTable table)
     {
         foreach (var p in folio.Pages)
             p.Folio = null;
-        for (var i = 0; i < Kernel.PtrsPerTable; i++)
+        for (var i = 0; i < Kernel.PtrsPerTable && Kernel.SplitMapsZeroFilledToZeroPage; i++)
         {
             var pte = table.Entries[i];
             if (!pte.Present || pte.Special)

@@ -40,6 +40,8 @@ public sealed class Page
     public int Pins { get; internal set; }
     /// <summary>PG_dirty: the page-cache or lazily freed anon page holds unsaved data.</summary>
     public bool Dirty { get; internal set; }
+    /// <summary>PG_readahead: the page-cache folio that starts the next readahead when it is faulted (6.1 profile).</summary>
+    internal bool Readahead;
     /// <summary>MADV_FREE marked this anon page lazily freeable (folio_mark_lazyfree).</summary>
     public bool LazyFree { get; internal set; }
     /// <summary>PG_hwpoison: memory_failure took the frame out of use for good (it is never freed or reused).</summary>

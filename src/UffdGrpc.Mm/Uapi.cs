@@ -44,6 +44,10 @@ public static class Uapi
     public const ulong RangeIoctls = (1UL << UffdioWake) | (1UL << UffdioCopy) | (1UL << UffdioZeropage)
         | (1UL << UffdioMove) | (1UL << UffdioWriteprotect) | (1UL << UffdioContinue) | (1UL << UffdioPoison);
 
+    /// <summary>The 6.1 range ioctls: WAKE, COPY, ZEROPAGE, WRITEPROTECT, CONTINUE (no MOVE, no POISON).</summary>
+    public const ulong RangeIoctlsV61 = (1UL << UffdioWake) | (1UL << UffdioCopy) | (1UL << UffdioZeropage)
+        | (1UL << UffdioWriteprotect) | (1UL << UffdioContinue);
+
     /// <summary>The v5.7 range ioctls: WAKE, COPY, ZEROPAGE, WRITEPROTECT.</summary>
     public const ulong RangeIoctlsV57 = (1UL << UffdioWake) | (1UL << UffdioCopy) | (1UL << UffdioZeropage)
         | (1UL << UffdioWriteprotect);

@@ -130,8 +130,7 @@ public sealed partial class UserfaultfdCtx
     public int BlockedFaults => _faultPending.Count + _faultWaiting.Count;
 
     /// <summary>The kernel's available feature set for the profile (UFFD_API_FEATURES).</summary>
-    public static UffdFeatures AvailableFeatures(KernelProfile profile) =>
-        profile == KernelProfile.V6_18 ? (UffdFeatures)0x1ffff : (UffdFeatures)0x1ff;
+    public static UffdFeatures AvailableFeatures(KernelProfile profile) => Kernel.ApiFeatures(profile);
 
     // ------------------------------------------------------------------ waiters
 

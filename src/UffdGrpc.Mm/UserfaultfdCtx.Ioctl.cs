@@ -96,7 +96,7 @@ public sealed partial class UserfaultfdCtx
                 return Errno.EBUSY;
         }
         Mm.UserfaultfdRegisterRange(this, vmFlags, start, end);
-        ioctls = IsV6 ? Uapi.RangeIoctls : Uapi.RangeIoctlsV57;
+        ioctls = Kernel.RangeIoctls;
         if ((mode & Uapi.RegisterModeWp) == 0)
             ioctls &= ~(1UL << Uapi.UffdioWriteprotect);
         if ((mode & Uapi.RegisterModeMinor) == 0)
@@ -127,7 +127,7 @@ public sealed partial class UserfaultfdCtx
             return Errno.EINVAL;
         foreach (var v in vmas)
         {
-            if (v.UffdCtx is not null && v.UffdCtx != this)
+            if (Kernel.UnregisterChecksOwner && v.UffdCtx is not null && v.UffdCtx != this)
                 return Errno.EINVAL;
             if (!Mm.VmaCanUserfault(v, v.Flags, WpAsync, IsV6))
                 return Errno.EINVAL;
@@ -139,7 +139,7 @@ public sealed partial class UserfaultfdCtx
             var s = Math.Max(start, v.Start);
             var e = Math.Min(end, v.End);
             if (v.UserfaultfdMissing)
-                WakeUserfault(s, e - s, UserfaultOutcome.Unregister);
+                v.UffdCtx.WakeUserfault(s, e - s, UserfaultOutcome.Unregister);
             Mm.UserfaultfdClearVma(v, s, e);
         }
         return Errno.OK;
@@ -194,8 +194,8 @@ public sealed partial class UserfaultfdCtx
     }
 
     /// <summary>
-    /// Models userfaultfd_copy: mmap_changing (field = -EAGAIN), source and destination
-    /// ranges (the source may be unaligned), mode bits; then mfill_atomic_copy. The field
+    /// Models userfaultfd_copy: mmap_changing (<see cref="EarlyEagain"/>), source and
+    /// destination ranges (the source may be unaligned), mode bits; then mfill_atomic_copy. The field
     /// gets bytes copied or -errno; a partial copy fails with EAGAIN; the copied range is
     /// woken unless DONTWAKE.
     /// </summary>
@@ -223,10 +223,12 @@ public sealed partial class UserfaultfdCtx
             return FillResult.Untouched(st);
         Kernel.InjectPoint(Mm);
         if (MmapChangingSeen(dst))
-            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
-        var r = ValidateRange(srcAddr, len, allowUnaligned: true);
+            return EarlyEagain();
+        var r = Kernel.CopyValidatesSourceRange ? ValidateRange(srcAddr, len, allowUnaligned: true) : Errno.OK;
         if (r == Errno.OK)
             r = ValidateRange(dst, len);
+        if (r == Errno.OK && !Kernel.CopyValidatesSourceRange && srcAddr + len <= srcAddr)
+            r = Errno.EINVAL;
         if (r != Errno.OK)
             return FillResult.Untouched(r);
         if ((mode & ~(Uapi.CopyModeDontwake | Uapi.CopyModeWp)) != 0)
@@ -239,21 +241,26 @@ public sealed partial class UserfaultfdCtx
         return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0, UserfaultOutcome.Copy);
     }
 
+    /// <summary>The ioctl's early mmap_changing check (<see cref="Kernel.FillEagainWritesField"/>).</summary>
+    private FillResult EarlyEagain() =>
+        Kernel.FillEagainWritesField ? new(Errno.EAGAIN, -(long)Errno.EAGAIN) : FillResult.Untouched(Errno.EAGAIN);
+
     /// <summary>
-    /// The common entry checks of the fill ioctls, in the kernel's order: state, then
-    /// mmap_changing (field = -EAGAIN), then the range, unknown mode bits and a gone mm
-    /// (field untouched). Null when the operation may run.
+    /// The common entry checks of the fill ioctls, in the kernel's order: state, an ioctl
+    /// number the profile does not know (userfaultfd_ioctl's default -EINVAL), then
+    /// mmap_changing (<see cref="EarlyEagain"/>), then the range, unknown mode bits and a gone
+    /// mm (field untouched). Null when the operation may run.
     /// </summary>
-    private FillResult? FillPrelude(ulong start, ulong len, ulong mode, ulong knownModes, bool v6Only)
+    private FillResult? FillPrelude(ulong start, ulong len, ulong mode, ulong knownModes, bool known)
     {
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);
-        if (v6Only && !IsV6)
+        if (!known)
             return FillResult.Untouched(Errno.EINVAL);
         Kernel.InjectPoint(Mm);
         if (MmapChangingSeen(start))
-            return new(Errno.EAGAIN, -(long)Errno.EAGAIN);
+            return EarlyEagain();
         var r = ValidateRange(start, len);
         if (r != Errno.OK)
             return FillResult.Untouched(r);
@@ -268,17 +275,18 @@ public sealed partial class UserfaultfdCtx
     public FillResult Zeropage(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
-        if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, v6Only: false) is { } early)
+        if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, known: true) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Zeropage, false);
         return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0, UserfaultOutcome.Zeropage);
     }
 
-    /// <summary>Models userfaultfd_continue (modes DONTWAKE, WP).</summary>
+    /// <summary>Models userfaultfd_continue (modes DONTWAKE, and WP since 6.4: <see cref="Kernel.HasContinueModeWp"/>).</summary>
     public FillResult Continue(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
-        if (FillPrelude(start, len, mode, Uapi.ContinueModeDontwake | Uapi.ContinueModeWp, v6Only: true) is { } early)
+        var modes = Uapi.ContinueModeDontwake | (Kernel.HasContinueModeWp ? Uapi.ContinueModeWp : 0);
+        if (FillPrelude(start, len, mode, modes, known: Kernel.IsV6) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
         return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0, UserfaultOutcome.Continue);
@@ -288,7 +296,7 @@ public sealed partial class UserfaultfdCtx
     public FillResult Poison(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
-        if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, v6Only: true) is { } early)
+        if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, known: Kernel.HasPoison) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Poison, false);
         return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0, UserfaultOutcome.Poison);
@@ -304,7 +312,7 @@ public sealed partial class UserfaultfdCtx
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);
-        if (!IsV6)
+        if (!Kernel.HasMove)
             return FillResult.Untouched(Errno.EINVAL);
         Kernel.InjectPoint(Mm);
         if (MmapChangingSeen(dst))

@@ -21,7 +21,12 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
     {
         if (_machine == 0)
         {
-            var p = profile == KernelProfile.V5_7 ? V1.KernelProfile.V57 : V1.KernelProfile.V618;
+            var p = profile switch
+            {
+                KernelProfile.V5_7 => V1.KernelProfile.V57,
+                KernelProfile.V6_1 => V1.KernelProfile.V61,
+                _ => V1.KernelProfile.V618,
+            };
             _machine = (await client.CreateMachineAsync(p).ConfigureAwait(false)).MachineId;
         }
         return _machine;
@@ -49,8 +54,9 @@ public sealed class GrpcBackend(UffdClient client, KernelProfile profile = Kerne
 
     private static Errno E(V1.Errno e) => (Errno)(int)e;
 
+    /// <summary>A `require` line's settings; on a profile with soft-dirty built in (6.1) the soft-dirty request only checks.</summary>
     public async Task ConfigureAsync(bool? swap, bool? softDirty) =>
-        await client.ConfigureMachineAsync(await MachineAsync().ConfigureAwait(false), swap, softDirty).ConfigureAwait(false);
+        await client.ConfigureMachineAsync(await MachineAsync().ConfigureAwait(false), swap, Kernel.ConfigIsBuiltIn(profile) ? null : softDirty).ConfigureAwait(false);
 
     public async Task<bool> AvailableAsync(string capability, ulong featureBit)
     {

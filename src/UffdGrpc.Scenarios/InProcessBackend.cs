@@ -23,8 +23,11 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
 
     private static Task<T> Done<T>(T v) => Task.FromResult(v);
 
+    /// <summary>A `require` line's settings; on a profile with soft-dirty built in (6.1) the soft-dirty request only checks.</summary>
     public Task ConfigureAsync(bool? swap, bool? softDirty)
     {
+        if (Kernel.ConfigIsBuiltIn(Kernel.Profile))
+            softDirty = null;
         Kernel.Configure(c => c with { Swap = swap ?? c.Swap, SoftDirty = softDirty ?? c.SoftDirty });
         return Task.CompletedTask;
     }
@@ -32,7 +35,7 @@ public sealed class InProcessBackend(Kernel kernel) : IKernelBackend
     public Task<bool> AvailableAsync(string capability, ulong featureBit) => capability switch
     {
         "thp" => Done(Kernel.Config.Thp != ThpMode.Never),
-        "pagemap_scan" => Done(Kernel.IsV6),
+        "pagemap_scan" => Done(Kernel.HasPagemapScan),
         "swap" => Done(Kernel.Config.Swap),
         "softdirty" => Done(Kernel.Config.SoftDirty),
         _ => Done(((ulong)UserfaultfdCtx.AvailableFeatures(Kernel.Profile) & featureBit) != 0),

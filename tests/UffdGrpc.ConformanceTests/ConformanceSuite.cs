@@ -1,4 +1,5 @@
 using System.Text;
+using UffdGrpc.Mm;
 using UffdGrpc.Scenarios;
 using Xunit.Abstractions;
 
@@ -53,10 +54,10 @@ public static class ScenarioFolders
 /// <summary>Replays a scenario in-process and compares the whole trace with its golden.</summary>
 public static class Replay
 {
-    public static async Task<string> RunAsync(string scenarioPath)
+    public static async Task<string> RunAsync(string scenarioPath, KernelProfile profile = KernelProfile.V6_18)
     {
         var sw = new StringWriter { NewLine = "\n" };
-        await using var backend = new InProcessBackend();
+        await using var backend = new InProcessBackend(new Kernel(profile));
         using var reader = new StreamReader(scenarioPath);
         await new ScenarioInterpreter(backend, sw).RunAsync(reader);
         return sw.ToString();

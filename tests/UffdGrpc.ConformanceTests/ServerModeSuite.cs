@@ -4,6 +4,7 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
 using Microsoft.Extensions.Logging;
 using UffdGrpc.Client;
+using UffdGrpc.Mm;
 using UffdGrpc.Scenarios;
 using Xunit.Abstractions;
 
@@ -38,11 +39,11 @@ public sealed class TestServerFixture : WebApplicationFactory<Program>
 /// </summary>
 public class ServerModeSuite(TestServerFixture server, ITestOutputHelper output) : IClassFixture<TestServerFixture>
 {
-    private async Task<string> ReplayAsync(string path)
+    internal static async Task<string> ReplayAsync(TestServerFixture fixture, string path, KernelProfile profile = KernelProfile.V6_18)
     {
         var sw = new StringWriter { NewLine = "\n" };
-        using var client = new UffdClient(server.Channel);
-        await using var backend = new GrpcBackend(client);
+        using var client = new UffdClient(fixture.Channel);
+        await using var backend = new GrpcBackend(client, profile);
         using var reader = new StreamReader(path);
         await new ScenarioInterpreter(backend, sw).RunAsync(reader);
         return sw.ToString();
@@ -54,7 +55,7 @@ public class ServerModeSuite(TestServerFixture server, ITestOutputHelper output)
     {
         var path = Path.Combine(suite == "shared" ? ScenarioFolders.Shared! : ScenarioFolders.Project, name);
         var expected = await File.ReadAllTextAsync(Path.ChangeExtension(path, ".out"));
-        var actual = await ReplayAsync(path);
+        var actual = await ReplayAsync(server, path);
         var diff = Replay.FirstDifference(expected, actual);
         Assert.True(diff is null, $"{suite}/{name} over gRPC: {diff}");
     }
@@ -74,7 +75,7 @@ public class ServerModeSuite(TestServerFixture server, ITestOutputHelper output)
         {
             var name = $"{suite}/{Path.GetFileNameWithoutExtension(path)}";
             var golden = await File.ReadAllTextAsync(Path.ChangeExtension(path, ".out"));
-            var overGrpc = await ReplayAsync(path);
+            var overGrpc = await ReplayAsync(server, path);
             var diff = Replay.FirstDifference(golden, overGrpc);
             if (diff is null)
             {

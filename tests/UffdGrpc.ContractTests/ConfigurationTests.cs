@@ -7,7 +7,7 @@ public sealed class ConfigurationTests
     {
         { "Limits__MachinesPerPrincipal", "0", "Limits:MachinesPerPrincipal = '0': must be a positive integer" },
         { "Limits__ThreadsPerMachine", "lots", "'lots' at 'Limits:ThreadsPerMachine'" },
-        { "Server__DefaultProfile", "4.19", "Server:DefaultProfile = '4.19': must be 6.18 or v5.7" },
+        { "Server__DefaultProfile", "4.19", "Server:DefaultProfile = '4.19': must be 6.18, 6.1 or v5.7" },
         { "Auth__Anonymous", "Sometimes", "'Sometimes' at 'Auth:Anonymous'" },
         { "Limits__MachinesPerPrincpal", "3", "Limits has no key MachinesPerPrincpal" },
         { "Metrics__OtlpEndpoint", "collector", "Metrics:OtlpEndpoint = 'collector'" },

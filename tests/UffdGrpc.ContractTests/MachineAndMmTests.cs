@@ -39,6 +39,31 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
     }
 
     [Fact]
+    public async Task A_6_1_machine_has_its_features_and_built_in_soft_dirty_and_memory_failure()
+    {
+        var c = fx.NewClient();
+
+        var m = (await c.Machines.CreateMachineAsync(new CreateMachineRequest { Profile = KernelProfile.V61 })).Machine;
+        var swapped = await c.ConfigureMachineAsync(m.MachineId, swap: true, softDirty: null);
+        var off = await Assert.ThrowsAsync<RpcException>(() => c.ConfigureMachineAsync(m.MachineId, swap: null, softDirty: false));
+        var created = await Assert.ThrowsAsync<RpcException>(() => c.Machines.CreateMachineAsync(
+            new CreateMachineRequest { Profile = KernelProfile.V61, Settings = new MachineSettings { MemoryFailure = false } }).ResponseAsync);
+        var after = await c.GetMachineAsync(m.MachineId);
+        await c.DestroyMachineAsync(m.MachineId);
+
+        Assert.Equal(KernelProfile.V61, m.Profile);
+        Assert.Equal(0x1fffUL, m.UffdFeatures);
+        Assert.False(m.PagemapScan);
+        Assert.True(m.SoftDirty);
+        Assert.True(m.MemoryFailure);
+        Assert.True(swapped.Swap);
+        Assert.Equal(StatusCode.InvalidArgument, off.StatusCode);
+        Assert.Equal(StatusCode.InvalidArgument, created.StatusCode);
+        Assert.True(after.SoftDirty);
+        Assert.Empty(fx.Errors);
+    }
+
+    [Fact]
     public async Task Mm_create_list_destroy_and_threads_die_with_their_process()
     {
         var c = fx.NewClient();

@@ -64,7 +64,7 @@ internal sealed class OptionsValidators :
 
     public ValidateOptionsResult Validate(string? name, ServerOptions o) =>
         ServerOptions.ParseProfile(o.DefaultProfile) is null
-            ? ValidateOptionsResult.Fail(Bad(ServerOptions.Section, nameof(o.DefaultProfile), o.DefaultProfile, "must be 6.18 or v5.7"))
+            ? ValidateOptionsResult.Fail(Bad(ServerOptions.Section, nameof(o.DefaultProfile), o.DefaultProfile, "must be 6.18, 6.1 or v5.7"))
             : ValidateOptionsResult.Success;
 
     public ValidateOptionsResult Validate(string? name, MetricsOptions o)

@@ -5,13 +5,14 @@ public sealed class ServerOptions
 {
     public const string Section = "Server";
 
-    /// <summary>The kernel profile of a CreateMachine without one: <c>6.18</c> (the default) or <c>v5.7</c>.</summary>
+    /// <summary>The kernel profile of a CreateMachine without one: <c>6.18</c> (the default), <c>6.1</c> or <c>v5.7</c>.</summary>
     public string DefaultProfile { get; set; } = "6.18";
 
     /// <summary>The profile <see cref="DefaultProfile"/> names, or null when it names none.</summary>
     internal static Mm.KernelProfile? ParseProfile(string? s) => s?.Trim().ToLowerInvariant() switch
     {
         "6.18" or "v6.18" => Mm.KernelProfile.V6_18,
+        "6.1" or "v6.1" => Mm.KernelProfile.V6_1,
         "5.7" or "v5.7" => Mm.KernelProfile.V5_7,
         _ => null,
     };

@@ -23,10 +23,16 @@ public static class ProtoMapping
     {
         KernelProfile.Unspecified or KernelProfile.V618 => Model.KernelProfile.V6_18,
         KernelProfile.V57 => Model.KernelProfile.V5_7,
+        KernelProfile.V61 => Model.KernelProfile.V6_1,
         _ => throw RequestErrors.Invalid("profile", "unknown kernel profile"),
     };
 
-    public static KernelProfile ToProto(Model.KernelProfile p) => p == Model.KernelProfile.V5_7 ? KernelProfile.V57 : KernelProfile.V618;
+    public static KernelProfile ToProto(Model.KernelProfile p) => p switch
+    {
+        Model.KernelProfile.V5_7 => KernelProfile.V57,
+        Model.KernelProfile.V6_1 => KernelProfile.V61,
+        _ => KernelProfile.V618,
+    };
 
     public static Model.ThpMode ToModel(ThpMode m, Model.ThpMode current) => m switch
     {

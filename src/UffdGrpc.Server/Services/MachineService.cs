@@ -22,7 +22,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             MemoryFailure = k.Config.MemoryFailure,
             Thp = ProtoMapping.ToProto(k.Config.Thp),
             UffdFeatures = (ulong)Model.UserfaultfdCtx.AvailableFeatures(k.Profile),
-            PagemapScan = k.IsV6,
+            PagemapScan = k.HasPagemapScan,
             MaxCopyBytes = k.Config.MaxCopyBytes,
             LiveFrames = k.LiveFrames,
             Broken = h.Broken ?? "",
@@ -41,6 +41,18 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         return info;
     });
 
+    /// <summary>
+    /// The 6.1 profile has CONFIG_MEM_SOFT_DIRTY and CONFIG_MEMORY_FAILURE built in
+    /// (<see cref="Model.Kernel.ConfigIsBuiltIn"/>): a request to turn either off is refused.
+    /// </summary>
+    private static void RequireBuiltInConfig(Model.KernelProfile profile, MachineSettings? s)
+    {
+        if (!Model.Kernel.ConfigIsBuiltIn(profile))
+            return;
+        RequestErrors.Require(s?.SoftDirty is null or true, "settings.soft_dirty", "the 6.1 profile's kernel is built with CONFIG_MEM_SOFT_DIRTY=y");
+        RequestErrors.Require(s?.MemoryFailure is null or true, "settings.memory_failure", "the 6.1 profile's kernel is built with CONFIG_MEMORY_FAILURE=y");
+    }
+
     private static Model.MachineConfig Apply(Model.MachineConfig c, MachineSettings? s) => s is null ? c : c with
     {
         Swap = s.Swap ?? c.Swap,
@@ -58,10 +70,12 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         RequestErrors.Require(s?.MemoryBytes is null or (>= 1 << 20 and <= (ulong)long.MaxValue) && (s?.MemoryBytes ?? 0) <= (ulong)limits.MaxMachineMemoryBytes && (s?.MemoryBytes ?? 0) % Model.Kernel.PageSize == 0,
             "settings.memory_bytes", $"a multiple of 4096 from 1 MiB to {limits.MaxMachineMemoryBytes} (Limits:MaxMachineMemoryBytes)");
         RequestErrors.Require(s?.SwapBytes is null or <= 1UL << 40, "settings.swap_bytes", "at most 1 TiB");
-        var config = Apply(new Model.MachineConfig(), s) with
+        RequireBuiltInConfig(profile, s);
+        var defaults = Model.Kernel.DefaultConfig(profile);
+        var config = Apply(defaults, s) with
         {
-            MemoryBytes = s?.MemoryBytes ?? new Model.MachineConfig().MemoryBytes,
-            SwapBytes = s?.SwapBytes ?? new Model.MachineConfig().SwapBytes,
+            MemoryBytes = s?.MemoryBytes ?? defaults.MemoryBytes,
+            SwapBytes = s?.SwapBytes ?? defaults.SwapBytes,
         };
         var journal = s?.Journal == true ? new JournalHeader { FormatVersion = 1, CreateMachineRequest = request.ToByteString() } : null;
         var h = registry.CreateMachine(profile, config, Security.Caller.Principal ?? Security.AuthOptions.AnonymousPrincipal, journal);
@@ -90,6 +104,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         var h = registry.Machine(request.MachineId);
         _ = ProtoMapping.ToModel(request.Settings?.Thp ?? ThpMode.Unspecified, Model.ThpMode.Madvise);
         RequestErrors.Require(request.Settings?.MemoryBytes is null && request.Settings?.SwapBytes is null, "settings.memory_bytes", "the memory and swap sizes are set at CreateMachine only");
+        RequireBuiltInConfig(h.Kernel.Profile, request.Settings);
         h.Run(() =>
         {
             h.Kernel.Configure(c => Apply(c, request.Settings));

@@ -17,7 +17,20 @@ if [ -n "$missing" ]; then
   fi
 fi
 rm -rf artifacts/TestResults
-dotnet test UffdGrpc.sln -c Release
+# One summary line per test project, plus each failure (tests/Directory.Build.props: console
+# verbosity minimal, a trx per project in artifacts/TestResults).
+rc=0
+dotnet test UffdGrpc.sln -c Release || rc=$?
+# Each skipped test with its reason (the console logger names skipped tests only).
+python3 - <<'PY' || true
+import glob, xml.etree.ElementTree as ET
+ns = "{http://microsoft.com/schemas/VisualStudio/TeamTest/2010}"
+for t in sorted(glob.glob("artifacts/TestResults/*.trx")):
+    for r in ET.parse(t).getroot().iter(ns + "UnitTestResult"):
+        if r.get("outcome") == "NotExecuted":
+            reason = r.find(f"{ns}Output/{ns}ErrorInfo/{ns}Message")
+            print(f"SKIPPED {r.get('testName')}: {reason.text.strip() if reason is not None and reason.text else 'no reason given'}")
+PY
 if [ -f artifacts/conformance-report.txt ]; then
   grep -E '^(FAIL|NOTE)' artifacts/conformance-report.txt || true
   tail -n 1 artifacts/conformance-report.txt
@@ -34,3 +47,4 @@ for r in artifacts/conformance-k61-report.txt artifacts/conformance-k61-server-r
     tail -n 1 "$r"
   fi
 done
+exit $rc

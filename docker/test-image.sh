@@ -11,7 +11,12 @@
 # mcr.microsoft.com/dotnet/aspnet:10.0 (host .NET runtime) -> dotnet publish on the host ->
 # podman build -> podman run -p 127.0.0.1:<free port>:8080 -> gRPC health SERVING ->
 # CLI replay of p41-seed-child-writes-first.scn against the container, cmp with the golden ->
-# container runs as non-root -> podman stop (graceful, exit 0) and rm.
+# container runs as non-root -> podman stop (graceful, exit 0) and rm ->
+# docker/compose.yaml with podman-compose (Debian's 1.0.3): up, the server's gRPC health check
+# passes (`podman healthcheck run`; podman runs no health timers without systemd), the demo
+# container reaches the server by service name and its handler serves the guest's fault ->
+# down -> the UffdGrpc.Testing container fixture test against podman's Docker-compatible API
+# (`podman system service`), really run (not skipped).
 # Exit status 0 only if every step passed.
 #
 # Environment: UFFDGRPC_CONTAINER_CACHE (default /var/tmp/uffdgrpc-container) holds the rootfs
@@ -37,7 +42,7 @@ for a in "$@"; do
     --multistage) MULTISTAGE=1 ;;
     --rebuild-base) REBUILD_BASE=1 ;;
     --clean) CLEAN=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -72,9 +77,9 @@ mkdir -p "$CACHE"
 sed "s#/var/tmp/uffdgrpc-container#$CACHE#g" "$DOCKER_DIR/storage.conf" > "$CACHE/storage.conf"
 
 # 1. Packages ------------------------------------------------------------------------------
-step "packages: podman runc debootstrap"
+step "packages: podman runc debootstrap curl podman-compose"
 missing=""
-for p in podman runc debootstrap curl; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+for p in podman runc debootstrap curl podman-compose; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
@@ -137,7 +142,10 @@ step "dotnet publish src/UffdGrpc.Server -c Release -o $PUB"
 rm -rf "$PUB"
 dotnet publish src/UffdGrpc.Server -c Release -o "$PUB" /p:UseAppHost=false -nologo -v q > "$CACHE/publish.log" 2>&1 \
   || { tail -n 30 "$CACHE/publish.log" >&2; fail "dotnet publish"; }
-[ -f "$PUB/UffdGrpc.Server.dll" ] && [ -f "$PUB/appsettings.json" ] || fail "publish output incomplete"
+# The CLI goes in the image too (/app/cli): the compose file's health probe and demo.
+dotnet publish src/UffdGrpc.Cli -c Release -o "$PUB/cli" /p:UseAppHost=false -nologo -v q >> "$CACHE/publish.log" 2>&1 \
+  || { tail -n 30 "$CACHE/publish.log" >&2; fail "dotnet publish (CLI)"; }
+[ -f "$PUB/UffdGrpc.Server.dll" ] && [ -f "$PUB/appsettings.json" ] && [ -f "$PUB/cli/UffdGrpc.Cli.dll" ] || fail "publish output incomplete"
 done_
 step "dotnet build src/UffdGrpc.Cli -c Release"
 dotnet build src/UffdGrpc.Cli -c Release -nologo -v q > "$CACHE/cli-build.log" 2>&1 \
@@ -177,9 +185,16 @@ if [ "$MULTISTAGE" = 1 ]; then
 fi
 
 # 6. Run each image and prove it end to end from the host -----------------------------------
-CID=""  # the container's name while one exists (removed on any exit)
+CID=""          # the container's name while one exists (removed on any exit)
+PROJECT=""      # the compose project while it is up
+SERVICE_PID=""  # podman system service while it runs
 cleanup() {
   if [ -n "$CID" ]; then podman rm -f -t 5 "$CID" >/dev/null 2>&1 || true; fi
+  if [ -n "$PROJECT" ]; then
+    podman-compose -f "$DOCKER_DIR/compose.yaml" -p "$PROJECT" down >/dev/null 2>&1 || true
+    podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+  fi
+  if [ -n "$SERVICE_PID" ]; then kill "$SERVICE_PID" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 
@@ -230,6 +245,54 @@ for img in "${IMAGES[@]}"; do
   [ "$code" = 0 ] || { cat "$CACHE/container.log" >&2; fail "server exited with $code after SIGTERM"; }
   done_ "exit code 0"
 done
+
+# 7. Compose: the server and the demo, by service name ---------------------------------------
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PROJECT=uffdgrpc-ci-$$
+step "podman-compose -f docker/compose.yaml -p $PROJECT up -d --no-build (image $APP_TAG)"
+export UFFDGRPC_IMAGE=$APP_TAG UFFDGRPC_PORT=${COMPOSE_PORT:-$(free_port)}
+podman-compose -f "$DOCKER_DIR/compose.yaml" -p "$PROJECT" up -d --no-build > "$CACHE/compose-up.log" 2>&1 \
+  || { tail -n 30 "$CACHE/compose-up.log" >&2; fail "podman-compose up"; }
+done_ "server on 127.0.0.1:$UFFDGRPC_PORT"
+
+step "the demo container serves its guest's fault through the server (max 120 s)"
+code=$(timeout 120 podman wait "${PROJECT}_demo_1" 2>/dev/null | tail -n 1) || true
+podman logs "${PROJECT}_demo_1" > "$CACHE/compose-demo.log" 2>&1 || true
+[ "$code" = 0 ] || { cat "$CACHE/compose-demo.log" >&2; podman logs "${PROJECT}_server_1" >&2 || true; fail "demo exited with '${code:-no status}'"; }
+grep -q '^handler | pagefault at 0x7e0000000000 flags=WRITE|WP' "$CACHE/compose-demo.log" \
+  && grep -q '^guest   | 4. write A 0x33: ok after' "$CACHE/compose-demo.log" \
+  || { cat "$CACHE/compose-demo.log" >&2; fail "the demo's handler did not serve the fault"; }
+done_ "$(grep -c '' "$CACHE/compose-demo.log") lines; handler served the WP fault, the write returned"
+
+step "the server's compose health check (gRPC health through the image's CLI) and the published port"
+podman healthcheck run "${PROJECT}_server_1" > /dev/null || fail "podman healthcheck run ${PROJECT}_server_1"
+[ "$(health "$UFFDGRPC_PORT")" = "00 00 00 00 02 08 01" ] || fail "127.0.0.1:$UFFDGRPC_PORT is not SERVING"
+done_ "healthy"
+
+step "podman-compose down"
+podman-compose -f "$DOCKER_DIR/compose.yaml" -p "$PROJECT" down > "$CACHE/compose-down.log" 2>&1 \
+  || { tail -n 20 "$CACHE/compose-down.log" >&2; fail "podman-compose down"; }
+podman network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true  # 1.0.3's down leaves it
+[ -z "$(podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT")" ] || fail "compose containers left behind"
+PROJECT=""
+done_
+
+# 8. The UffdGrpc.Testing container fixture, via podman's Docker-compatible API ---------------
+step "UffdGrpc.Testing: the Testcontainers fixture against podman system service (max 300 s)"
+SOCK=$CACHE/podman.sock
+rm -f "$SOCK"
+podman system service --time=0 "unix://$SOCK" > "$CACHE/podman-service.log" 2>&1 &
+SERVICE_PID=$!
+for _ in $(seq 1 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
+[ -S "$SOCK" ] || fail "podman system service did not create $SOCK"
+DOCKER_HOST=unix://$SOCK TESTCONTAINERS_RYUK_DISABLED=true UFFDGRPC_IMAGE=$APP_TAG \
+  timeout 300 dotnet test tests/UffdGrpc.Testing.Tests -c Release --filter 'FullyQualifiedName~ContainerFixtureTests' \
+  > "$CACHE/testcontainers.log" 2>&1 || { tail -n 40 "$CACHE/testcontainers.log" >&2; fail "container fixture test"; }
+grep -Eq 'Passed: +1, Skipped: +0' "$CACHE/testcontainers.log" || { tail -n 20 "$CACHE/testcontainers.log" >&2; fail "the container fixture test did not run"; }
+kill "$SERVICE_PID" 2>/dev/null || true
+wait "$SERVICE_PID" 2>/dev/null || true
+SERVICE_PID=""
+done_ "1 passed, 0 skipped"
 podman image prune -f >/dev/null 2>&1 || true
 
-echo "PASS: ${IMAGES[*]} served $SCENARIO identically to the golden (total $(secs "$T0" "$(now)")s)"
+echo "PASS: ${IMAGES[*]} served $SCENARIO identically to the golden; compose (server + demo) up, served, down; the container fixture ran (total $(secs "$T0" "$(now)")s)"

@@ -33,6 +33,7 @@ public static class CliCommands
         root.Subcommands.Add(BenchCommand.BuildFloor());
         root.Subcommands.Add(BuildBenchModel());
         root.Subcommands.Add(ExploreCommand.Build());
+        root.Subcommands.Add(HealthCommand.Build());
         root.Subcommands.Add(SessionCommand.Build());
         return root;
     }

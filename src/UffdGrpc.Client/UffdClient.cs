@@ -17,8 +17,8 @@ public readonly record struct FillOutcome(Errno Errno, long? Field);
 /// </summary>
 public sealed class UffdClient : IDisposable
 {
-    /// <summary>The server address every CLI command uses unless told otherwise.</summary>
-    public const string DefaultAddress = "http://127.0.0.1:5051";
+    /// <summary>The server address every CLI command uses unless told otherwise: where the server listens by default.</summary>
+    public const string DefaultAddress = UffdDefaults.Address;
 
     private readonly GrpcChannel? _owned;
 

@@ -228,7 +228,13 @@ public sealed partial class Mm
                 // Another handler thread's identical fill of this page wins the race; ours
                 // then finds the entry populated (EEXIST). The winner wakes unless DONTWAKE.
                 if (MfillAtomicPte(vma, table, addr, mode, wp, srcPage) == Errno.OK && race.Rule.Wake)
-                    ctx.WakeUserfault(addr, Kernel.PageSize);
+                    ctx.WakeUserfault(addr, Kernel.PageSize, mode switch
+                    {
+                        MfillMode.Zeropage => UserfaultOutcome.Zeropage,
+                        MfillMode.Continue => UserfaultOutcome.Continue,
+                        MfillMode.Poison => UserfaultOutcome.Poison,
+                        _ => UserfaultOutcome.Copy,
+                    });
             }
             err = MfillAtomicPte(vma, table, addr, mode, wp, srcPage);
             if (err != Errno.OK)

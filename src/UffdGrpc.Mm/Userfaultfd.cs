@@ -60,6 +60,10 @@ internal sealed class UffdWaiter(SimThread thread, UffdMsg msg, AccessOrigin ori
     public AccessOrigin Origin { get; } = origin;
     /// <summary>The event was read (event waiters) or the waiter was woken.</summary>
     public bool Done { get; set; }
+    /// <summary>When the message was queued (<see cref="System.Diagnostics.Stopwatch"/> ticks; observation only).</summary>
+    public long RaisedAt { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
+    /// <summary>When a handler read the message (0 until then; observation only).</summary>
+    public long ReadAt { get; set; }
 }
 
 /// <summary>The state of a userfaultfd context (UFFD_STATE_*).</summary>
@@ -135,6 +139,7 @@ public sealed partial class UserfaultfdCtx
         var w = new UffdWaiter(t, msg, origin);
         _faultPending.Add(w);
         t.Park(this, w, ThreadState.BlockedInUserfault);
+        Kernel.OnUserfaultRaised(w);
         Mm.Kernel.OnUserfaultSleep(t, w);
         FdWqhWake?.Invoke();
     }
@@ -152,13 +157,13 @@ public sealed partial class UserfaultfdCtx
     /// Models wake_userfault / __wake_userfault: wakes every blocked page fault (read or
     /// unread) whose address lies in [start, start+len); its message leaves the queue.
     /// </summary>
-    internal void WakeUserfault(ulong start, ulong len)
+    internal void WakeUserfault(ulong start, ulong len, UserfaultOutcome by)
     {
-        Wake(_faultPending, start, len);
-        Wake(_faultWaiting, start, len);
+        Wake(_faultPending, start, len, by);
+        Wake(_faultWaiting, start, len, by);
     }
 
-    private void Wake(List<UffdWaiter> list, ulong start, ulong len)
+    private void Wake(List<UffdWaiter> list, ulong start, ulong len, UserfaultOutcome by)
     {
         for (var i = 0; i < list.Count; i++)
         {
@@ -168,6 +173,7 @@ public sealed partial class UserfaultfdCtx
                 continue;
             list.RemoveAt(i--);
             w.Done = true;
+            Kernel.OnUserfaultEnded(w, by);
             w.Thread.Unpark();
         }
     }
@@ -179,9 +185,23 @@ public sealed partial class UserfaultfdCtx
     /// </summary>
     internal void InterruptWaiter(SimThread t)
     {
-        _faultPending.RemoveAll(w => w.Thread == t);
-        _faultWaiting.RemoveAll(w => w.Thread == t);
+        EndWaitersOf(t, UserfaultOutcome.Signal);
         t.Unpark();
+    }
+
+    /// <summary>Removes <paramref name="t"/>'s page-fault waiters, read or not, reporting how they ended.</summary>
+    private void EndWaitersOf(SimThread t, UserfaultOutcome outcome)
+    {
+        foreach (var list in (ReadOnlySpan<List<UffdWaiter>>)[_faultPending, _faultWaiting])
+        {
+            for (var i = 0; i < list.Count; i++)
+            {
+                if (list[i].Thread != t)
+                    continue;
+                Kernel.OnUserfaultEnded(list[i], outcome);
+                list.RemoveAt(i--);
+            }
+        }
     }
 
     /// <summary>The threads asleep in a userfault on this context and their fault origin, oldest first.</summary>
@@ -190,8 +210,7 @@ public sealed partial class UserfaultfdCtx
     /// <summary>Drops the waiters of a thread that is killed or exits.</summary>
     internal void ForgetThread(SimThread t)
     {
-        _faultPending.RemoveAll(w => w.Thread == t);
-        _faultWaiting.RemoveAll(w => w.Thread == t);
+        EndWaitersOf(t, UserfaultOutcome.Exit);
         foreach (var w in _events.Where(w => w.Thread == t && !w.Done).ToList())
         {
             _events.Remove(w);
@@ -227,6 +246,7 @@ public sealed partial class UserfaultfdCtx
         {
             var w = _faultPending[0];
             _faultPending.RemoveAt(0);
+            w.ReadAt = System.Diagnostics.Stopwatch.GetTimestamp();
             _faultWaiting.Add(w);
             msg = w.Msg;
             Kernel.SignalAfterRead(this, w);
@@ -272,6 +292,7 @@ public sealed partial class UserfaultfdCtx
         foreach (var w in _faultPending.Concat(_faultWaiting).ToList())
         {
             w.Done = true;
+            Kernel.OnUserfaultEnded(w, UserfaultOutcome.Close);
             w.Thread.Unpark();
         }
         _faultPending.Clear();

@@ -139,7 +139,7 @@ public sealed partial class UserfaultfdCtx
             var s = Math.Max(start, v.Start);
             var e = Math.Min(end, v.End);
             if (v.UserfaultfdMissing)
-                v.UffdCtx.WakeUserfault(s, e - s);
+                v.UffdCtx.WakeUserfault(s, e - s, UserfaultOutcome.Unregister);
             Mm.UserfaultfdClearVma(v, s, e);
         }
         return Errno.OK;
@@ -156,7 +156,7 @@ public sealed partial class UserfaultfdCtx
         if (r != Errno.OK)
             return r;
         Kernel.InjectPoint(Mm);
-        WakeUserfault(start, len);
+        WakeUserfault(start, len, UserfaultOutcome.Wake);
         return Errno.OK;
     }
 
@@ -189,7 +189,7 @@ public sealed partial class UserfaultfdCtx
         if (r != Errno.OK)
             return r;
         if (!wp && !dontwake)
-            WakeUserfault(start, len);
+            WakeUserfault(start, len, UserfaultOutcome.Writeprotect);
         return Errno.OK;
     }
 
@@ -238,7 +238,7 @@ public sealed partial class UserfaultfdCtx
         if (Mm.Exited || TargetExiting(dst))
             return FillResult.Untouched(Errno.ESRCH);
         var ret = Mm.MfillAtomic(this, dst, src, repeat, len, MfillMode.Copy, (mode & Uapi.CopyModeWp) != 0);
-        return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0);
+        return FinishFill(dst, len, ret, (mode & Uapi.CopyModeDontwake) != 0, UserfaultOutcome.Copy);
     }
 
     /// <summary>The ioctl's early mmap_changing check (<see cref="Kernel.FillEagainWritesField"/>).</summary>
@@ -278,7 +278,7 @@ public sealed partial class UserfaultfdCtx
         if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, known: true) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Zeropage, false);
-        return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0);
+        return FinishFill(start, len, ret, (mode & Uapi.ZeropageModeDontwake) != 0, UserfaultOutcome.Zeropage);
     }
 
     /// <summary>Models userfaultfd_continue (modes DONTWAKE, and WP since 6.4: <see cref="Kernel.HasContinueModeWp"/>).</summary>
@@ -289,7 +289,7 @@ public sealed partial class UserfaultfdCtx
         if (FillPrelude(start, len, mode, modes, known: Kernel.IsV6) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Continue, (mode & Uapi.ContinueModeWp) != 0);
-        return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0);
+        return FinishFill(start, len, ret, (mode & Uapi.ContinueModeDontwake) != 0, UserfaultOutcome.Continue);
     }
 
     /// <summary>Models userfaultfd_poison (mode DONTWAKE only).</summary>
@@ -299,7 +299,7 @@ public sealed partial class UserfaultfdCtx
         if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, known: Kernel.HasPoison) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Poison, false);
-        return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0);
+        return FinishFill(start, len, ret, (mode & Uapi.PoisonModeDontwake) != 0, UserfaultOutcome.Poison);
     }
 
     /// <summary>
@@ -329,7 +329,7 @@ public sealed partial class UserfaultfdCtx
         if (Mm.Exited || TargetExiting(dst))
             return FillResult.Untouched(Errno.ESRCH);
         var ret = Mm.MovePages(this, dst, src, len, (mode & Uapi.MoveModeAllowSrcHoles) != 0);
-        return FinishFill(dst, len, ret, (mode & Uapi.MoveModeDontwake) != 0);
+        return FinishFill(dst, len, ret, (mode & Uapi.MoveModeDontwake) != 0, UserfaultOutcome.Move);
     }
 
     /// <summary>
@@ -352,12 +352,12 @@ public sealed partial class UserfaultfdCtx
     }
 
     /// <summary>The §3.10 convention: field = bytes done or -errno; partial → EAGAIN; wake the done range.</summary>
-    private FillResult FinishFill(ulong start, ulong len, long ret, bool dontwake)
+    private FillResult FinishFill(ulong start, ulong len, long ret, bool dontwake, UserfaultOutcome by)
     {
         if (ret < 0)
             return new((Errno)(-ret), ret);
         if (!dontwake)
-            WakeUserfault(start, (ulong)ret);
+            WakeUserfault(start, (ulong)ret, by);
         return new((ulong)ret == len ? Errno.OK : Errno.EAGAIN, ret);
     }
 

@@ -6,10 +6,10 @@ internal static partial class Log
     [LoggerMessage(EventId = 50, EventName = "WatchdogKilled", Level = LogLevel.Warning, Message = "Machine {MachineId}: thread {Tid} slept {Seconds} s in a userfault: the watchdog sent it SIGKILL (Watchdog:UserfaultSeconds)")]
     public static partial void WatchdogKilled(ILogger logger, long machineId, int tid, double seconds);
 
-    [LoggerMessage(EventId = 1, EventName = "MachineCreated", Level = LogLevel.Information, Message = "Machine {MachineId} created (profile {Profile})")]
+    [LoggerMessage(EventId = 1, EventName = "MachineCreated", Level = LogLevel.Debug, Message = "Machine {MachineId} created (profile {Profile})")]
     public static partial void MachineCreated(ILogger logger, long machineId, UffdGrpc.Mm.KernelProfile profile);
 
-    [LoggerMessage(EventId = 2, EventName = "MachineDestroyed", Level = LogLevel.Information, Message = "Machine {MachineId} destroyed")]
+    [LoggerMessage(EventId = 2, EventName = "MachineDestroyed", Level = LogLevel.Debug, Message = "Machine {MachineId} destroyed")]
     public static partial void MachineDestroyed(ILogger logger, long machineId);
 
     [LoggerMessage(EventId = 3, EventName = "EventStreamOpened", Level = LogLevel.Debug, Message = "Event stream opened on uffd {UffdId}")]
@@ -26,4 +26,7 @@ internal static partial class Log
 
     [LoggerMessage(EventId = 7, EventName = "AuthMode", Level = LogLevel.Information, Message = "Auth: anonymous access {Anonymous}, {Tokens} bearer token(s) configured")]
     public static partial void AuthMode(ILogger logger, UffdGrpc.Server.Security.AnonymousAccess anonymous, int tokens);
+
+    [LoggerMessage(EventId = 8, EventName = "Telemetry", Level = LogLevel.Information, Message = "Metrics: Prometheus scrape path {Path} on {Endpoint}; OTLP {Otlp}")]
+    public static partial void Telemetry(ILogger logger, string path, string endpoint, string otlp);
 }

@@ -1,4 +1,7 @@
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
+using Microsoft.Extensions.Options;
+using UffdGrpc.Server.Configuration;
 using UffdGrpc.Server.Hosting;
 
 namespace Microsoft.Extensions.DependencyInjection;
@@ -19,6 +22,7 @@ public static class UffdServerServiceCollectionExtensions
         {
             o.MaxReceiveMessageSize = MaxReceiveMessageSize;
             o.EnableDetailedErrors = false;
+            o.Interceptors.Add<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
             o.Interceptors.Add<ServerErrorInterceptor>();
             o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
             // Outside the injection interceptor: a wire rule's decision is a journaled step.
@@ -31,24 +35,26 @@ public static class UffdServerServiceCollectionExtensions
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();
+        // The meter exists in every host of the services (the telemetry interceptor feeds it);
+        // AddUffdTelemetry exports it.
+        services.TryAddSingleton<UffdGrpc.Server.Telemetry.ServerMetrics>();
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
         services.AddSingleton<MachinePersistence>();
-        services.AddOptions<PersistenceOptions>().BindConfiguration(PersistenceOptions.Section);
-        services.AddOptions<WatchdogOptions>()
-            .BindConfiguration(WatchdogOptions.Section)
-            .Validate(o => o.UserfaultSeconds >= 0 && double.IsFinite(o.UserfaultSeconds), "Watchdog:UserfaultSeconds must be 0 (off) or a positive number of seconds")
-            .ValidateOnStart();
-        services.AddOptions<UffdGrpc.Server.Security.LimitOptions>()
-            .BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section)
-            .Validate(o => o.ServerMemoryBytes >= 1 << 20 && o.MaxMachineMemoryBytes >= 1 << 20, "Limits: ServerMemoryBytes and MaxMachineMemoryBytes must be at least 1 MiB")
-            .Validate(o => o.MachinesPerPrincipal > 0 && o.StreamsPerPrincipal > 0 && o.MmsPerMachine > 0 && o.ThreadsPerMachine > 0 && o.UffdsPerMachine > 0 && o.FilesPerMachine > 0 && o.CompletionLogPerMachine > 0 && o.JournalEntriesPerMachine > 0 && o.JournalBytesPerMachine > 0, "Limits: every limit must be positive")
-            .ValidateOnStart();
-        services.AddOptions<UffdGrpc.Server.Security.AuthOptions>()
-            .BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section)
-            .Validate(o => o.Tokens.All(t => t.Key.Length > 0 && t.Value.Length >= 16), "Auth:Tokens: every token must have a principal name and at least 16 characters")
-            .Validate(o => o.Tokens.Values.Distinct(StringComparer.Ordinal).Count() == o.Tokens.Count, "Auth:Tokens: two principals share a token")
-            .Validate(o => Enum.IsDefined(o.Anonymous), "Auth:Anonymous must be Loopback, Allow or Deny")
-            .ValidateOnStart();
+        // Every section is checked at start (OptionsValidators: each failure names its key and
+        // value); a key the section does not have is an error too, so a typo is not ignored.
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<PersistenceOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<UffdGrpc.Server.Security.LimitOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<UffdGrpc.Server.Security.AuthOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<ServerOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<MetricsOptions>, OptionsValidators>());
+        services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<WatchdogOptions>, OptionsValidators>());
+        static void Strict(BinderOptions b) => b.ErrorOnUnknownConfiguration = true;
+        services.AddOptions<PersistenceOptions>().BindConfiguration(PersistenceOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<UffdGrpc.Server.Security.LimitOptions>().BindConfiguration(UffdGrpc.Server.Security.LimitOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<UffdGrpc.Server.Security.AuthOptions>().BindConfiguration(UffdGrpc.Server.Security.AuthOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<ServerOptions>().BindConfiguration(ServerOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<MetricsOptions>().BindConfiguration(MetricsOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<WatchdogOptions>().BindConfiguration(WatchdogOptions.Section, Strict).ValidateOnStart();
         // One message limit for the whole transport: gRPC's per-message limit above is the
         // only bound on a request (a Serve stream's body is as long as the stream lives).
         services.Configure<Microsoft.AspNetCore.Server.Kestrel.Core.KestrelServerOptions>(o => o.Limits.MaxRequestBodySize = null);

@@ -1,6 +1,8 @@
 using System.Text;
 using Grpc.Net.Client;
+using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
+using Microsoft.Extensions.Logging;
 using UffdGrpc.Client;
 using UffdGrpc.Mm;
 using UffdGrpc.Scenarios;
@@ -18,6 +20,10 @@ public sealed class TestServerFixture : WebApplicationFactory<Program>
         HttpHandler = Server.CreateHandler(),
         MaxReceiveMessageSize = 64 << 20,
     });
+
+    /// <summary>The test output shows the server's warnings and errors only, not its Information lines.</summary>
+    protected override void ConfigureWebHost(IWebHostBuilder builder) =>
+        builder.ConfigureLogging(l => l.ClearProviders().AddConsole().AddFilter<Microsoft.Extensions.Logging.Console.ConsoleLoggerProvider>((_, level) => level >= LogLevel.Warning));
 
     protected override void Dispose(bool disposing)
     {

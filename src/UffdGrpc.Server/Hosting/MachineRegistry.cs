@@ -51,6 +51,9 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     /// <summary>Every live machine, whoever owns it (persistence, shutdown).</summary>
     internal IEnumerable<MachineHost> AllMachines() => _machines.Values.OrderBy(m => m.Id);
 
+    /// <summary>Raised for each machine created (before any call can reach it): the metrics subscribe to its kernel's events here.</summary>
+    public event Action<MachineHost>? MachineCreated;
+
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
@@ -71,6 +74,7 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
         if (watchdog.Value.UserfaultSeconds > 0)
             host.Watchdog = new UserfaultWatchdog(host, TimeSpan.FromSeconds(watchdog.Value.UserfaultSeconds), logger);
         kernel.ScheduleYielded = () => ThreadPool.UnsafeQueueUserWorkItem(static h => h.ContinueYielded(), host, preferLocal: false);
+        MachineCreated?.Invoke(host);
         _objects[host.Id] = host;
         _machines[host.Id] = host;
         return host;

@@ -8,7 +8,7 @@ using Model = UffdGrpc.Mm;
 namespace UffdGrpc.Server.Services;
 
 /// <summary>MachineService: create (profile + settings), configure, list, destroy, kpageflags.</summary>
-public sealed class MachineService(MachineRegistry registry, ILogger<MachineService> logger) : Contracts.V1.MachineService.MachineServiceBase
+public sealed class MachineService(MachineRegistry registry, ILogger<MachineService> logger, Microsoft.Extensions.Options.IOptions<Configuration.ServerOptions> server) : Contracts.V1.MachineService.MachineServiceBase
 {
     internal static MachineInfo Info(MachineHost h) => h.Kernel.Locked(() =>
     {
@@ -63,7 +63,8 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
 
     public override Task<CreateMachineResponse> CreateMachine(CreateMachineRequest request, ServerCallContext context)
     {
-        var profile = ProtoMapping.ToModel(request.Profile);
+        // Server:DefaultProfile when the request names none.
+        var profile = request.Profile == KernelProfile.Unspecified ? server.Value.Profile : ProtoMapping.ToModel(request.Profile);
         var limits = registry.Quotas.Limits;
         var s = request.Settings;
         RequestErrors.Require(s?.MemoryBytes is null or (>= 1 << 20 and <= (ulong)long.MaxValue) && (s?.MemoryBytes ?? 0) <= (ulong)limits.MaxMachineMemoryBytes && (s?.MemoryBytes ?? 0) % Model.Kernel.PageSize == 0,

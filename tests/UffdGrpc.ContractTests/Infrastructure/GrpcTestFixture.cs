@@ -36,6 +36,9 @@ public class GrpcTestFixture : WebApplicationFactory<Program>
     {
         foreach (var (key, value) in Settings)
             builder.UseSetting(key, value);
+        // The test output shows a server's warnings and errors only (its Information lines
+        // would flood it); errors are also collected for the test to assert on.
+        builder.ConfigureLogging(l => l.ClearProviders().AddConsole().AddFilter<Microsoft.Extensions.Logging.Console.ConsoleLoggerProvider>((_, level) => level >= LogLevel.Warning));
         builder.ConfigureServices(s => s.AddSingleton<ILoggerProvider>(new SinkProvider(_errors)));
     }
 

@@ -16,14 +16,18 @@ public sealed partial class ServerProcess : IAsyncDisposable
     private readonly Process _process;
     private readonly ConcurrentQueue<string> _errors;
 
-    private ServerProcess(Process process, string address, ConcurrentQueue<string> errors)
+    private ServerProcess(Process process, string address, ConcurrentQueue<string> errors, ConcurrentQueue<string> listening)
     {
         _process = process;
         Address = address;
         _errors = errors;
+        Listening = listening;
     }
 
     public string Address { get; }
+
+    /// <summary>Every address the server logged "Now listening on" for, in order (the first is <see cref="Address"/>).</summary>
+    public IReadOnlyCollection<string> Listening { get; }
 
     /// <summary>The server's log entries at Error or Critical: each "fail:"/"crit:" line with the two lines after it (message, exception).</summary>
     public IReadOnlyCollection<string> Errors => _errors;
@@ -48,6 +52,7 @@ public sealed partial class ServerProcess : IAsyncDisposable
             psi.Environment[key] = value;
         var p = Process.Start(psi)!;
         var errors = new ConcurrentQueue<string>();
+        var listening = new ConcurrentQueue<string>();
         var found = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
         // UFFDGRPC_SERVER_LOG=FILE keeps every server log line, for a failure's post-mortem.
         var logFile = Environment.GetEnvironmentVariable("UFFDGRPC_SERVER_LOG");
@@ -89,7 +94,10 @@ public sealed partial class ServerProcess : IAsyncDisposable
         p.OutputDataReceived += (_, e) =>
         {
             if (e.Data is not null && ListeningLine().Match(e.Data) is { Success: true } m)
+            {
+                listening.Enqueue(m.Groups[1].Value);
                 found.TrySetResult(m.Groups[1].Value);
+            }
             Line(e.Data);
         };
         p.ErrorDataReceived += (_, e) => Line(e.Data);
@@ -100,7 +108,7 @@ public sealed partial class ServerProcess : IAsyncDisposable
         try
         {
             var address = await found.Task.WaitAsync(TimeSpan.FromSeconds(60));
-            return new ServerProcess(p, address, errors);
+            return new ServerProcess(p, address, errors, listening);
         }
         catch
         {

@@ -1,0 +1,133 @@
+using System.Diagnostics.Metrics;
+using UffdGrpc.Server.Hosting;
+using Model = UffdGrpc.Mm;
+
+namespace UffdGrpc.Server.Telemetry;
+
+/// <summary>
+/// The server's meter (<see cref="MeterName"/>). Counters come from the model's own events
+/// (<see cref="Model.Kernel.UserfaultRaised"/>, <see cref="Model.Kernel.UserfaultEnded"/>,
+/// <see cref="Model.Kernel.InjectionFired"/>, <see cref="Model.Kernel.OomKilled"/>) and from
+/// <see cref="TelemetryInterceptor"/> (RPCs, open streams); the gauges are read at collection
+/// time: resident pages without a lock, address spaces and VMAs under each machine's lock
+/// for the time it takes to count them (and not at all while a machine is busy: its last
+/// counts are reported).
+/// </summary>
+public sealed class ServerMetrics : IDisposable
+{
+    /// <summary>The meter and activity source name.</summary>
+    public const string MeterName = "UffdGrpc.Server";
+
+    /// <summary>Bucket bounds of the latency histograms, in seconds: 2^N microseconds (N = 0..24, 1 µs to ~16.8 s), as QEMU's postcopy-latency-dist.</summary>
+    public static readonly double[] LatencyBuckets = [.. Enumerable.Range(0, 25).Select(n => Math.ScaleB(1e-6, n))];
+
+    private readonly Meter _meter = new(MeterName);
+    private readonly MachineRegistry _registry;
+    private readonly Counter<long> _raised;
+    private readonly Counter<long> _ended;
+    private readonly UpDownCounter<long> _sleeping;
+    private readonly Histogram<double> _duration;
+    private readonly Histogram<double> _phase;
+    private readonly Counter<long> _injections;
+    private readonly Counter<long> _oomKills;
+    private readonly System.Runtime.CompilerServices.ConditionalWeakTable<MachineHost, LastCounts> _lastCounts = [];
+
+    public ServerMetrics(MachineRegistry registry)
+    {
+        _registry = registry;
+        _raised = _meter.CreateCounter<long>("uffdgrpc.userfaults.raised", "{fault}", "Page faults queued on a userfaultfd (handle_userfault), by class (missing, wp, minor)");
+        _ended = _meter.CreateCounter<long>("uffdgrpc.userfaults.ended", "{fault}", "Userfault sleeps that ended, by class and outcome (the ioctl that woke it: copy, zeropage, continue, poison, move, writeprotect, wake, unregister; or close, signal, exit)");
+        _sleeping = _meter.CreateUpDownCounter<long>("uffdgrpc.userfaults.sleeping", "{thread}", "Threads asleep in handle_userfault now");
+        _duration = _meter.CreateHistogram<double>("uffdgrpc.userfault.duration", "s", "Fault-resolution latency: from the fault being raised to the end of the sleep, by class and outcome",
+            advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = LatencyBuckets });
+        _phase = _meter.CreateHistogram<double>("uffdgrpc.userfault.phase.duration", "s", "Fault-resolution latency by phase: queued (raised → read by a handler), handled (read → the sleep ends), by class",
+            advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = LatencyBuckets });
+        _injections = _meter.CreateCounter<long>("uffdgrpc.injections.fired", "{firing}", "Fault-injection rule firings, by site");
+        _oomKills = _meter.CreateCounter<long>("uffdgrpc.oom_kills", "{process}", "Processes killed by a machine's OOM killer");
+        Rpcs = _meter.CreateCounter<long>("uffdgrpc.rpc.calls", "{call}", "RPCs that ended, by service, method and gRPC status");
+        OpenStreams = _meter.CreateUpDownCounter<long>("uffdgrpc.rpc.open_streams", "{stream}", "Streaming RPCs in progress, by service and method");
+        _meter.CreateObservableGauge("uffdgrpc.machines", () => _registry.AllMachines().Count(), "{machine}", "Live machines");
+        _meter.CreateObservableGauge("uffdgrpc.address_spaces", () => (long)Sum(c => c.Mms), "{mm}", "Address spaces (processes) that have not exited, over all machines");
+        _meter.CreateObservableGauge("uffdgrpc.vmas", () => (long)Sum(c => c.Vmas), "{vma}", "VMAs of those address spaces");
+        _meter.CreateObservableGauge("uffdgrpc.resident_pages", () => _registry.AllMachines().Sum(h => h.Kernel.LiveFrames), "{page}", "Page frames allocated (page contents, not page tables or the zero pages), over all machines");
+        registry.MachineCreated += Observe;
+    }
+
+    /// <summary>RPCs that ended (tags rpc.service, rpc.method, rpc.grpc.status).</summary>
+    internal Counter<long> Rpcs { get; }
+
+    /// <summary>Streaming RPCs in progress (tags rpc.service, rpc.method).</summary>
+    internal UpDownCounter<long> OpenStreams { get; }
+
+    private static readonly string[] s_classes = [.. Enum.GetNames<Model.UserfaultClass>().Select(n => n.ToLowerInvariant())];
+    private static readonly string[] s_outcomes = [.. Enum.GetNames<Model.UserfaultOutcome>().Select(n => n.ToLowerInvariant())];
+
+    private void Observe(MachineHost host)
+    {
+        var k = host.Kernel;
+        k.UserfaultRaised += c =>
+        {
+            _sleeping.Add(1);
+            _raised.Add(1, new KeyValuePair<string, object?>("class", s_classes[(int)c]));
+        };
+        k.UserfaultEnded += e =>
+        {
+            var cls = new KeyValuePair<string, object?>("class", s_classes[(int)e.Class]);
+            var outcome = new KeyValuePair<string, object?>("outcome", s_outcomes[(int)e.Outcome]);
+            _sleeping.Add(-1);
+            _ended.Add(1, cls, outcome);
+            _duration.Record(e.Total.TotalSeconds, cls, outcome);
+            if (e.Queued is { } q && e.Handled is { } h)
+            {
+                _phase.Record(q.TotalSeconds, cls, new KeyValuePair<string, object?>("phase", "queued"));
+                _phase.Record(h.TotalSeconds, cls, new KeyValuePair<string, object?>("phase", "handled"));
+            }
+        };
+        k.InjectionFired += r => _injections.Add(1, new KeyValuePair<string, object?>("site", SnakeCase(r.Site.ToString())));
+        k.OomKilled += _ => _oomKills.Add(1);
+    }
+
+    /// <summary>An injection site as the proto names it, lower case (MmapChanging → mmap_changing).</summary>
+    internal static string SnakeCase(string pascal) =>
+        string.Concat(pascal.Select((ch, i) => i > 0 && char.IsUpper(ch) ? "_" + char.ToLowerInvariant(ch) : char.ToLowerInvariant(ch).ToString()));
+
+    private readonly record struct Counts(int Mms, int Vmas);
+
+    private sealed class LastCounts
+    {
+        public Counts Value;
+    }
+
+    /// <summary>Sums a count over the machines, each read under its lock (at most 50 ms wait; a busy machine reports its last counts).</summary>
+    private int Sum(Func<Counts, int> pick)
+    {
+        var total = 0;
+        foreach (var h in _registry.AllMachines())
+        {
+            var last = _lastCounts.GetOrCreateValue(h);
+            if (!h.Destroyed && Monitor.TryEnter(h.Kernel.Lock, 50))
+            {
+                try
+                {
+                    int mms = 0, vmas = 0;
+                    foreach (var mm in h.Kernel.Mms)
+                    {
+                        if (mm.Exited)
+                            continue;
+                        mms++;
+                        vmas += mm.Vmas.Count;
+                    }
+                    last.Value = new Counts(mms, vmas);
+                }
+                finally
+                {
+                    Monitor.Exit(h.Kernel.Lock);
+                }
+            }
+            total += pick(last.Value);
+        }
+        return total;
+    }
+
+    public void Dispose() => _meter.Dispose();
+}

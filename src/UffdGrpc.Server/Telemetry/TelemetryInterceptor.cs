@@ -1,0 +1,158 @@
+using System.Diagnostics;
+using Google.Protobuf;
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+using UffdGrpc.Server.Hosting;
+
+namespace UffdGrpc.Server.Telemetry;
+
+/// <summary>
+/// The outermost interceptor: one <see cref="Activity"/> per RPC (source
+/// <see cref="ServerMetrics.MeterName"/>, named by the method, tagged with the machine, mm,
+/// uffd and thread ids the request names) and the RPC counters of <see cref="ServerMetrics"/>
+/// (every call by its final status; streams while they are open). It sees the status the
+/// client gets, after <see cref="ServerErrorInterceptor"/> has mapped what a handler threw.
+/// </summary>
+public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry registry) : Interceptor
+{
+    internal static readonly ActivitySource Source = new(ServerMetrics.MeterName);
+    private static readonly (string Field, string Tag)[] s_ids =
+        [("machine_id", "uffd.machine_id"), ("mm_id", "uffd.mm_id"), ("uffd_id", "uffd.uffd_id"), ("thread_id", "uffd.thread_id"), ("file_id", "uffd.file_id")];
+
+    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        using var call = Begin(context, request, stream: false);
+        try
+        {
+            var r = await continuation(request, context).ConfigureAwait(false);
+            call.Status = StatusCode.OK;
+            return r;
+        }
+        catch (Exception ex)
+        {
+            call.Status = StatusOf(ex);
+            throw;
+        }
+    }
+
+    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        using var call = Begin(context, request, stream: true);
+        try
+        {
+            await continuation(request, responseStream, context).ConfigureAwait(false);
+            call.Status = StatusCode.OK;
+        }
+        catch (Exception ex)
+        {
+            call.Status = StatusOf(ex);
+            throw;
+        }
+    }
+
+    public override async Task<TResponse> ClientStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, ServerCallContext context, ClientStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        using var call = Begin(context, null, stream: true);
+        try
+        {
+            var r = await continuation(requestStream, context).ConfigureAwait(false);
+            call.Status = StatusCode.OK;
+            return r;
+        }
+        catch (Exception ex)
+        {
+            call.Status = StatusOf(ex);
+            throw;
+        }
+    }
+
+    public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        using var call = Begin(context, null, stream: true);
+        try
+        {
+            await continuation(requestStream, responseStream, context).ConfigureAwait(false);
+            call.Status = StatusCode.OK;
+        }
+        catch (Exception ex)
+        {
+            call.Status = StatusOf(ex);
+            throw;
+        }
+    }
+
+    /// <summary>The status a client sees for what the handler threw (a cancelled call is CANCELLED, anything else not a status is INTERNAL).</summary>
+    private static StatusCode StatusOf(Exception ex) => ex switch
+    {
+        RpcException r => r.StatusCode,
+        OperationCanceledException => StatusCode.Cancelled,
+        _ => StatusCode.Internal,
+    };
+
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<string, (string Name, string Service, string Method)> s_names = new(StringComparer.Ordinal);
+
+    /// <summary>"/uffd.v1.MmService/Mmap" → ("uffd.v1.MmService/Mmap", "uffd.v1.MmService", "Mmap"), once per method.</summary>
+    private static (string, string, string) Split(string full)
+    {
+        var slash = full.LastIndexOf('/');
+        return (full.TrimStart('/'), full[1..slash], full[(slash + 1)..]);
+    }
+
+    private Call Begin(ServerCallContext context, object? request, bool stream)
+    {
+        var (name, service, method) = s_names.GetOrAdd(context.Method, Split);
+        var activity = Source.StartActivity(name, ActivityKind.Server);
+        if (activity is { IsAllDataRequested: true })
+        {
+            activity.SetTag("rpc.system", "grpc");
+            activity.SetTag("rpc.service", service);
+            activity.SetTag("rpc.method", method);
+            if (request is IMessage m)
+                TagIds(activity, m);
+        }
+        var tags = new TagList { { "rpc.service", service }, { "rpc.method", method } };
+        if (stream)
+            metrics.OpenStreams.Add(1, tags);
+        return new Call(metrics, activity, tags, stream);
+    }
+
+    /// <summary>Tags the ids the request names, and the machine of the first object it names.</summary>
+    private void TagIds(Activity activity, IMessage m)
+    {
+        var machineTagged = false;
+        foreach (var (field, tag) in s_ids)
+        {
+            if (m.Descriptor.FindFieldByName(field) is not { FieldType: Google.Protobuf.Reflection.FieldType.Int64 } f || f.Accessor.GetValue(m) is not long id || id == 0)
+                continue;
+            activity.SetTag(tag, id);
+            if (field == "machine_id")
+                machineTagged = true;
+            else if (!machineTagged && registry.TryGet<Entry>(id, out var e))
+            {
+                activity.SetTag("uffd.machine_id", e.Host.Id);
+                machineTagged = true;
+            }
+        }
+    }
+
+    private sealed class Call(ServerMetrics metrics, Activity? activity, TagList tags, bool stream) : IDisposable
+    {
+        public StatusCode Status { get; set; } = StatusCode.Unknown;
+
+        public void Dispose()
+        {
+            if (stream)
+                metrics.OpenStreams.Add(-1, tags);
+            var all = tags;
+            all.Add("rpc.grpc.status", Status.ToString());
+            metrics.Rpcs.Add(1, all);
+            if (activity is not null)
+            {
+                activity.SetTag("rpc.grpc.status_code", (int)Status);
+                if (Status != StatusCode.OK)
+                    activity.SetStatus(ActivityStatusCode.Error, Status.ToString());
+                activity.Dispose();
+            }
+        }
+    }
+}

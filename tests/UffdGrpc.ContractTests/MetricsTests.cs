@@ -1,0 +1,141 @@
+using System.Diagnostics;
+
+namespace UffdGrpc.ContractTests;
+
+/// <summary>
+/// The meter's counters run alone: every server of this test process reports into the same
+/// meter name, so no other test may fault while these measure exact increments.
+/// </summary>
+[CollectionDefinition(nameof(MetricsCollection), DisableParallelization = true)]
+public sealed class MetricsCollection;
+
+/// <summary>The Prometheus scrape endpoint and the RPC activities, against the model's own events.</summary>
+[Collection(nameof(MetricsCollection))]
+public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
+{
+    private async Task<PrometheusText> ScrapeAsync()
+    {
+        using var http = fx.CreateClient();
+        var r = await http.GetAsync(new Uri("/metrics", UriKind.Relative));
+        r.EnsureSuccessStatusCode();
+        return new PrometheusText(await r.Content.ReadAsStringAsync());
+    }
+
+    /// <summary>Starts an access that sleeps in a userfault and waits until it does.</summary>
+    private static async Task<Task<ThreadOpResult>> SleepInUserfaultAsync(UffdClient c, long thread, Func<Task<ThreadOpResult>> access)
+    {
+        var t = access();
+        await EventuallyAsync(async () => (await c.GetThreadAsync(thread)).State == ThreadState.BlockedInUserfault, "the access sleeps in a userfault");
+        return t;
+    }
+
+    [Fact]
+    public async Task Faults_move_the_counters_and_the_latency_histogram_by_exactly_what_happened()
+    {
+        // Arrange: 3 pages registered MISSING|WP; the uffd is O_NONBLOCK, so Read returns at once.
+        var c = fx.NewClient();
+        await using var s = await Sandbox.CreateAsync(c, pages: 3, registerMode: 3);
+        var before = await ScrapeAsync();
+
+        // Act: two MISSING faults read by the handler and resolved by UFFDIO_COPY,
+        for (var i = 0UL; i < 2; i++)
+        {
+            var read = await SleepInUserfaultAsync(c, s.Thread, () => c.ReadAsync(s.Thread, A + i * Page));
+            Assert.True((await c.ReadMessageAsync(s.Uffd)).Message?.Pagefault is { Wp: false });
+            Assert.Equal(Errno.Unspecified, (await c.CopyFillAsync(s.Uffd, A + i * Page, 0x7f00_0000_0000, 0x5a, Page)).Errno);
+            Assert.Equal("ok", (await read).Errno.Name());
+        }
+        // one MISSING fault resolved by UFFDIO_ZEROPAGE before any handler read it,
+        var unread = await SleepInUserfaultAsync(c, s.Thread, () => c.ReadAsync(s.Thread, A + 2 * Page));
+        Assert.Equal(Errno.Unspecified, (await c.ZeropageAsync(s.Uffd, A + 2 * Page, Page)).Errno);
+        Assert.Equal("ok", (await unread).Errno.Name());
+        // one WP fault read and resolved by un-protecting,
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        var write = await SleepInUserfaultAsync(c, s.Thread, () => c.WriteAsync(s.Thread, A, 0x11));
+        Assert.True((await c.ReadMessageAsync(s.Uffd)).Message?.Pagefault is { Wp: true });
+        Assert.Equal(Errno.Unspecified, await c.WriteprotectAsync(s.Uffd, A, Page, 0));
+        Assert.Equal("ok", (await write).Errno.Name());
+        // one injection firing and one refused call.
+        await c.Injection.AddRuleAsync(new AddRuleRequest { MachineId = s.Machine, Rule = new InjectRule { Site = InjectSite.MmapChanging, UffdId = s.Uffd, MaxFirings = 1 } });
+        Assert.Equal(Errno.Eagain, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
+        await Assert.ThrowsAsync<RpcException>(() => c.GetThreadAsync(long.MaxValue));
+        var after = await ScrapeAsync();
+
+        // Assert
+        double Delta(string name, params (string, string)[] labels) => after.Sum(name, labels) - before.Sum(name, labels);
+        Assert.Equal(3, Delta("uffdgrpc_userfaults_raised_total", ("class", "missing")));
+        Assert.Equal(1, Delta("uffdgrpc_userfaults_raised_total", ("class", "wp")));
+        Assert.Equal(2, Delta("uffdgrpc_userfaults_ended_total", ("class", "missing"), ("outcome", "copy")));
+        Assert.Equal(1, Delta("uffdgrpc_userfaults_ended_total", ("class", "missing"), ("outcome", "zeropage")));
+        Assert.Equal(1, Delta("uffdgrpc_userfaults_ended_total", ("class", "wp"), ("outcome", "writeprotect")));
+        Assert.Equal(4, Delta("uffdgrpc_userfaults_ended_total"));
+        Assert.Equal(0, Delta("uffdgrpc_userfaults_sleeping"));
+        // The histogram: one observation per ended fault, in its class × outcome; the phases
+        // only for the three faults a handler read (queued and handled each).
+        Assert.Equal(2, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "missing"), ("outcome", "copy")));
+        Assert.Equal(1, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "missing"), ("outcome", "zeropage")));
+        Assert.Equal(1, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "wp"), ("outcome", "writeprotect")));
+        Assert.Equal(2, Delta("uffdgrpc_userfault_duration_seconds_bucket", ("class", "missing"), ("outcome", "copy"), ("le", "+Inf")));
+        Assert.Equal(2, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "missing"), ("phase", "queued")));
+        Assert.Equal(2, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "missing"), ("phase", "handled")));
+        Assert.Equal(1, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "wp"), ("phase", "queued")));
+        Assert.True(Delta("uffdgrpc_userfault_duration_seconds_sum") > 0);
+        // RPCs by method and status, and the injection site.
+        Assert.Equal(2, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioCopy"), ("rpc_grpc_status", "OK")));
+        Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioZeropage"), ("rpc_grpc_status", "OK")));
+        Assert.Equal(3, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioWriteprotect"), ("rpc_grpc_status", "OK")));
+        Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "GetThread"), ("rpc_grpc_status", "NotFound")));
+        Assert.Equal(1, Delta("uffdgrpc_injections_fired_total", ("site", "mmap_changing")));
+        // Gauges (over every machine of the process): at least this machine's two copied pages (the zero page is free), its VMA and its process.
+        Assert.True(after.Sum("uffdgrpc_resident_pages") >= 2);
+        Assert.True(after.Sum("uffdgrpc_vmas") >= 1);
+        Assert.True(after.Sum("uffdgrpc_address_spaces") >= 1);
+    }
+
+    [Fact]
+    public async Task An_open_stream_is_counted_while_it_is_open()
+    {
+        var c = fx.NewClient();
+        await using var s = await Sandbox.CreateAsync(c, pages: 1, registerMode: 1);
+        var before = await ScrapeAsync();
+        using var cts = new CancellationTokenSource();
+        using var stream = c.Uffd.ReadEvents(new ReadEventsRequest { UffdId = s.Uffd }, cancellationToken: cts.Token);
+        await EventuallyAsync(async () => (await c.PollAsync(s.Uffd)).Readers == 1, "the stream is open");
+
+        var open = await ScrapeAsync();
+        await cts.CancelAsync();
+        await EventuallyAsync(async () => (await c.PollAsync(s.Uffd)).Readers == 0, "the stream ended");
+        await EventuallyAsync(async () => (await ScrapeAsync()).Sum("uffdgrpc_rpc_open_streams", ("rpc_method", "ReadEvents")) == before.Sum("uffdgrpc_rpc_open_streams", ("rpc_method", "ReadEvents")), "the gauge drops");
+
+        Assert.Equal(1, open.Sum("uffdgrpc_rpc_open_streams", ("rpc_method", "ReadEvents")) - before.Sum("uffdgrpc_rpc_open_streams", ("rpc_method", "ReadEvents")));
+    }
+
+    [Fact]
+    public async Task Each_rpc_is_an_activity_tagged_with_the_ids_it_names_and_its_machine()
+    {
+        var c = fx.NewClient();
+        await using var s = await Sandbox.CreateAsync(c, pages: 1, registerMode: 1);
+        var seen = new System.Collections.Concurrent.ConcurrentQueue<Activity>();
+        using var listener = new ActivityListener
+        {
+            ShouldListenTo = source => source.Name == "UffdGrpc.Server",
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = seen.Enqueue,
+        };
+        ActivitySource.AddActivityListener(listener);
+
+        await c.MmapAsync(s.Mm, B, Page, 3);
+        await c.WakeAsync(s.Uffd, A, Page);
+        await Assert.ThrowsAsync<RpcException>(() => c.GetMachineAsync(long.MaxValue));
+
+        var mmap = Assert.Single(seen, a => a.DisplayName == "uffd.v1.MmService/Mmap" && Equals(a.GetTagItem("uffd.mm_id"), s.Mm));
+        Assert.Equal(s.Machine, mmap.GetTagItem("uffd.machine_id"));
+        Assert.Equal(ActivityKind.Server, mmap.Kind);
+        Assert.Equal(0, mmap.GetTagItem("rpc.grpc.status_code"));
+        var wake = Assert.Single(seen, a => a.DisplayName == "uffd.v1.UserfaultfdService/UffdioWake" && Equals(a.GetTagItem("uffd.uffd_id"), s.Uffd));
+        Assert.Equal(s.Machine, wake.GetTagItem("uffd.machine_id"));
+        var missing = Assert.Single(seen, a => a.DisplayName == "uffd.v1.MachineService/GetMachine" && Equals(a.GetTagItem("uffd.machine_id"), long.MaxValue));
+        Assert.Equal(ActivityStatusCode.Error, missing.Status);
+        Assert.Equal((int)StatusCode.NotFound, missing.GetTagItem("rpc.grpc.status_code"));
+    }
+}

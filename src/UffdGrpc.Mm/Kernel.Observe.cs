@@ -79,6 +79,9 @@ public sealed partial class Kernel
 
     internal void OnUserfaultRaised(UffdWaiter w) => UserfaultRaised?.Invoke(ClassOf(w.Msg));
 
-    internal void OnUserfaultEnded(UffdWaiter w, UserfaultOutcome outcome) =>
+    internal void OnUserfaultEnded(UffdWaiter w, UserfaultOutcome outcome)
+    {
+        BlocktimeEnd(w.Thread);
         UserfaultEnded?.Invoke(new UserfaultEnd(ClassOf(w.Msg), outcome, w.Origin, w.RaisedAt, w.ReadAt, Stopwatch.GetTimestamp()));
+    }
 }

@@ -160,6 +160,7 @@ public sealed partial class Kernel
         using var _ = Enter();
         var t = new SimThread(this, mm, _nextTid++);
         mm.Threads.Add(t);
+        BlocktimeThreadsChanged(mm);
         return t;
     }
 

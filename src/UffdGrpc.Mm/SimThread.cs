@@ -20,7 +20,7 @@ public enum ThreadState
 /// operation that must wait parks and is retried from the top when woken.
 /// </summary>
 /// <remarks>Protected by <see cref="Kernel.Lock"/>.</remarks>
-public sealed class SimThread
+public sealed partial class SimThread
 {
     internal SimThread(Kernel kernel, Mm mm, int tid)
     {
@@ -86,6 +86,7 @@ public sealed class SimThread
         var op = Op;
         Op = null;
         State = ThreadState.Exited;
+        Kernel.BlocktimeThreadsChanged(Mm);
         op?.Abort();
     }
 

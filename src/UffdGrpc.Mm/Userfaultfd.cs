@@ -141,6 +141,7 @@ public sealed partial class UserfaultfdCtx
         t.Park(this, w, ThreadState.BlockedInUserfault);
         Kernel.OnUserfaultRaised(w);
         Mm.Kernel.OnUserfaultSleep(t, w);
+        Kernel.BlocktimeBegin(t);
         FdWqhWake?.Invoke();
     }
 

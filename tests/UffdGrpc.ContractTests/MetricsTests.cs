@@ -90,6 +90,12 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         Assert.True(after.Sum("uffdgrpc_resident_pages") >= 2);
         Assert.True(after.Sum("uffdgrpc_vmas") >= 1);
         Assert.True(after.Sum("uffdgrpc_address_spaces") >= 1);
+        // Blocktime: the sandbox's one thread slept four times, each time the whole process was blocked.
+        var thread = (await c.Threads.GetThreadAsync(new GetThreadRequest { ThreadId = s.Thread })).Thread;
+        var mm = (await c.Mm.GetMmAsync(new GetMmRequest { MmId = s.Mm })).Mm;
+        Assert.True(thread.BlocktimeNs > 0 && mm.BlocktimeNs == thread.BlocktimeNs, $"thread {thread.BlocktimeNs} ns, process {mm.BlocktimeNs} ns");
+        Assert.True(Delta("uffdgrpc_blocktime_guest_seconds") > 0);
+        Assert.True(Delta("uffdgrpc_blocktime_threads_seconds") > 0);
     }
 
     [Fact]

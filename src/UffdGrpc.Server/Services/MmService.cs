@@ -13,7 +13,7 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
 
     private static MmInfo Info(MmEntry e) => e.Host.Kernel.Locked(() =>
     {
-        var info = new MmInfo { MmId = e.Id, MachineId = e.Host.Id, Exited = e.Mm.Exited, VmaCount = e.Mm.Vmas.Count };
+        var info = new MmInfo { MmId = e.Id, MachineId = e.Host.Id, Exited = e.Mm.Exited, VmaCount = e.Mm.Vmas.Count, BlocktimeNs = (long)(e.Mm.Blocktime.Ticks * 100) };
         info.ThreadIds.AddRange(e.Host.ThreadIds.Where(p => p.Key.Mm == e.Mm).Select(p => p.Value).Order());
         return info;
     });

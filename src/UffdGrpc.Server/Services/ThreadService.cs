@@ -16,6 +16,7 @@ public sealed class ThreadService(MachineRegistry registry) : Contracts.V1.Threa
         State = ProtoMapping.StateOf(t.Thread),
         OpId = t.Thread.Op is null ? 0 : t.OpId,
         BlockedOnUffdId = t.Thread.BlockedOn is { } ctx ? registry.IdOf(t.Host, ctx) : 0,
+        BlocktimeNs = t.Thread.Blocktime.Ticks * 100,
     });
 
     public override Task<CreateThreadResponse> CreateThread(CreateThreadRequest request, ServerCallContext context)

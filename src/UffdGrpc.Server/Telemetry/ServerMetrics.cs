@@ -49,6 +49,10 @@ public sealed class ServerMetrics : IDisposable
         _meter.CreateObservableGauge("uffdgrpc.machines", () => _registry.AllMachines().Count(), "{machine}", "Live machines");
         _meter.CreateObservableGauge("uffdgrpc.address_spaces", () => (long)Sum(c => c.Mms), "{mm}", "Address spaces (processes) that have not exited, over all machines");
         _meter.CreateObservableGauge("uffdgrpc.vmas", () => (long)Sum(c => c.Vmas), "{vma}", "VMAs of those address spaces");
+        _meter.CreateObservableGauge("uffdgrpc.blocktime.guest", () => Sum(c => c.GuestBlocktime), "s",
+            "Blocktime as QEMU's postcopy-blocktime counts it: time during which all live threads of a process were asleep in userfaults at once (counted once), summed over the processes of all machines");
+        _meter.CreateObservableGauge("uffdgrpc.blocktime.threads", () => Sum(c => c.ThreadBlocktime), "s",
+            "Per-thread blocktime: each thread's time asleep in userfaults, summed over the threads of all machines");
         _meter.CreateObservableGauge("uffdgrpc.resident_pages", () => _registry.AllMachines().Sum(h => h.Kernel.LiveFrames), "{page}", "Page frames allocated (page contents, not page tables or the zero pages), over all machines");
         registry.MachineCreated += Observe;
     }
@@ -91,7 +95,7 @@ public sealed class ServerMetrics : IDisposable
     internal static string SnakeCase(string pascal) =>
         string.Concat(pascal.Select((ch, i) => i > 0 && char.IsUpper(ch) ? "_" + char.ToLowerInvariant(ch) : char.ToLowerInvariant(ch).ToString()));
 
-    private readonly record struct Counts(int Mms, int Vmas);
+    private readonly record struct Counts(int Mms, int Vmas, double GuestBlocktime, double ThreadBlocktime);
 
     private sealed class LastCounts
     {
@@ -99,9 +103,10 @@ public sealed class ServerMetrics : IDisposable
     }
 
     /// <summary>Sums a count over the machines, each read under its lock (at most 50 ms wait; a busy machine reports its last counts).</summary>
-    private int Sum(Func<Counts, int> pick)
+    private T Sum<T>(Func<Counts, T> pick)
+        where T : System.Numerics.INumber<T>
     {
-        var total = 0;
+        var total = T.Zero;
         foreach (var h in _registry.AllMachines())
         {
             var last = _lastCounts.GetOrCreateValue(h);
@@ -110,14 +115,17 @@ public sealed class ServerMetrics : IDisposable
                 try
                 {
                     int mms = 0, vmas = 0;
+                    double guest = 0, threads = 0;
                     foreach (var mm in h.Kernel.Mms)
                     {
+                        guest += mm.Blocktime.TotalSeconds;
+                        threads += mm.Threads.Sum(t => t.Blocktime.TotalSeconds);
                         if (mm.Exited)
                             continue;
                         mms++;
                         vmas += mm.Vmas.Count;
                     }
-                    last.Value = new Counts(mms, vmas);
+                    last.Value = new Counts(mms, vmas, guest, threads);
                 }
                 finally
                 {

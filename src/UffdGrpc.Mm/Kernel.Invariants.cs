@@ -160,13 +160,10 @@ public sealed partial class Kernel
         // ---- M
         var folios = new HashSet<Folio>();
         long allocated = 0;
-        for (var i = 0; i < _frames.Count; i++)
+        foreach (var (pfn, p) in _frames.Live())
         {
-            var p = _frames[i];
-            if (p is null)
-                continue;
-            if (p.Pfn != FirstPfn + (ulong)i)
-                Add($"frame slot {i} holds pfn {Hex(p.Pfn)}");
+            if (p.Pfn != pfn)
+                Add($"frame slot {Hex(pfn)} holds pfn {Hex(p.Pfn)}");
             if (p.IsZeroPage)
                 continue;
             allocated++;
@@ -247,9 +244,9 @@ public sealed partial class Kernel
                 Add($"{refs} swap entries refer to freed swap slot {id} (dangling)");
         }
 
-        foreach (var p in _frames)
+        foreach (var (_, p) in _frames.Live())
         {
-            if (p is null || p.IsZeroPage)
+            if (p.IsZeroPage)
                 continue;
             if (p.Pins > 0)
                 reachable.Add(p);
@@ -263,9 +260,9 @@ public sealed partial class Kernel
                 liveFolios.Add(f);
         }
         var leaks = new List<ulong>();
-        foreach (var p in _frames)
+        foreach (var (_, p) in _frames.Live())
         {
-            if (p is null || p.IsZeroPage || p.HwPoison)
+            if (p.IsZeroPage || p.HwPoison)
                 continue;
             if (reachable.Contains(p) || (p.Folio is { } f && liveFolios.Contains(f)))
                 continue;

@@ -78,7 +78,7 @@ public sealed partial class Kernel
     public const ulong TaskSize = 0x0000_7fff_ffff_f000;
     public const ulong FirstPfn = 0x1000;
 
-    private readonly List<Page?> _frames = [];
+    private readonly FrameTable _frames = new(FirstPfn);
     private readonly Dictionary<ulong, SwapSlot> _swap = [];
     private readonly Queue<SimThread> _runnable = new();
     private readonly List<Mm> _mms = [];
@@ -114,6 +114,9 @@ public sealed partial class Kernel
 
     /// <summary>Frames currently allocated (anon, page cache), for accounting tests.</summary>
     public long LiveFrames => Interlocked.Read(ref _liveFrames);
+
+    /// <summary>Chunks of the frame table held now (<see cref="FrameTable"/>): bounded by the live frames, not by every allocation ever made.</summary>
+    public int FrameTableChunks => Locked(() => _frames.ChunkCount);
     public int SwapSlotsInUse => _swap.Count;
 
     /// <summary>The machine's RAM in bytes (<see cref="MachineConfig.MemoryBytes"/>).</summary>
@@ -205,24 +208,14 @@ public sealed partial class Kernel
 
     // ---------------------------------------------------------------- frames
 
-    public Page? PageOf(ulong pfn)
-    {
-        var i = (long)pfn - (long)FirstPfn;
-        return i >= 0 && i < _frames.Count ? _frames[(int)i] : null;
-    }
+    public Page? PageOf(ulong pfn) => _frames.Get(pfn);
 
-    private Page NewFrame(PageKind kind)
-    {
-        var p = new Page(FirstPfn + (ulong)_frames.Count, kind);
-        _frames.Add(p);
-        return p;
-    }
+    private Page NewFrame(PageKind kind) => _frames.Add(kind);
 
     private Folio NewFolio(PageKind kind, bool hugeZero)
     {
         // Keep THP frames naturally aligned, as the buddy allocator does.
-        while ((FirstPfn + (ulong)_frames.Count) % PtrsPerTable != 0)
-            _frames.Add(null);
+        _frames.Align(PtrsPerTable);
         var pages = new Page[PtrsPerTable];
         for (var i = 0; i < pages.Length; i++)
             pages[i] = NewFrame(kind);
@@ -335,18 +328,13 @@ public sealed partial class Kernel
                 return;
             foreach (var sub in folio.Pages)
             {
-                if (_frames[(int)(sub.Pfn - FirstPfn)] is not null)
-                {
-                    _frames[(int)(sub.Pfn - FirstPfn)] = null;
+                if (_frames.Remove(sub.Pfn))
                     FramesFreed(1);
-                }
             }
             return;
         }
-        if (_frames[(int)(page.Pfn - FirstPfn)] is null)
-            return;
-        _frames[(int)(page.Pfn - FirstPfn)] = null;
-        FramesFreed(1);
+        if (_frames.Remove(page.Pfn))
+            FramesFreed(1);
     }
 
     /// <summary>

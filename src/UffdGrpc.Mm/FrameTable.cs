@@ -1,0 +1,119 @@
+namespace UffdGrpc.Mm;
+
+/// <summary>
+/// The machine's page frames by PFN (the model's mem_map). Frame numbers are handed out in
+/// increasing order and never reused (a trace's <c>pageid</c> labels depend on that), so a
+/// flat list indexed by PFN would keep an 8-byte slot for every allocation the machine ever
+/// made: a long-lived machine that faults and frees pages would grow without bound (and a
+/// 32-bit index would overflow after 2^31 allocations). Frames are kept in chunks of
+/// <see cref="ChunkPages"/> slots instead, and a chunk is dropped when its last frame is
+/// freed: the table holds at most one chunk per live frame, and usually far fewer.
+/// </summary>
+/// <remarks>Protected by the owning <see cref="Kernel"/>'s lock.</remarks>
+internal sealed class FrameTable
+{
+    /// <summary>Slots per chunk: one PTE table's worth, so a THP folio fills exactly one chunk.</summary>
+    public const int ChunkPages = Kernel.PtrsPerTable;
+
+    private sealed class Chunk
+    {
+        public readonly Page?[] Slots = new Page?[ChunkPages];
+        public int Live;
+    }
+
+    private readonly Dictionary<ulong, Chunk> _chunks = [];
+    // The chunk frames are being allocated in, and the last one looked up: most lookups hit one of them.
+    private ulong _tailIndex = ulong.MaxValue;
+    private Chunk? _tail;
+    private ulong _lastIndex = ulong.MaxValue;
+    private Chunk? _last;
+
+    /// <summary>The next PFN <see cref="Add"/> hands out.</summary>
+    public ulong NextPfn { get; private set; }
+
+    public FrameTable(ulong firstPfn) => NextPfn = firstPfn;
+
+    /// <summary>Chunks currently held (for the memory figures and tests).</summary>
+    public int ChunkCount => _chunks.Count;
+
+    /// <summary>Leaves the slots up to the next multiple of <paramref name="alignment"/> empty (a naturally aligned THP).</summary>
+    public void Align(ulong alignment) => NextPfn = (NextPfn + alignment - 1) / alignment * alignment;
+
+    /// <summary>A new frame of <paramref name="kind"/> with the next PFN.</summary>
+    public Page Add(PageKind kind)
+    {
+        var pfn = NextPfn++;
+        var page = new Page(pfn, kind);
+        var ci = pfn / ChunkPages;
+        if (ci != _tailIndex)
+        {
+            if (!_chunks.TryGetValue(ci, out var c))
+            {
+                c = new Chunk();
+                _chunks.Add(ci, c);
+            }
+            _tailIndex = ci;
+            _tail = c;
+        }
+        _tail!.Slots[pfn % ChunkPages] = page;
+        _tail.Live++;
+        return page;
+    }
+
+    /// <summary>The live frame <paramref name="pfn"/>, or null (never allocated, or freed).</summary>
+    public Page? Get(ulong pfn)
+    {
+        var ci = pfn / ChunkPages;
+        Chunk? c;
+        if (ci == _tailIndex)
+            c = _tail;
+        else if (ci == _lastIndex)
+            c = _last;
+        else
+        {
+            if (!_chunks.TryGetValue(ci, out c))
+                return null;
+            _lastIndex = ci;
+            _last = c;
+        }
+        return c!.Slots[pfn % ChunkPages];
+    }
+
+    /// <summary>Empties the slot of <paramref name="pfn"/>; false when it was already empty.</summary>
+    public bool Remove(ulong pfn)
+    {
+        var ci = pfn / ChunkPages;
+        if (!_chunks.TryGetValue(ci, out var c) || c.Slots[pfn % ChunkPages] is null)
+            return false;
+        c.Slots[pfn % ChunkPages] = null;
+        if (--c.Live == 0)
+        {
+            _chunks.Remove(ci);
+            if (ci == _tailIndex)
+            {
+                _tailIndex = ulong.MaxValue;
+                _tail = null;
+            }
+            if (ci == _lastIndex)
+            {
+                _lastIndex = ulong.MaxValue;
+                _last = null;
+            }
+        }
+        return true;
+    }
+
+    /// <summary>Every live frame with the PFN of the slot that holds it, in PFN order.</summary>
+    public IEnumerable<(ulong Pfn, Page Page)> Live()
+    {
+        foreach (var ci in _chunks.Keys.Order().ToArray())
+        {
+            var c = _chunks[ci];
+            for (var i = 0; i < ChunkPages; i++)
+            {
+                if (c.Slots[i] is { } p)
+                    yield return ((ci * ChunkPages) + (ulong)i, p);
+            }
+        }
+    }
+}

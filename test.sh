@@ -47,4 +47,9 @@ for r in artifacts/conformance-k61-report.txt artifacts/conformance-k61-server-r
     tail -n 1 "$r"
   fi
 done
+# The coverage of the kernel's own uffd-unit-tests.c (tests/conformance/uffd-unit-tests-coverage.tsv).
+if [ -f artifacts/uffd-unit-tests-coverage.txt ]; then
+  grep -E 'DIVERGES' artifacts/uffd-unit-tests-coverage.txt || true
+  tail -n 1 artifacts/uffd-unit-tests-coverage.txt
+fi
 exit $rc

@@ -53,7 +53,10 @@ public sealed partial class Mm
             if (!fallback)
                 return r;
         }
-        if (pmdt.Entries[pi].IsNone && pmdt.Tables[pi] is null && DoSetPmd(vma, pmdt, pi, addr, write))
+        // A MINOR-registered VMA takes the userfault in shmem_get_folio_gfp before finish_fault
+        // could reach do_set_pmd, and CONTINUE installs PTEs, so the fault path never maps it
+        // with a PMD (MADV_COLLAPSE's set_huge_pmd does: CollapseFile).
+        if (pmdt.Entries[pi].IsNone && pmdt.Tables[pi] is null && !vma.UserfaultfdMinor && DoSetPmd(vma, pmdt, pi, addr, write))
             return FaultResult.Ok;
         var pmd = pmdt.Entries[pi];
         if (pmd.TransHuge)
@@ -78,14 +81,14 @@ public sealed partial class Mm
     }
 
     /// <summary>
-    /// do_set_pmd (via filemap_map_pages / finish_fault): a page-cache page that belongs to a
-    /// PMD-sized folio is mapped with one PMD when the PMD is none and the VMA covers the
-    /// aligned range. A MINOR-registered VMA first takes the userfault; a private write COWs
-    /// a 4 KiB page instead.
+    /// do_set_pmd (via filemap_map_pages / finish_fault, and set_huge_pmd after MADV_COLLAPSE):
+    /// a page-cache page that belongs to a PMD-sized folio is mapped with one PMD when the PMD
+    /// is none and the VMA covers the aligned range; do_set_pmd itself does not look at the
+    /// userfaultfd registration. A private write COWs a 4 KiB page instead.
     /// </summary>
     private bool DoSetPmd(Vma vma, PmdTable pmdt, int pi, ulong addr, bool write)
     {
-        if (vma.File is not { } file || vma.UserfaultfdMinor || (write && !vma.IsShared))
+        if (vma.File is not { } file || (write && !vma.IsShared))
             return false;
         var haddr = addr & Kernel.PmdMask;
         if (haddr < vma.Start || haddr + Kernel.PmdSize > vma.End)

@@ -55,9 +55,61 @@ public sealed partial class ScenarioInterpreter
                 if (!GetRange(argv, 1, out var s, out var l) || argv.Length < 5)
                     return null;
                 return new ThreadOpRequest(ThreadOpKind.Populate) { Addr = s, Len = l, Write = argv[4] == "write" };
+            case "mremap" when ex is { IsChild: true } && ex.RemapAddrs.Count > 0:
+                return ChildMremapOp(argv, ex.RemapAddrs.Dequeue());
             default:
                 return MadviseLikeOp(argv);
         }
+    }
+
+    /// <summary>
+    /// kuffd's child_mremap_send ("child: mremap OLD NEW [FIRST COUNT]"): main names NEW at its
+    /// next arena slot, as its own mremap would, so that the REMAP event the child raises prints
+    /// NEW, and hands the child that slot.
+    /// </summary>
+    private void ChildMremapSend(string[] argv)
+    {
+        if (argv.Length < 4)
+        {
+            Emit("USAGE mremap OLD NEW [FIRST COUNT]");
+            return;
+        }
+        var o = FindMap(argv[2]);
+        if (o is null || FindMap(argv[3]) is not null)
+        {
+            Emit("USAGE bad names");
+            return;
+        }
+        var start = o.Base;
+        var len = o.Len;
+        if (argv.Length >= 6)
+        {
+            if (!ParsePages(argv[4], out var off) || !ParsePages(argv[5], out len))
+            {
+                Emit("USAGE bad range");
+                return;
+            }
+            start = o.Base + off;
+        }
+        var addr = _arenaNext;
+        _maps.Add(new Mapping { Name = argv[3], Base = addr, Len = len, File = o.File, Shared = o.Shared, Off = o.Off + (start - o.Base) });
+        _arenaNext += ((len + PmdSize - 1) & ~(PmdSize - 1)) + PmdSize;
+        _child.RemapAddrs.Enqueue(addr);
+        Send(_child, string.Join(' ', argv.Skip(1)));
+    }
+
+    /// <summary>The child's side of "child: mremap" (kuffd do_mremap at the slot main chose; main validated the names).</summary>
+    private ThreadOpRequest ChildMremapOp(string[] argv, ulong addr)
+    {
+        var o = FindMap(argv[1])!;
+        var start = o.Base;
+        var len = o.Len;
+        if (argv.Length >= 5 && ParsePages(argv[3], out var off) && ParsePages(argv[4], out var l))
+        {
+            start = o.Base + off;
+            len = l;
+        }
+        return new ThreadOpRequest(ThreadOpKind.Mremap) { Addr = start, Len = len, Addr2 = addr };
     }
 
     /// <summary>madvise, munmap and thp, which may wait for an event to be read.</summary>

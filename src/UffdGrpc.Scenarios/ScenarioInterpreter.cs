@@ -111,6 +111,8 @@ public sealed partial class ScenarioInterpreter
         public string CurOp = "";
         /// <summary>Result lines written by the executor that main has not printed yet (kuffd's result pipe).</summary>
         public readonly List<string> Pipe = [];
+        /// <summary>The slots main named for this executor's queued mremaps (kuffd's "@ADDR" word, child_mremap_send).</summary>
+        public readonly Queue<ulong> RemapAddrs = new();
         public int PendingCount => Pending.Count + (Current is null ? 0 : 1);
     }
 
@@ -219,6 +221,10 @@ public sealed partial class ScenarioInterpreter
             else if (!_child.Alive)
             {
                 Emit("USAGE no child");
+            }
+            else if (argv.Length >= 2 && argv[1] == "mremap")
+            {
+                ChildMremapSend(argv);
             }
             else
             {

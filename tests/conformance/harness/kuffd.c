@@ -672,16 +672,19 @@ static bool tid_in_userfault(pid_t pid, pid_t tid)
 	return strstr(buf, "userfault") != NULL;
 }
 
-static void exec_send(struct executor *ex, const char *line)
+/* Sends line to the executor; shown is what "blocked" lines name (line itself when NULL). */
+static void exec_send_as(struct executor *ex, const char *line, const char *shown)
 {
 	char buf[1024];
 	int n = snprintf(buf, sizeof buf, "%s\n", line);
 	ex->pending++;
 	ex->blocked_reported = false;
-	snprintf(ex->curop, sizeof ex->curop, "%s", line);
+	snprintf(ex->curop, sizeof ex->curop, "%s", shown ? shown : line);
 	if (write(ex->cmd_wr, buf, n) != n)
 		emit("FATAL cannot send to %s", ex->label);
 }
+
+static void exec_send(struct executor *ex, const char *line) { exec_send_as(ex, line, NULL); }
 
 /* Drain result lines from an executor; returns true if something arrived. */
 static bool exec_drain(struct executor *ex)
@@ -1082,19 +1085,19 @@ static void cmd_alias(struct cmd *c)
 	emit("ok");
 }
 
-static void cmd_mremap(struct cmd *c)
+/* mremap of OLD (or a part of it) to the slot at addr, named NEW; false on failure (already printed). */
+static bool do_mremap(struct cmd *c, uintptr_t addr)
 {
-	if (c->argc < 3) USAGE("mremap OLD NEW [FIRST COUNT]");
+	if (c->argc < 3) { emit("USAGE mremap OLD NEW [FIRST COUNT]"); return false; }
 	struct mapping *o = find_map(c->argv[1]);
-	if (!o || find_map(c->argv[2])) USAGE("bad names");
+	if (!o || find_map(c->argv[2])) { emit("USAGE bad names"); return false; }
 	uintptr_t start = o->base;
 	uint64_t len = o->len;
 	if (c->argc >= 5) {
 		uint64_t off;
-		if (!parse_pages(c->argv[3], &off) || !parse_pages(c->argv[4], &len)) USAGE("bad range");
+		if (!parse_pages(c->argv[3], &off) || !parse_pages(c->argv[4], &len)) { emit("USAGE bad range"); return false; }
 		start = o->base + off;
 	}
-	uintptr_t addr = arena_next;
 	/* name the destination first: a REMAP event may be printed during mremap */
 	struct mapping *m = &maps[nmaps];
 	*m = *o;
@@ -1106,10 +1109,18 @@ static void cmd_mremap(struct cmd *c)
 		int e = errno;
 		__atomic_store_n(&nmaps, nmaps - 1, __ATOMIC_RELEASE);
 		emit("%s", errname(e));
-		return;
+		return false;
 	}
-	arena_next += ((len + PMD_SZ - 1) & ~(PMD_SZ - 1)) + PMD_SZ;
 	emit("ok");
+	return true;
+}
+
+static void cmd_mremap(struct cmd *c)
+{
+	uintptr_t addr = arena_next;
+	if (!do_mremap(c, addr)) return;
+	uint64_t len = maps[nmaps - 1].len;
+	arena_next += ((len + PMD_SZ - 1) & ~(PMD_SZ - 1)) + PMD_SZ;
 }
 
 static void cmd_mprotect(struct cmd *c)
@@ -1869,6 +1880,11 @@ static void exec_loop(int cmd_rd, int res_wr)
 		split(copy, &c);
 		if (c.argc == 0) { emit("\x01"); continue; }
 		if (!strcmp(c.argv[0], "exit")) { emit("\x01"); _exit(0); }
+		/* "mremap OLD NEW [FIRST COUNT] @ADDR" from main (child: mremap): ADDR is the slot
+		 * main named NEW at; the word is not part of the echoed command */
+		uintptr_t remap_addr = 0;
+		if (in_child && !strcmp(c.argv[0], "mremap") && c.argc > 1 && c.argv[c.argc - 1][0] == '@')
+			remap_addr = strtoull(c.argv[--c.argc] + 1, NULL, 0);
 		/* result lines of non-access commands carry the command as prefix */
 		static const char *plain[] = {"write", "read", "kwrite", "kread", "populate", "pagemap",
 					      "pageid", "vmas", "scan", NULL};
@@ -1890,6 +1906,7 @@ static void exec_loop(int cmd_rd, int res_wr)
 			else if (!in_child && !strcmp(op, "wp")) cmd_wp(&c, true);
 			else if (!in_child && !strcmp(op, "unwp")) cmd_wp(&c, false);
 			else if (!in_child && !strcmp(op, "move")) cmd_move(&c);
+			else if (in_child && !strcmp(op, "mremap") && remap_addr) do_mremap(&c, remap_addr);
 			else emit("USAGE unknown command on executor: %s", op);
 		}
 		tl_prefix = NULL;
@@ -1951,6 +1968,35 @@ static void child_reap(bool kill_it)
 	ex_child.alive = false;
 	ex_child.pending = 0;
 	child_pid = 0;
+}
+
+/* "child: mremap OLD NEW [FIRST COUNT]": main names NEW at its next arena slot, as a
+ * mremap of its own would (so that the REMAP event the child raises prints NEW), and
+ * sends the child the slot's address as a last "@ADDR" word. */
+static void child_mremap_send(struct cmd *c)
+{
+	if (c->argc < 4) USAGE("mremap OLD NEW [FIRST COUNT]");
+	struct mapping *o = find_map(c->argv[2]);
+	if (!o || find_map(c->argv[3])) USAGE("bad names");
+	uintptr_t start = o->base;
+	uint64_t len = o->len;
+	if (c->argc >= 6) {
+		uint64_t off;
+		if (!parse_pages(c->argv[4], &off) || !parse_pages(c->argv[5], &len)) USAGE("bad range");
+		start = o->base + off;
+	}
+	uintptr_t addr = arena_next;
+	struct mapping *m = &maps[nmaps];
+	*m = *o;
+	snprintf(m->name, sizeof m->name, "%s", c->argv[3]);
+	m->base = addr; m->len = len; m->off = o->off + (start - o->base);
+	__atomic_store_n(&nmaps, nmaps + 1, __ATOMIC_RELEASE);
+	arena_next += ((len + PMD_SZ - 1) & ~(PMD_SZ - 1)) + PMD_SZ;
+	char shown[1024] = "", line[1100];
+	size_t sl = 0;
+	for (int i = 1; i < c->argc; i++) sl += snprintf(shown + sl, sizeof shown - sl, "%s%s", i > 1 ? " " : "", c->argv[i]);
+	snprintf(line, sizeof line, "%s @%#lx", shown, (unsigned long)addr);
+	exec_send_as(&ex_child, line, shown);
 }
 
 static void cmd_handler(struct cmd *c)
@@ -2022,6 +2068,8 @@ static void run_line(char *line)
 			child_reap(false);
 		} else if (!ex_child.alive) {
 			emit("USAGE no child");
+		} else if (c.argc >= 2 && !strcmp(c.argv[1], "mremap")) {
+			child_mremap_send(&c);
 		} else {
 			char rest[1024] = "";
 			size_t rl = 0;

@@ -53,7 +53,8 @@ public static class CliCommands
         var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default), 6.1 or v5.7", DefaultValueFactory = _ => "6.18" };
         var server = new Option<string?>("--server") { Description = "Replay against a UffdGrpc server at this URL (e.g. http://127.0.0.1:5051) instead of the in-process model" };
         var seed = new Option<ulong?>("--schedule-seed") { Description = "Run the in-process model under this schedule seed (see explore)" };
-        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed };
+        var diff = new Option<bool>("--diff") { Description = "Run the scenario (or every .scn in a folder) on the model and on the real kernel (the kuffd harness; root or vm.unprivileged_userfaultfd=1, gcc) and print the first divergence; exit 1 when any diverges" };
+        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed, diff };
         cmd.SetAction(async (parse, ct) =>
         {
             var path = parse.GetValue(file)!;
@@ -64,6 +65,21 @@ public static class CliCommands
                 return 1;
             }
             var url = parse.GetValue(server);
+            if (parse.GetValue(diff))
+            {
+                if (url is not null || path == "-")
+                {
+                    await Console.Error.WriteLineAsync("replay --diff: takes a file or folder and runs the in-process model (no --server, no standard input)").ConfigureAwait(false);
+                    return 1;
+                }
+                var seedValue = parse.GetValue(seed);
+                return await ReplayDiff.RunAsync(Console.Out, path, () =>
+                {
+                    var k = new Kernel(prof.Value);
+                    k.SetSchedule(seedValue);
+                    return k;
+                }, ct).ConfigureAwait(false);
+            }
             if (url is not null && !Uri.TryCreate(url, UriKind.Absolute, out _))
             {
                 await Console.Error.WriteLineAsync($"replay: --server: not an absolute URL: {url}").ConfigureAwait(false);

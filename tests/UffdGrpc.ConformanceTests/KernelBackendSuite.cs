@@ -16,6 +16,22 @@ public sealed class HostProfileFixture : IAsyncLifetime
     public string? SkipReason { get; private set; }
     public string ProbeOutput { get; private set; } = "";
 
+    /// <summary>Runs the CLI (built beside the tests, in the same configuration) in a child process: its exit status and its output.</summary>
+    public static async Task<(int Rc, string Output)> CliAsync(params string[] args)
+    {
+        var config = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Debug{Path.DirectorySeparatorChar}", StringComparison.Ordinal) ? "Debug" : "Release";
+        var cli = Path.Combine(ScenarioFolders.RepoRoot, "src", "UffdGrpc.Cli", "bin", config, "net10.0", "UffdGrpc.Cli.dll");
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(cli);
+        foreach (var a in args)
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        await p.WaitForExitAsync();
+        return (p.ExitCode, await stdout + await stderr);
+    }
+
     public async Task InitializeAsync()
     {
         if (!OperatingSystem.IsLinux())
@@ -23,23 +39,15 @@ public sealed class HostProfileFixture : IAsyncLifetime
             SkipReason = "not Linux";
             return;
         }
-        var config = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Debug{Path.DirectorySeparatorChar}", StringComparison.Ordinal) ? "Debug" : "Release";
-        var cli = Path.Combine(ScenarioFolders.RepoRoot, "src", "UffdGrpc.Cli", "bin", config, "net10.0", "UffdGrpc.Cli.dll");
         var file = Path.Combine(Path.GetTempPath(), $"uffdgrpc-probe-{Environment.ProcessId}.json");
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in new[] { cli, "probe", "--out", file })
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        await p.WaitForExitAsync();
-        ProbeOutput = await stdout + await stderr;
+        var (rc, text) = await CliAsync("probe", "--out", file);
+        ProbeOutput = text;
         try
         {
-            if (p.ExitCode == 2)
+            if (rc == 2)
                 SkipReason = ProbeOutput.Trim();
-            else if (p.ExitCode != 0)
-                throw new InvalidOperationException($"probe failed (exit {p.ExitCode}): {ProbeOutput}");
+            else if (rc != 0)
+                throw new InvalidOperationException($"probe failed (exit {rc}): {ProbeOutput}");
             else
                 Profile = HostProfile.FromJson(await File.ReadAllTextAsync(file));
         }
@@ -135,5 +143,39 @@ public sealed class KernelBackendSuite(HostProfileFixture host, ITestOutputHelpe
         r = await KernelDiff.RunAsync("zero-page-read", script, () => new InProcessBackend(probed.ToKernel(out _)!));
         output.WriteLine(KernelDiff.Format(r));
         Assert.Equal(DiffOutcome.Equal, r.Outcome);
+    }
+
+    /// <summary>`replay --diff --profile-file` from the command line: exit 1 and the DIVERGE lines with a wrong profile, 0 with the probed one.</summary>
+    [SkippableFact]
+    public async Task Replay_diff_exits_1_on_a_divergence_and_0_when_equal()
+    {
+        var probed = Host();
+        var why = KuffdHarness.Unavailable();
+        Skip.If(why is not null, why);
+        var dir = Directory.CreateTempSubdirectory("uffdgrpc-diff-").FullName;
+        try
+        {
+            var scn = Path.Combine(dir, "read.scn");
+            await File.WriteAllTextAsync(scn, "map A 2 anon private rw\nthp A off\nread A 0\nwrite A 1 0x11\npagemap A 0 2\n");
+            var right = Path.Combine(dir, "host.json");
+            var wrong = Path.Combine(dir, "wrong.json");
+            await File.WriteAllTextAsync(right, probed.ToJson());
+            await File.WriteAllTextAsync(wrong, (probed with { ReadFaultZeroPage = !probed.ReadFaultZeroPage }).ToJson());
+
+            var (rc, text) = await HostProfileFixture.CliAsync("replay", "--diff", "--profile-file", wrong, scn);
+            output.WriteLine(text);
+            Assert.Equal(1, rc);
+            Assert.StartsWith("DIVERGE  read at line ", text, StringComparison.Ordinal);
+            Assert.Contains("\n  model:  pagemap A 0", text, StringComparison.Ordinal);
+
+            (rc, text) = await HostProfileFixture.CliAsync("replay", "--diff", "--profile-file", right, dir);
+            output.WriteLine(text);
+            Assert.Equal(0, rc);
+            Assert.Equal("EQUAL    read\n", text);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 }

@@ -2,6 +2,7 @@ using System.CommandLine;
 using UffdGrpc.Client;
 using UffdGrpc.Mm;
 using UffdGrpc.Scenarios;
+using UffdGrpc.Scenarios.Host;
 
 namespace UffdGrpc.Cli;
 
@@ -35,6 +36,7 @@ public static class CliCommands
         root.Subcommands.Add(ExploreCommand.Build());
         root.Subcommands.Add(HealthCommand.Build());
         root.Subcommands.Add(SessionCommand.Build());
+        root.Subcommands.Add(ProbeCommand.Build());
         return root;
     }
 
@@ -53,7 +55,9 @@ public static class CliCommands
         var profile = new Option<string>("--profile") { Description = "Kernel profile: 6.18 (default), 6.1 or v5.7", DefaultValueFactory = _ => "6.18" };
         var server = new Option<string?>("--server") { Description = "Replay against a UffdGrpc server at this URL (e.g. http://127.0.0.1:5051) instead of the in-process model" };
         var seed = new Option<ulong?>("--schedule-seed") { Description = "Run the in-process model under this schedule seed (see explore)" };
-        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed };
+        var diff = new Option<bool>("--diff") { Description = "Run the scenario (or every .scn in a folder) on the model and on the real kernel (the kuffd harness; root or vm.unprivileged_userfaultfd=1, gcc) and print the first divergence; exit 1 when any diverges" };
+        var profileFile = new Option<string?>("--profile-file") { Description = "Model the host a `probe --out FILE` profile describes: the built-in profile with its kernel interface, and its machine settings (THP, zero page, soft-dirty, memory-failure, swap)" };
+        var cmd = new Command("replay", "Replay a scenario script against the model and print the trace (kuffd format).") { file, profile, server, seed, diff, profileFile };
         cmd.SetAction(async (parse, ct) =>
         {
             var path = parse.GetValue(file)!;
@@ -64,6 +68,44 @@ public static class CliCommands
                 return 1;
             }
             var url = parse.GetValue(server);
+            HostProfile? hostProfile = null;
+            if (parse.GetValue(profileFile) is { } pf)
+            {
+                try
+                {
+                    hostProfile = HostProfile.FromJson(await File.ReadAllTextAsync(pf, ct).ConfigureAwait(false));
+                    if (hostProfile.ToKernel(out var why) is null)
+                    {
+                        await Console.Error.WriteLineAsync($"replay: --profile-file {pf}: {why}").ConfigureAwait(false);
+                        return 1;
+                    }
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Text.Json.JsonException)
+                {
+                    await Console.Error.WriteLineAsync($"replay: --profile-file {pf}: {e.Message}").ConfigureAwait(false);
+                    return 1;
+                }
+                if (url is not null)
+                {
+                    await Console.Error.WriteLineAsync("replay: --profile-file runs the in-process model (no --server)").ConfigureAwait(false);
+                    return 1;
+                }
+            }
+            Kernel NewKernel()
+            {
+                var k = hostProfile?.ToKernel(out _) ?? new Kernel(prof.Value);
+                k.SetSchedule(parse.GetValue(seed));
+                return k;
+            }
+            if (parse.GetValue(diff))
+            {
+                if (url is not null || path == "-")
+                {
+                    await Console.Error.WriteLineAsync("replay --diff: takes a file or folder and runs the in-process model (no --server, no standard input)").ConfigureAwait(false);
+                    return 1;
+                }
+                return await ReplayDiff.RunAsync(Console.Out, path, NewKernel, ct).ConfigureAwait(false);
+            }
             if (url is not null && !Uri.TryCreate(url, UriKind.Absolute, out _))
             {
                 await Console.Error.WriteLineAsync($"replay: --server: not an absolute URL: {url}").ConfigureAwait(false);
@@ -90,8 +132,7 @@ public static class CliCommands
                 await using (stdout.ConfigureAwait(false))
                 {
                     using var client = url is null ? null : Connect(url);
-                    var kernel = new Kernel(prof.Value);
-                    kernel.SetSchedule(parse.GetValue(seed));
+                    var kernel = NewKernel();
                     IKernelBackend backend = client is null ? new InProcessBackend(kernel) : new GrpcBackend(client, prof.Value);
                     await using (backend.ConfigureAwait(false))
                     {

@@ -38,6 +38,16 @@ public sealed record MachineConfig
     /// <summary>transparent_hugepage/use_zero_page (default: 1).</summary>
     public bool ThpUseZeroPage { get; init; } = true;
     /// <summary>
+    /// Whether a read fault on empty private anonymous memory maps the zero page (4 KiB, and
+    /// the huge zero page for a THP-sized fault) (default: yes, as mainline's
+    /// do_anonymous_page and do_huge_pmd_anonymous_page do). No on hosts whose kernel forbids
+    /// it there: a PVM guest kernel booted with <c>pvm_no_zero_page=1</c> allocates a page on
+    /// a read fault as a write fault does, while UFFDIO_ZEROPAGE still maps the zero page
+    /// (recorded with kuffd on such a host). <c>uffdgrpc probe</c> reports it as
+    /// <c>read_fault_zero_page</c>.
+    /// </summary>
+    public bool ReadFaultZeroPage { get; init; } = true;
+    /// <summary>
     /// The machine's RAM in bytes (MemTotal; default 4 GiB). Anon pages, page cache, THPs and
     /// page tables together never exceed it: an allocation beyond it reclaims, then runs the
     /// OOM killer (<see cref="Kernel.AllocPagesSlowpath"/>).

@@ -173,11 +173,13 @@ public sealed partial class Mm
     /// do_anonymous_page: a read maps the zero page (read-only); a write maps a new zeroed
     /// exclusive page, writable and dirty. A MISSING-registered VMA raises the userfault
     /// instead. A slot that held a uffd-wp marker yields a uffd-wp (hence read-only) entry.
+    /// Without <see cref="MachineConfig.ReadFaultZeroPage"/> a read takes the write path
+    /// (a new page, writable and dirty when the VMA is writable).
     /// </summary>
     private FaultResult DoAnonymousPage(SimThread t, Vma vma, PteTable table, ulong addr, bool write, AccessOrigin origin, bool uffdWp)
     {
         var i = PageTable.PteIndex(addr);
-        if (!write)
+        if (!write && Kernel.Config.ReadFaultZeroPage)
         {
             if (vma.UserfaultfdMissing)
                 return HandleUserfault(t, vma, addr, VmFlags.UffdMissing, write, origin);
@@ -620,14 +622,15 @@ public sealed partial class Mm
 
     /// <summary>
     /// do_huge_pmd_anonymous_page: a read maps the huge zero page, a write a new THP; a
-    /// MISSING-registered VMA raises the userfault (for the 4 KiB page address).
+    /// MISSING-registered VMA raises the userfault (for the 4 KiB page address). Without
+    /// use_zero_page or <see cref="MachineConfig.ReadFaultZeroPage"/> a read allocates a THP.
     /// </summary>
     private FaultResult DoHugePmdAnonymousPage(SimThread t, Vma vma, PmdTable pmdt, int pi, ulong addr, bool write, AccessOrigin origin, out bool fallback)
     {
         fallback = false;
         // vmf_anon_prepare comes first, also for the huge zero page (fork then copies the PMD).
         AnonVmaPrepare(vma);
-        if (!write && Kernel.Config.ThpUseZeroPage)
+        if (!write && Kernel.Config.ThpUseZeroPage && Kernel.Config.ReadFaultZeroPage)
         {
             if (vma.UserfaultfdMissing)
                 return HandleUserfault(t, vma, addr, VmFlags.UffdMissing, write, origin);

@@ -39,6 +39,23 @@ public class MachineAndMmTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixtu
     }
 
     [Fact]
+    public async Task The_read_fault_zero_page_setting_is_created_reported_and_configured()
+    {
+        var c = fx.NewClient();
+
+        var m = (await c.Machines.CreateMachineAsync(new CreateMachineRequest { Settings = new MachineSettings { ReadFaultZeroPage = false } })).Machine;
+        var on = (await c.Machines.ConfigureMachineAsync(new ConfigureMachineRequest { MachineId = m.MachineId, Settings = new MachineSettings { ReadFaultZeroPage = true } })).Machine;
+        var reference = await c.CreateMachineAsync();
+        await c.DestroyMachineAsync(m.MachineId);
+        await c.DestroyMachineAsync(reference.MachineId);
+
+        Assert.False(m.ReadFaultZeroPage);
+        Assert.True(on.ReadFaultZeroPage);
+        Assert.True(reference.ReadFaultZeroPage);
+        Assert.Empty(fx.Errors);
+    }
+
+    [Fact]
     public async Task A_6_1_machine_has_its_features_and_built_in_soft_dirty_and_memory_failure()
     {
         var c = fx.NewClient();

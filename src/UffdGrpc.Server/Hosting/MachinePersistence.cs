@@ -58,6 +58,7 @@ public sealed partial class MachinePersistence(MachineRegistry registry, Microso
                         SoftDirty = k.Config.SoftDirty,
                         MemoryFailure = k.Config.MemoryFailure,
                         Thp = ProtoMapping.ToProto(k.Config.Thp),
+                        ReadFaultZeroPage = k.Config.ReadFaultZeroPage,
                         MemoryBytes = k.Config.MemoryBytes,
                         SwapBytes = k.Config.SwapBytes,
                     },
@@ -96,6 +97,7 @@ public sealed partial class MachinePersistence(MachineRegistry registry, Microso
                     SoftDirty = s.SoftDirty ?? false,
                     MemoryFailure = s.MemoryFailure ?? false,
                     Thp = ProtoMapping.ToModel(s.Thp, Model.ThpMode.Madvise),
+                    ReadFaultZeroPage = s.ReadFaultZeroPage ?? true,
                     MemoryBytes = s.MemoryBytes ?? new Model.MachineConfig().MemoryBytes,
                     SwapBytes = s.SwapBytes ?? new Model.MachineConfig().SwapBytes,
                 };

@@ -21,6 +21,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
             SoftDirty = k.Config.SoftDirty,
             MemoryFailure = k.Config.MemoryFailure,
             Thp = ProtoMapping.ToProto(k.Config.Thp),
+            ReadFaultZeroPage = k.Config.ReadFaultZeroPage,
             UffdFeatures = (ulong)Model.UserfaultfdCtx.AvailableFeatures(k.Profile),
             PagemapScan = k.HasPagemapScan,
             MaxCopyBytes = k.Config.MaxCopyBytes,
@@ -59,6 +60,7 @@ public sealed class MachineService(MachineRegistry registry, ILogger<MachineServ
         SoftDirty = s.SoftDirty ?? c.SoftDirty,
         MemoryFailure = s.MemoryFailure ?? c.MemoryFailure,
         Thp = ProtoMapping.ToModel(s.Thp, c.Thp),
+        ReadFaultZeroPage = s.ReadFaultZeroPage ?? c.ReadFaultZeroPage,
     };
 
     public override Task<CreateMachineResponse> CreateMachine(CreateMachineRequest request, ServerCallContext context)

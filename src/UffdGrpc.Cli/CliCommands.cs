@@ -35,6 +35,7 @@ public static class CliCommands
         root.Subcommands.Add(ExploreCommand.Build());
         root.Subcommands.Add(HealthCommand.Build());
         root.Subcommands.Add(SessionCommand.Build());
+        root.Subcommands.Add(RecipeCommand.Build());
         return root;
     }
 

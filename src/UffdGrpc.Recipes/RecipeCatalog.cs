@@ -1,0 +1,13 @@
+namespace UffdGrpc.Recipes;
+
+/// <summary>Every recipe the CLI offers (<c>uffdgrpc recipe NAME</c>), in the order it lists them.</summary>
+public static class RecipeCatalog
+{
+    public static IReadOnlyList<Recipe> All { get; } =
+    [
+        new PostcopyRecipe(),
+    ];
+
+    /// <summary>The recipe named <paramref name="name"/>, or null.</summary>
+    public static Recipe? Find(string name) => All.FirstOrDefault(r => r.Name == name);
+}

@@ -1,0 +1,20 @@
+using System.Globalization;
+
+namespace UffdGrpc.Recipes;
+
+/// <summary>The text every recipe run prints: what ran, the check's verdict, the roles' notes and counters.</summary>
+public static class RecipePrinter
+{
+    public static void Print(RecipeResult r, RecipeOptions o, string mode, TextWriter w)
+    {
+        var pages = o.Pages > 0 ? $", {o.Pages} pages" : "";
+        w.WriteLine($"recipe {r.Recipe}: handler {r.Handler}, seed {o.Seed.ToString(CultureInfo.InvariantCulture)}{pages}, {mode}, machine {r.MachineId.ToString(CultureInfo.InvariantCulture)}, {r.Elapsed.TotalMilliseconds.ToString("0", CultureInfo.InvariantCulture)} ms");
+        foreach (var n in r.Report.Notes)
+            w.WriteLine("  note: " + n);
+        // Counters whose name starts with '_' carry data for the check, not for people.
+        var shown = r.Report.Counters.Where(kv => !kv.Key.StartsWith('_')).ToList();
+        if (shown.Count > 0)
+            w.WriteLine("  counters: " + string.Join(", ", shown.Select(kv => $"{kv.Key} {kv.Value.ToString(CultureInfo.InvariantCulture)}")));
+        w.WriteLine("check: " + r.Check);
+    }
+}

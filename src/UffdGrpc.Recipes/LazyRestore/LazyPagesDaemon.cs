@@ -30,6 +30,23 @@ public sealed class LazyDaemonStats
     public long Eagain;
     /// <summary>The largest background chunk, bytes (criu grows it by 64 KiB per idle round up to 4 MiB).</summary>
     public long MaxChunk;
+
+    /// <summary>Adds the figures to a recipe report.</summary>
+    public void ReportTo(RoleReport r)
+    {
+        r.Add("faults-read", Faults);
+        r.Add("fault-pages-copied", FaultCopies);
+        r.Add("zeropages", Zeropages);
+        r.Add("background-copies", Pushes);
+        r.Add("background-pages-copied", PushedPages);
+        r.Add("largest-background-chunk-bytes", MaxChunk);
+        r.Add("fork-events", Forks);
+        r.Add("remap-events", Remaps);
+        r.Add("unmap-events", Unmaps);
+        r.Add("remove-events", Removes);
+        r.Add("tasks-retired-esrch", Retired);
+        r.Add("eagain-retries", Eagain);
+    }
 }
 
 /// <summary>One task's image: its pages that hold data, by dump-time address (shared with the children it forks).</summary>

@@ -1,122 +1,167 @@
+using System.Globalization;
 using UffdGrpc.Client;
 using UffdGrpc.Contracts.V1;
-using UffdGrpc.Recipes.RestoreCommon;
+using UffdGrpc.Recipes.SnapshotRestore;
 
 namespace UffdGrpc.Recipes.LazyRestore;
 
-/// <summary>Options of one lazy-restore run.</summary>
-public sealed record LazyRestoreOptions
-{
-    /// <summary>Pages of the root task's main region (the other regions are fixed).</summary>
-    public int Pages { get; init; } = 2048;
-    public int Seed { get; init; } = 1;
-    public LazyDaemonKind Daemon { get; init; } = LazyDaemonKind.Criu;
-}
-
-/// <summary>A run's checks (one per task that lives to the end) and what the daemon did.</summary>
-public sealed record LazyRestoreReport(LazyDaemonKind Daemon, IReadOnlyList<PageCheckResult> Checks, LazyDaemonStats Stats)
-{
-    public bool Passed => Checks.All(c => c.Passed);
-}
-
 /// <summary>
-/// CRIU's lazy restore (<c>criu restore --lazy-pages</c> with <c>criu lazy-pages</c>), in its
-/// roles: the source (a dumped process tree: a root task P and its child Q), the restorer
-/// (each task's VMAs rebuilt from the image, its pages left out, its lazy ranges registered
-/// MISSING on a uffd with EVENT_FORK | REMAP | UNMAP | REMOVE and handed to the daemon),
-/// the lazy-pages daemon (<see cref="LazyPagesDaemon"/>) and the restored tree running. The
-/// tree forks, mremaps, munmaps, releases memory and lets a child exit mid-restore; the
-/// check: every task that lives to the end equals, byte for byte and VMA for VMA, the same
-/// workload run on an eagerly restored copy of the tree.
+/// CRIU's lazy restore (<c>criu restore --lazy-pages</c> with <c>criu lazy-pages</c>).
+/// <para>Roles: <c>source</c> (a process tree — a root task P and its child Q — dumped into
+/// an images directory), <c>restorer</c> (each task rebuilt from its image with its pages
+/// left out and its VMAs registered MISSING on a uffd with EVENT_FORK | REMAP | UNMAP |
+/// REMOVE, the uffds handed to the daemon), <c>handler</c> (the lazy-pages daemon,
+/// <see cref="LazyPagesDaemon"/>, which ends once every page is restored) and <c>guest</c>
+/// (the restored tree running: it mremaps, forks a child that exits mid-restore, forks a
+/// child that lives, munmaps, releases memory, reads and writes).</para>
+/// <para>Check: every task alive at the end equals, VMA for VMA and byte for byte, the same
+/// workload run on an eagerly restored copy of the tree (the images with their pages).</para>
 /// </summary>
-public static class LazyRestoreRecipe
+public sealed class LazyRestoreRecipe : Recipe
 {
     public const ulong RegionA = 0x5000_0000;
     public const ulong RegionB = 0x6000_0000;
     public const ulong RegionC = 0x7000_0000;
     public const ulong RegionD = 0x8000_0000;
-    private const int SmallPages = 64;
+    public const int SmallPages = 64;
     private const ulong Features = 0x2 | 0x4 | 0x8 | 0x40; // EVENT_FORK | EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP
 
-    /// <summary>The dumped tree: each task's image (a serialized MmImage).</summary>
-    public sealed record Dump(byte[] P, byte[] Q);
+    public override string Name => "lazy-restore";
+    public override string Description => "CRIU lazy restore: a forking, remapping, unmapping process tree served by a criu/uffd.c lazy-pages daemon, checked against an eager restore.";
+    public override IReadOnlyList<string> Roles { get; } = ["source", "restorer", "handler", "guest"];
 
-    /// <summary>A restored tree: each task's process, main thread and uffd (0 when restored eagerly).</summary>
-    public sealed record Tree(long P, long PThread, long PUffd, long Q, long QThread, long QUffd);
-
-    public static async Task<LazyRestoreReport> RunAsync(UffdClient client, LazyRestoreOptions o, CancellationToken ct = default)
+    public override IReadOnlyDictionary<string, string> WrongHandlers { get; } = new Dictionary<string, string>
     {
-        var machine = (await client.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
-        try
-        {
-            var dump = await DumpAsync(client, machine, o, ct).ConfigureAwait(false);
-            var lazy = await RestoreAsync(client, machine, dump, lazy: true, ct).ConfigureAwait(false);
-            var eager = await RestoreAsync(client, machine, dump, lazy: false, ct).ConfigureAwait(false);
-            using var daemon = new LazyPagesDaemon(client, o.Daemon);
-            daemon.AddTask("P", lazy.PUffd, ImageOf(dump.P), await PageCheck.VmaRangesAsync(client, lazy.P, ct).ConfigureAwait(false));
-            daemon.AddTask("Q", lazy.QUffd, ImageOf(dump.Q), await PageCheck.VmaRangesAsync(client, lazy.Q, ct).ConfigureAwait(false));
-            var finished = new TaskCompletionSource();
-            var serving = daemon.RunAsync(finished.Task, ct);
-            var survivors = await WorkloadAsync(client, lazy, o.Seed, finished, ct).ConfigureAwait(false);
-            await serving.ConfigureAwait(false);
-            var reference = await WorkloadAsync(client, eager, o.Seed, null, ct).ConfigureAwait(false);
-            var checks = new List<PageCheckResult>();
-            foreach (var (name, mm) in survivors)
-            {
-                var refMm = reference[name];
-                var ranges = await PageCheck.VmaRangesAsync(client, mm, ct).ConfigureAwait(false);
-                var refRanges = await PageCheck.VmaRangesAsync(client, refMm, ct).ConfigureAwait(false);
-                var check = await PageCheck.CompareAsync(client, $"task {name} vs the eager restore", mm, refMm, ranges.Union(refRanges).Distinct().OrderBy(r => r.Start), ct).ConfigureAwait(false);
-                checks.Add(check);
-            }
-            return new LazyRestoreReport(o.Daemon, checks, daemon.Stats);
-        }
-        finally
-        {
-            await client.DestroyMachineAsync(machine, CancellationToken.None).ConfigureAwait(false);
-        }
+        ["ignores-remap"] = "reads UFFD_EVENT_REMAP and keeps the moved pages at their old address: a fault at the new one finds no lazy page and gets a zero page",
+    };
+
+    private static string S(long v) => v.ToString(CultureInfo.InvariantCulture);
+
+    public override async Task<RecipeSetup> SetupAsync(RecipeContext ctx, CancellationToken ct)
+    {
+        var machine = (await ctx.Client.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
+        var setup = new RecipeSetup(machine);
+        var dir = Path.Combine(Path.GetTempPath(), $"uffdgrpc-lazy-restore-{Environment.ProcessId}-{machine}");
+        Directory.CreateDirectory(dir);
+        setup.State["images"] = dir;
+        setup.State["pages"] = S(ctx.Options.Pages > 0 ? ctx.Options.Pages : 2048);
+        return setup;
     }
 
-    /// <summary>The source role: P with three regions (A: data with holes, B and C: data), Q forked from P and diverged; both dumped.</summary>
-    public static async Task<Dump> DumpAsync(UffdClient client, long machine, LazyRestoreOptions o, CancellationToken ct)
+    public override Task RunRoleAsync(string role, RoleContext ctx, CancellationToken ct) => role switch
     {
-        var p = await client.CreateMmAsync(machine, ct).ConfigureAwait(false);
-        var t = (await client.CreateThreadAsync(p, ct).ConfigureAwait(false)).ThreadId;
-        var regions = new (ulong At, int Pages, int Seed)[] { (RegionA, o.Pages, o.Seed), (RegionB, SmallPages, o.Seed + 1), (RegionC, SmallPages, o.Seed + 2) };
-        foreach (var (at, pages, seed) in regions)
+        "source" => DumpAsync(ctx, ct),
+        "restorer" => RestorerAsync(ctx, ct),
+        "handler" => DaemonAsync(ctx, ct),
+        "guest" => GuestAsync(ctx, ct),
+        _ => throw new ArgumentException($"lazy-restore has no role {role}", nameof(role)),
+    };
+
+    /// <summary>The source role: P with three regions (A with zero runs, B, C), Q forked from P and diverged; both dumped to the images directory.</summary>
+    private static async Task DumpAsync(RoleContext ctx, CancellationToken ct)
+    {
+        var c = ctx.Client;
+        var pages = (int)ctx.Id("pages");
+        var seed = ctx.Options.Seed;
+        var p = await c.CreateMmAsync(ctx.MachineId, ct).ConfigureAwait(false);
+        var t = (await c.CreateThreadAsync(p, ct).ConfigureAwait(false)).ThreadId;
+        foreach (var (at, n, s) in new (ulong, int, ulong)[] { (RegionA, pages, seed), (RegionB, SmallPages, seed + 1), (RegionC, SmallPages, seed + 2) })
         {
-            (await client.MmapAsync(p, at, (ulong)pages * 4096, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (source)");
-            await WriteDataPagesAsync(client, t, at, GuestPattern.Contents(pages, seed), ct).ConfigureAwait(false);
+            (await c.MmapAsync(p, at, (ulong)n * PageCheck.PageSize, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (source)");
+            await WriteDataPagesAsync(c, t, at, SnapshotContents.Create(n, s), ct).ConfigureAwait(false);
         }
-        var fork = await client.ForkAsync(p, t, ct).ConfigureAwait(false);
+        var fork = await c.ForkAsync(p, t, ct).ConfigureAwait(false);
         fork.Errno.Expect("fork (source)");
         var q = fork.ChildMmId;
-        var qt = (await client.CreateThreadAsync(q, ct).ConfigureAwait(false)).ThreadId;
-        await client.MunmapAsync(q, RegionB, 2 * SmallPages * 4096UL + (RegionC - RegionB - SmallPages * 4096UL), qt, ct).ConfigureAwait(false);
-        await WriteDataPagesAsync(client, qt, RegionA, GuestPattern.Contents(o.Pages / 2, o.Seed + 3), ct).ConfigureAwait(false);
-        return new Dump(await client.ExportMmAsync(p, ct).ConfigureAwait(false), await client.ExportMmAsync(q, ct).ConfigureAwait(false));
+        var qt = (await c.CreateThreadAsync(q, ct).ConfigureAwait(false)).ThreadId;
+        (await c.MunmapAsync(q, RegionB, RegionC + (SmallPages * PageCheck.PageSize) - RegionB, qt, ct).ConfigureAwait(false)).Expect("munmap (source)");
+        await WriteDataPagesAsync(c, qt, RegionA, SnapshotContents.Create(pages / 2, seed + 3), ct).ConfigureAwait(false);
+        var dir = ctx.State["images"];
+        await File.WriteAllBytesAsync(Path.Combine(dir, "P.img"), await c.ExportMmAsync(p, ct).ConfigureAwait(false), ct).ConfigureAwait(false);
+        await File.WriteAllBytesAsync(Path.Combine(dir, "Q.img"), await c.ExportMmAsync(q, ct).ConfigureAwait(false), ct).ConfigureAwait(false);
+        await c.DestroyMmAsync(q, ct).ConfigureAwait(false);
+        await c.DestroyMmAsync(p, ct).ConfigureAwait(false);
+        await ctx.SignalAsync("dumped").ConfigureAwait(false);
     }
 
-    /// <summary>Writes only the pages holding data (a dump then leaves the zero pages out, as CRIU does).</summary>
-    private static async Task WriteDataPagesAsync(UffdClient client, long thread, ulong at, byte[] contents, CancellationToken ct)
+    /// <summary>Writes only the pages holding data (the dump then leaves the zero pages out, as CRIU's does).</summary>
+    private static async Task WriteDataPagesAsync(UffdClient c, long thread, ulong at, byte[] contents, CancellationToken ct)
     {
-        for (var p = 0; p < contents.Length / 4096;)
+        const int page = (int)PageCheck.PageSize;
+        var n = contents.Length / page;
+        for (var p = 0; p < n;)
         {
-            if (!contents.AsSpan(p * 4096, 4096).ContainsAnyExcept((byte)0))
+            if (!contents.AsSpan(p * page, page).ContainsAnyExcept((byte)0))
             {
                 p++;
                 continue;
             }
             var end = p;
-            while (end < contents.Length / 4096 && contents.AsSpan(end * 4096, 4096).ContainsAnyExcept((byte)0))
+            while (end < n && contents.AsSpan(end * page, page).ContainsAnyExcept((byte)0))
                 end++;
-            (await client.WriteBytesAsync(thread, at + (ulong)p * 4096, contents.AsMemory(p * 4096, (end - p) * 4096), ct: ct).ConfigureAwait(false)).Errno.Expect("write (source)");
+            (await c.WriteBytesAsync(thread, at + ((ulong)p * PageCheck.PageSize), contents.AsMemory(p * page, (end - p) * page), ct: ct).ConfigureAwait(false)).Errno.Expect("write (source)");
             p = end;
         }
     }
 
+    /// <summary>The tasks of the tree, by name.</summary>
+    internal static readonly string[] Tasks = ["P", "Q"];
+
+    /// <summary>
+    /// The restorer role: each task from its image; lazily, without its pages and with every
+    /// VMA registered MISSING on a uffd with the non-cooperative events. The restored ids
+    /// go to the daemon and the tasks through the images directory (CRIU hands the uffds
+    /// over its lazy-pages socket); "restore finished" follows once the tasks run.
+    /// </summary>
+    private static async Task RestorerAsync(RoleContext ctx, CancellationToken ct)
+    {
+        await ctx.WaitAsync("dumped", ct).ConfigureAwait(false);
+        var dir = ctx.State["images"];
+        var lines = new List<string>();
+        foreach (var task in Tasks)
+        {
+            var (mm, uffd) = await RestoreAsync(ctx.Client, ctx.MachineId, await File.ReadAllBytesAsync(Path.Combine(dir, task + ".img"), ct).ConfigureAwait(false), lazy: true, ct).ConfigureAwait(false);
+            lines.Add($"{task} {S(mm)} {S(uffd)}");
+        }
+        await File.WriteAllLinesAsync(Path.Combine(dir, "restored"), lines, ct).ConfigureAwait(false);
+        await ctx.SignalAsync("restored").ConfigureAwait(false);
+        await ctx.WaitAsync("resumed", ct).ConfigureAwait(false);
+        await ctx.SignalAsync("restore-finished").ConfigureAwait(false);
+    }
+
+    /// <summary>One task from its image (ImportMm): lazily, the pages left out and every VMA registered MISSING on one uffd with the events CRIU needs.</summary>
+    internal static async Task<(long Mm, long Uffd)> RestoreAsync(UffdClient c, long machine, byte[] bytes, bool lazy, CancellationToken ct)
+    {
+        var image = MmImage.Parser.ParseFrom(bytes);
+        if (lazy)
+        {
+            image.Uffds.Clear();
+            image.Uffds.Add(new UffdImage { Features = Features, Flags = 0x80800 });
+            foreach (var v in image.Vmas)
+            {
+                v.Pages.Clear();
+                v.Uffd = 1;
+                v.UffdMode = 1;
+            }
+        }
+        var r = await c.ImportMmAsync(machine, Google.Protobuf.MessageExtensions.ToByteArray(image), ct).ConfigureAwait(false);
+        return (r.Mm.MmId, lazy ? r.UffdIds[0] : 0);
+    }
+
+    private static async Task<Dictionary<string, (long Mm, long Uffd)>> RestoredAsync(RoleContext ctx, CancellationToken ct)
+    {
+        await ctx.WaitAsync("restored", ct).ConfigureAwait(false);
+        var d = new Dictionary<string, (long, long)>(StringComparer.Ordinal);
+        foreach (var line in await File.ReadAllLinesAsync(Path.Combine(ctx.State["images"], "restored"), ct).ConfigureAwait(false))
+        {
+            var w = line.Split(' ');
+            d[w[0]] = (long.Parse(w[1], CultureInfo.InvariantCulture), long.Parse(w[2], CultureInfo.InvariantCulture));
+        }
+        return d;
+    }
+
     /// <summary>The daemon's view of a task's image: its pages that hold data, by dump-time address.</summary>
-    public static LazyImage ImageOf(byte[] image)
+    internal static LazyImage ImageOf(byte[] image)
     {
         var pages = new Dictionary<ulong, byte[]>();
         foreach (var v in MmImage.Parser.ParseFrom(image).Vmas)
@@ -125,72 +170,93 @@ public static class LazyRestoreRecipe
             {
                 var data = pg.Data.ToByteArray();
                 if (data.AsSpan().ContainsAnyExcept((byte)0))
-                    pages[v.Start + pg.Index * 4096] = data;
+                    pages[v.Start + (pg.Index * PageCheck.PageSize)] = data;
             }
         }
         return new LazyImage(pages);
     }
 
-    /// <summary>The restorer role: each task from its image; lazily, without its pages and with every private anonymous VMA registered MISSING on a uffd with the non-cooperative events.</summary>
-    public static async Task<Tree> RestoreAsync(UffdClient client, long machine, Dump dump, bool lazy, CancellationToken ct)
+    /// <summary>The handler role: the lazy-pages daemon, from the restored uffds until every page is restored.</summary>
+    private static async Task DaemonAsync(RoleContext ctx, CancellationToken ct)
     {
-        async Task<(long Mm, long Thread, long Uffd)> One(byte[] bytes)
+        var restored = await RestoredAsync(ctx, ct).ConfigureAwait(false);
+        using var daemon = new LazyPagesDaemon(ctx.Client, ctx.WrongHandler == "ignores-remap" ? LazyDaemonKind.IgnoresRemap : LazyDaemonKind.Criu);
+        foreach (var task in Tasks)
         {
-            var image = MmImage.Parser.ParseFrom(bytes);
-            if (lazy)
-            {
-                image.Uffds.Clear();
-                image.Uffds.Add(new UffdImage { Features = Features, Flags = 0x80800 });
-                foreach (var v in image.Vmas)
-                {
-                    v.Pages.Clear();
-                    v.Uffd = 1;
-                    v.UffdMode = 1;
-                }
-            }
-            var r = await client.ImportMmAsync(machine, Google.Protobuf.MessageExtensions.ToByteArray(image), ct).ConfigureAwait(false);
-            var thread = (await client.CreateThreadAsync(r.Mm.MmId, ct).ConfigureAwait(false)).ThreadId;
-            return (r.Mm.MmId, thread, lazy ? r.UffdIds[0] : 0);
+            var bytes = await File.ReadAllBytesAsync(Path.Combine(ctx.State["images"], task + ".img"), ct).ConfigureAwait(false);
+            var vmas = MmImage.Parser.ParseFrom(bytes).Vmas.Select(v => (v.Start, v.End));
+            daemon.AddTask(task, restored[task].Uffd, ImageOf(bytes), vmas);
         }
-        var p = await One(dump.P).ConfigureAwait(false);
-        var q = await One(dump.Q).ConfigureAwait(false);
-        return new Tree(p.Mm, p.Thread, p.Uffd, q.Mm, q.Thread, q.Uffd);
+        await daemon.RunAsync(ctx.WaitAsync("restore-finished", ct), ct).ConfigureAwait(false);
+        daemon.Stats.ReportTo(ctx.Report);
+    }
+
+    /// <summary>The guest role: the restored tree runs its workload; the tasks alive at the end go to the check.</summary>
+    private static async Task GuestAsync(RoleContext ctx, CancellationToken ct)
+    {
+        var restored = await RestoredAsync(ctx, ct).ConfigureAwait(false);
+        var alive = await LazyWorkload.RunAsync(ctx.Client, restored["P"].Mm, restored["Q"].Mm, ctx.Options, () => ctx.SignalAsync("resumed"), ctx.Report, ct).ConfigureAwait(false);
+        foreach (var (task, mm) in alive)
+            ctx.Report.Set("_mm." + task, mm);
     }
 
     /// <summary>
-    /// The restored tree runs. P first moves region C to D (its REMAP is the daemon's first
-    /// message: the task runs as soon as it is restored), then the restorer reports the
-    /// restore finished; P forks a child that touches a few pages and exits, forks a second
-    /// child that lives, unmaps part of B, releases another part (MADV_DONTNEED), reads the
-    /// moved region, and all tasks read and write their memory. Returns the tasks alive at the end by name.
+    /// The address ranges and their protections, adjacent VMAs with equal protections joined:
+    /// the lazy restore's UNREGISTER of a removed range splits a VMA whose pieces then fault
+    /// in anon_vmas of their own, so they may stay apart after the uffd is closed, where
+    /// the eager copy keeps one VMA. The memory a task sees is the same.
     /// </summary>
-    public static async Task<Dictionary<string, long>> WorkloadAsync(UffdClient client, Tree tree, int seed, TaskCompletionSource? restoreFinished, CancellationToken ct)
+    private static List<(ulong Start, ulong End, string Perms)> Layout(IReadOnlyList<VmaInfo> vmas)
     {
-        IGuest guest = new ThreadGuest(client);
-        var rng = new Random(seed);
-        var smallLen = SmallPages * 4096UL;
-        var mremap = await client.StartOpAsync(tree.PThread, new ThreadOp { Mremap = new MremapOp { OldAddr = RegionC, Len = smallLen, NewAddr = RegionD } }, ct).ConfigureAwait(false);
-        restoreFinished?.TrySetResult();
-        (await client.WaitOpAsync(mremap.OpId, ct).ConfigureAwait(false)).Errno.Expect("mremap");
-
-        var f1 = await client.ForkAsync(tree.P, tree.PThread, ct).ConfigureAwait(false);
-        f1.Errno.Expect("fork");
-        await guest.RunAsync(f1.ChildThreadId, Pages(RegionA, 8, 1, 2, rng), ct).ConfigureAwait(false);
-        await client.DestroyMmAsync(f1.ChildMmId, ct).ConfigureAwait(false);
-
-        var f2 = await client.ForkAsync(tree.P, tree.PThread, ct).ConfigureAwait(false);
-        f2.Errno.Expect("fork");
-        (await client.MunmapAsync(tree.P, RegionB, 16 * 4096, tree.PThread, ct).ConfigureAwait(false)).Expect("munmap");
-        (await client.MadviseAsync(tree.P, RegionB + 32 * 4096, 16 * 4096, 4, tree.PThread, ct).ConfigureAwait(false)).Expect("MADV_DONTNEED");
-        await guest.RunAsync(tree.PThread, Pages(RegionD, SmallPages, 2, 0, rng), ct).ConfigureAwait(false);
-        await Task.WhenAll(
-            guest.RunAsync(tree.PThread, Pages(RegionB + 16 * 4096, SmallPages - 16, 3, 2, rng).Concat(Pages(RegionA, 64, 3, 3, rng)).ToList(), ct),
-            guest.RunAsync(f2.ChildThreadId, Pages(RegionA + 64 * 4096, 64, 4, 2, rng).Concat(Pages(RegionD, SmallPages, 4, 3, rng)).ToList(), ct),
-            guest.RunAsync(tree.QThread, Pages(RegionA, 64, 5, 2, rng), ct)).ConfigureAwait(false);
-        return new Dictionary<string, long> { ["P"] = tree.P, ["Q"] = tree.Q, ["P'"] = f2.ChildMmId };
+        var list = new List<(ulong Start, ulong End, string Perms)>();
+        foreach (var v in vmas)
+        {
+            if (list.Count > 0 && list[^1].End == v.Start && list[^1].Perms == v.Perms)
+                list[^1] = (list[^1].Start, v.End, v.Perms);
+            else
+                list.Add((v.Start, v.End, v.Perms));
+        }
+        return list;
     }
 
-    /// <summary>Touches of <paramref name="count"/> pages from <paramref name="at"/>: every <paramref name="writeEvery"/>-th a write of generation <paramref name="gen"/> (0: reads only), in a seeded order.</summary>
-    private static List<GuestTouch> Pages(ulong at, int count, uint gen, int writeEvery, Random rng) =>
-        Enumerable.Range(0, count).OrderBy(_ => rng.Next()).Select(i => new GuestTouch(at + (ulong)i * 4096, writeEvery > 0 && i % writeEvery == 0, gen)).ToList();
+    public override async Task<RecipeCheck> CheckAsync(RecipeContext ctx, RecipeSetup setup, RoleReport report, CancellationToken ct)
+    {
+        var c = ctx.Client;
+        var dir = setup.State["images"];
+        try
+        {
+            if (!report.Has("_mm.P"))
+                return RecipeCheck.Fail("the restored tree did not finish its workload");
+            // The same workload on an eagerly restored copy of the tree.
+            var p = (await RestoreAsync(c, setup.MachineId, await File.ReadAllBytesAsync(Path.Combine(dir, "P.img"), ct).ConfigureAwait(false), lazy: false, ct).ConfigureAwait(false)).Mm;
+            var q = (await RestoreAsync(c, setup.MachineId, await File.ReadAllBytesAsync(Path.Combine(dir, "Q.img"), ct).ConfigureAwait(false), lazy: false, ct).ConfigureAwait(false)).Mm;
+            var eager = await LazyWorkload.RunAsync(c, p, q, ctx.Options, null, new RoleReport(), ct).ConfigureAwait(false);
+            var details = new List<string>();
+            foreach (var (task, refMm) in eager)
+            {
+                var mm = report.Get("_mm." + task);
+                var vmas = Layout(await c.ListVmasAsync(mm, ct).ConfigureAwait(false));
+                var refVmas = Layout(await c.ListVmasAsync(refMm, ct).ConfigureAwait(false));
+                var layout = string.Join(" ", vmas.Select(v => $"{v.Start:x}-{v.End:x} {v.Perms}"));
+                var refLayout = string.Join(" ", refVmas.Select(v => $"{v.Start:x}-{v.End:x} {v.Perms}"));
+                if (layout != refLayout)
+                    return RecipeCheck.Fail($"task {task}: mappings [{layout}], the eager restore has [{refLayout}]");
+                foreach (var v in vmas)
+                {
+                    var n = (int)((v.End - v.Start) / PageCheck.PageSize);
+                    var expected = await PageCheck.ImagesAsync(c, refMm, v.Start, n, ct).ConfigureAwait(false);
+                    var actual = await PageCheck.ImagesAsync(c, mm, v.Start, n, ct).ConfigureAwait(false);
+                    var check = PageCheck.Compare($"task {task} {v.Start:x}-{v.End:x} vs the eager restore", v.Start, expected, actual);
+                    if (!check.Passed)
+                        return check;
+                }
+                details.Add($"{task} ({vmas.Count} mappings)");
+            }
+            return RecipeCheck.Pass($"tasks {string.Join(", ", details)} equal the eager restore byte for byte");
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }

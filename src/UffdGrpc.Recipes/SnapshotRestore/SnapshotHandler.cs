@@ -31,6 +31,21 @@ public sealed class SnapshotHandlerStats
     public long BytesCopied;
     /// <summary>Faults needing no resolution: their range was unregistered (which woke them) before they were served.</summary>
     public long LeftToKernel;
+
+    /// <summary>Adds the figures to a recipe report, each name prefixed with <paramref name="prefix"/>.</summary>
+    public void ReportTo(RoleReport r, string prefix = "")
+    {
+        r.Add(prefix + "faults-read", Faults);
+        r.Add(prefix + "remove-events", Removes);
+        r.Add(prefix + "pages-copied", Copies);
+        r.Add(prefix + "bytes-copied", BytesCopied);
+        r.Add(prefix + "zeropages", Zeropages);
+        r.Add(prefix + "wakes", Wakes);
+        r.Add(prefix + "unregisters", Unregisters);
+        r.Add(prefix + "round-trips", RoundTrips);
+        r.Add(prefix + "eagain-retries", Eagain);
+        r.Add(prefix + "faults-left-to-kernel", LeftToKernel);
+    }
 }
 
 /// <summary>

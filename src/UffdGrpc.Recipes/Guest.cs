@@ -38,7 +38,7 @@ public sealed record GuestPlan(long MmId, ulong Start, int Pages)
     public CancellationToken Stop { get; init; }
 }
 
-/// <summary>One completed guest write, in the order the guest's calls returned (one thread: the machine's order).</summary>
+/// <summary>One completed guest write; <c>Order</c> is the interleaver's turn when the guest runs under one (comparable with the other actors' turns), else the order the guest's calls returned.</summary>
 public readonly record struct GuestWrite(int Page, int Generation, int Thread, long Order);
 
 /// <summary>What a guest did: accesses done of those planned, a stall (null: none), and its writes.</summary>
@@ -106,8 +106,18 @@ public sealed class ThreadGuest(UffdClient client) : IGuest
                 {
                     var write = rng.NextDouble() < plan.WriteRatio;
                     var page = write ? Own(plan, Pick(plan, rng, k, write), t) : Pick(plan, rng, k, write);
+                    var turn = -1L;
                     if (plan.Gate is { } g)
-                        await g.StepAsync(actor, stop.Token).ConfigureAwait(false);
+                    {
+                        try
+                        {
+                            turn = await g.StepAsync(actor, stop.Token).ConfigureAwait(false);
+                        }
+                        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+                        {
+                            break;
+                        }
+                    }
                     if (stop.IsCancellationRequested)
                         break;
                     var addr = plan.Start + ((ulong)page * PageCheck.PageSize);
@@ -136,7 +146,7 @@ public sealed class ThreadGuest(UffdClient client) : IGuest
                     {
                         done++;
                         if (write)
-                            writes.Add(new GuestWrite(page, gen, t, order++));
+                            writes.Add(new GuestWrite(page, gen, t, turn >= 0 ? turn : order++));
                     }
                 }
             }
@@ -187,7 +197,7 @@ public sealed class SeededInterleaver(ulong seed)
     private readonly Random _rng = new(unchecked((int)seed ^ (int)(seed >> 32)));
     private readonly Lock _lock = new();
     private readonly HashSet<string> _live = new(StringComparer.Ordinal);
-    private readonly SortedDictionary<string, TaskCompletionSource> _waiting = new(StringComparer.Ordinal);
+    private readonly SortedDictionary<string, TaskCompletionSource<long>> _waiting = new(StringComparer.Ordinal);
 
     /// <summary>Adds an actor (before its first step).</summary>
     public void Join(string actor)
@@ -202,14 +212,27 @@ public sealed class SeededInterleaver(ulong seed)
         lock (_lock)
         {
             _live.Remove(actor);
+            _waiting.Remove(actor);
             Pick();
         }
     }
 
-    /// <summary>Waits for <paramref name="actor"/>'s turn to make one call.</summary>
-    public Task StepAsync(string actor, CancellationToken ct)
+    /// <summary>Turns handed out so far.</summary>
+    public long Turns
     {
-        var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        get
+        {
+            lock (_lock)
+                return _turn;
+        }
+    }
+
+    private long _turn;
+
+    /// <summary>Waits for <paramref name="actor"/>'s turn to make one call; returns the turn's number (the order of calls across actors).</summary>
+    public Task<long> StepAsync(string actor, CancellationToken ct)
+    {
+        var tcs = new TaskCompletionSource<long>(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_lock)
         {
             _waiting[actor] = tcs;
@@ -226,6 +249,6 @@ public sealed class SeededInterleaver(ulong seed)
         var i = _rng.Next(_waiting.Count);
         var (actor, tcs) = _waiting.ElementAt(i);
         _waiting.Remove(actor);
-        tcs.SetResult();
+        tcs.SetResult(++_turn);
     }
 }

@@ -80,6 +80,8 @@ public sealed class PostcopyRecipe : Recipe
             await guest.RunAsync(plan with { Ops = dirtied.Count, WritablePages = dirtied, FirstGeneration = 2 }, ct).ConfigureAwait(false);
         ctx.Report.Set("source-pages-written", written.Count);
         ctx.Report.Set("source-pages-dirtied-after-precopy", dirtied.Count);
+        // Switch-over once the destination VM is up (its process connected).
+        await ctx.WaitAsync("guest-ready", ct).ConfigureAwait(false);
         await ctx.SignalAsync("switchover").ConfigureAwait(false);
     }
 
@@ -88,6 +90,8 @@ public sealed class PostcopyRecipe : Recipe
     {
         try
         {
+            await ctx.Client.Mm.GetMmAsync(new GetMmRequest { MmId = ctx.Id("dst") }, cancellationToken: ct).ConfigureAwait(false);
+            await ctx.SignalAsync("guest-ready").ConfigureAwait(false);
             await ctx.WaitAsync("switchover", ct).ConfigureAwait(false);
             var pages = (int)ctx.Id("pages");
             var plan = new GuestPlan(ctx.Id("dst"), ctx.U64("base"), pages) { Threads = 2, Ops = pages, WriteRatio = 0.3, Seed = ctx.Options.Seed + 1, FirstGeneration = 100, Stall = ctx.Options.Stall };

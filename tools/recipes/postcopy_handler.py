@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 PAGE = 4096
 PREFIX = "@recipe "
@@ -203,19 +204,32 @@ def main():
 
     sent = [False] * pages
     nxt = 0
+    # The push's bandwidth in pages per second (--set push-rate=N; 0: unlimited), as the C# handler.
+    rate = float(dict(s.split("=", 1) for s in a.set).get("push-rate", "200"))
+    started = time.monotonic()
+    pushed = 0
     while "guest-done" not in signals.raised:
         try:
             kind, value = events.get_nowait()
         except queue.Empty:
             while nxt < pages and sent[nxt]:
                 nxt += 1
-            if nxt < pages:
+            due = (pushed / rate) - (time.monotonic() - started) if rate > 0 else 0
+            if nxt < pages and due > 0:
+                # Ahead of the push's bandwidth: wait for it, or for a fault.
+                try:
+                    kind, value = events.get(timeout=due)
+                except queue.Empty:
+                    continue
+            elif nxt < pages:
+                pushed += 1
                 # The background push: the next page nobody asked for.
                 sent[nxt] = True
                 count("pushed")
                 resolve([place(nxt)])
                 continue
-            kind, value = events.get()
+            else:
+                kind, value = events.get()
         if kind == "ended":
             break
         if kind != "messages":

@@ -66,8 +66,8 @@ public sealed class BackgroundSnapshotRecipe : Recipe
     {
         await ctx.WaitAsync("armed", ct).ConfigureAwait(false);
         var pages = (int)ctx.Id("pages");
-        var plan = new GuestPlan(ctx.Id("vm"), ctx.U64("base"), pages) { Threads = 2, Ops = pages, WriteRatio = 0.6, Seed = ctx.Options.Seed + 1, FirstGeneration = 2, Stall = ctx.Options.Stall };
-        PostcopyRecipe.ReportGuest(ctx.Report, await new ThreadGuest(ctx.Client).RunAsync(plan, ct).ConfigureAwait(false));
+        var plan = new GuestPlan(ctx.Id("vm"), ctx.U64("base"), pages) { Threads = 2, Ops = pages, WriteRatio = 0.6, Seed = ctx.Options.Seed + 1, Stall = ctx.Options.Stall };
+        PostcopyRecipe.ReportGuest(ctx.Report, await new WorkloadGuest(ctx.Client).RunAsync(plan, ct).ConfigureAwait(false));
     }
 
     private static async Task HandlerAsync(RoleContext ctx, CancellationToken ct)

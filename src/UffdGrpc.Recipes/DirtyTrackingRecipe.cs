@@ -74,6 +74,9 @@ public sealed class DirtyTrackingRecipe : Recipe
 
     private static async Task GuestAsync(RoleContext ctx, CancellationToken ct)
     {
+        // In the runner's process the guest runs under the seeded interleaving (client-driven
+        // accesses, its writes in the ledger in turn order); in its own process it is a
+        // server-side workload at --set dirty-rate=N pages/s, its writes in the server's record.
         var gate = ctx.Shared?["gate"] as SeededInterleaver;
         try
         {
@@ -92,12 +95,18 @@ public sealed class DirtyTrackingRecipe : Recipe
                 Gate = gate,
                 Stop = stop.Token,
             };
-            var run = await new ThreadGuest(ctx.Client).RunAsync(plan, ct).ConfigureAwait(false);
-            ctx.Report.Set("guest-writes", run.Done);
+            IGuest guest = gate is null
+                ? new WorkloadGuest(ctx.Client) { DirtyRate = double.Parse(ctx.Options.Setting("dirty-rate", "2000"), CultureInfo.InvariantCulture) }
+                : new ThreadGuest(ctx.Client);
+            var run = await guest.RunAsync(plan, ct).ConfigureAwait(false);
+            ctx.Report.Set("guest-writes", run.Writes.Count);
             if (run.Stalled is { } s)
                 ctx.Report.Note(s);
-            if (ctx.Shared?["ledger"] is DirtyLedger ledger)
+            if (gate is not null && ctx.Shared?["ledger"] is DirtyLedger ledger)
+            {
+                ledger.Seeded = true;
                 ledger.Writes.AddRange(run.Writes);
+            }
         }
         finally
         {
@@ -115,8 +124,26 @@ public sealed class DirtyTrackingRecipe : Recipe
         if (!report.Has("final-round"))
             return RecipeCheck.Fail($"the tracker did not reach its final round; {bytes}");
         var ledger = (DirtyLedger)setup.Private["ledger"];
-        if (ledger.Scans.Count == 0)
-            return bytes with { Detail = bytes.Detail + "; the write record is checked only with the roles in one process" };
+        ledger.Scans.AddRange(DirtyLedger.ScansFrom(report));
+        if (!ledger.Seeded)
+        {
+            // The roles ran as processes: the writes are the server's record of the guest workload.
+            var workloads = await ctx.Client.Workloads.ListWorkloadsAsync(new ListWorkloadsRequest { MachineId = setup.MachineId }, cancellationToken: ct).ConfigureAwait(false);
+            foreach (var w in workloads.Workloads)
+            {
+                ulong from = 0;
+                while (true)
+                {
+                    var r = await ctx.Client.Workloads.ReadWritesAsync(new ReadWritesRequest { WorkloadId = w.WorkloadId, FromIndex = from }, cancellationToken: ct).ConfigureAwait(false);
+                    ledger.Writes.AddRange(r.Writes.Select(x => new GuestWrite((int)((x.Page - Base) / PageCheck.PageSize), (int)x.Generation, (int)x.ThreadId, (long)x.Seq)));
+                    if (r.Writes.Count == 0 || r.NextIndex >= r.Recorded)
+                        break;
+                    from = r.NextIndex;
+                }
+                if (w.WritesTruncated)
+                    return RecipeCheck.Fail($"the server's write record of workload {w.WorkloadId} is truncated; {bytes}");
+            }
+        }
         if (ledger.FirstUnreported() is { } lost)
             return RecipeCheck.Fail($"{lost}; {bytes}");
         return bytes.Passed
@@ -125,22 +152,48 @@ public sealed class DirtyTrackingRecipe : Recipe
     }
 }
 
-/// <summary>The guest's writes and the tracker's scans, in the order the seeded interleaving ran them.</summary>
+/// <summary>
+/// The guest's writes and the tracker's scans in one order: the seeded interleaving's turns
+/// (roles in one process), or the server's machine-wide write sequence (a write with seq at
+/// most a scan's machine_seq landed before it; the scan's order is machine_seq + 1).
+/// </summary>
 public sealed class DirtyLedger
 {
     public List<GuestWrite> Writes { get; } = [];
-    public List<(long Turn, HashSet<int> Reported)> Scans { get; } = [];
+    public List<(long Order, HashSet<int> Reported)> Scans { get; } = [];
+
+    /// <summary>The writes came from the seeded guest in the runner's process (else: read the server's record).</summary>
+    public bool Seeded { get; set; }
+
+    /// <summary>The tracker's report of scan <paramref name="i"/> (private counters the check reads back).</summary>
+    public static void Record(RoleReport report, int i, long order, IEnumerable<int> pages)
+    {
+        report.Set($"_scan.{i}.order", order);
+        foreach (var p in pages)
+            report.Set($"_scan.{i}.page.{p}", 1);
+    }
+
+    /// <summary>The scans recorded in <paramref name="report"/>, in order.</summary>
+    public static IEnumerable<(long Order, HashSet<int> Reported)> ScansFrom(RoleReport report)
+    {
+        for (var i = 0; report.Has($"_scan.{i}.order"); i++)
+        {
+            var prefix = $"_scan.{i}.page.";
+            var pages = report.Counters.Where(kv => kv.Key.StartsWith(prefix, StringComparison.Ordinal)).Select(kv => int.Parse(kv.Key[prefix.Length..], CultureInfo.InvariantCulture));
+            yield return (report.Get($"_scan.{i}.order"), [.. pages]);
+        }
+    }
 
     /// <summary>The first write the first scan after it did not report (null: none).</summary>
     public string? FirstUnreported()
     {
         foreach (var w in Writes.OrderBy(w => w.Order))
         {
-            var i = Scans.FindIndex(s => s.Turn > w.Order);
+            var i = Scans.FindIndex(s => s.Order > w.Order);
             if (i < 0)
-                return $"the write of page {w.Page} (generation {w.Generation}, turn {w.Order}) came after the final scan";
+                return $"the write of page {w.Page} (generation {w.Generation}, at {w.Order}) came after the final scan";
             if (!Scans[i].Reported.Contains(w.Page))
-                return $"LOST WRITE: page {w.Page} written (generation {w.Generation}) at turn {w.Order}; scan {i + 1} (turn {(Scans[i].Turn == long.MaxValue ? "final" : Scans[i].Turn.ToString(CultureInfo.InvariantCulture))}) did not report it";
+                return $"LOST WRITE: page {w.Page} written (generation {w.Generation}) at {w.Order}; scan {i + 1} (at {(Scans[i].Order == long.MaxValue ? "the end" : Scans[i].Order.ToString(CultureInfo.InvariantCulture))}) did not report it";
         }
         return null;
     }
@@ -157,7 +210,7 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
 
     private readonly UffdClient _c = ctx.Client;
     private readonly SeededInterleaver? _gate = ctx.Shared?["gate"] as SeededInterleaver;
-    private readonly DirtyLedger? _ledger = ctx.Shared?["ledger"] as DirtyLedger;
+    private int _scans;
     private readonly long _src = ctx.Id("src");
     private readonly long _dst = ctx.Id("dst");
     private readonly ulong _base = ctx.U64("base");
@@ -212,6 +265,8 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
     {
         if (softDirty)
         {
+            if (_gate is null)
+                throw new InvalidOperationException("soft-dirty tracking freezes the guest across pagemap + clear_refs: run it with the roles in one process");
             (await _c.ClearRefsAsync(_src, "4", ct).ConfigureAwait(false)).Expect("clear_refs 4");
             return;
         }
@@ -227,6 +282,7 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
     private async Task<List<(ulong Start, ulong End)>> CollectAsync(long turn, CancellationToken ct)
     {
         List<(ulong Start, ulong End)> dirty;
+        var order = turn;
         if (softDirty)
         {
             // pagemap then clear_refs: two calls, inside one turn (the guest is frozen across them, as CRIU freezes the task).
@@ -249,6 +305,8 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
                 ReturnMask = PageIsWritten,
             }, ct).ConfigureAwait(false);
             r.Errno.Expect("PAGEMAP_SCAN");
+            if (_gate is null)
+                order = (long)r.MachineSeq + 1; // free-running guest: the server's write sequence orders the scan
             ctx.Report.Add("scans");
             dirty = [.. r.Regions.Select(g => (g.Start, g.End))];
             if (twoCalls)
@@ -267,7 +325,7 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
             for (var a = s; a < e; a += PageCheck.PageSize)
                 pages.Add((int)((a - _base) / PageCheck.PageSize));
         }
-        _ledger?.Scans.Add((turn, pages));
+        DirtyLedger.Record(ctx.Report, _scans++, order, pages);
         ctx.Report.Add("dirty-pages-reported", pages.Count);
         return dirty;
     }

@@ -59,6 +59,8 @@ public sealed class UffdClient : IDisposable
         Threads = new ThreadService.ThreadServiceClient(channel);
         Uffd = new UserfaultfdService.UserfaultfdServiceClient(channel);
         Injection = new FaultInjectionService.FaultInjectionServiceClient(channel);
+        Workloads = new WorkloadService.WorkloadServiceClient(channel);
+        Metrics = new MigrationMetricsService.MigrationMetricsServiceClient(channel);
     }
 
     public ChannelBase Channel { get; }
@@ -69,6 +71,10 @@ public sealed class UffdClient : IDisposable
     /// <summary>Fault injection: rules, firing on demand, the injection log.</summary>
     public FaultInjectionService.FaultInjectionServiceClient Injection { get; }
     public UserfaultfdService.UserfaultfdServiceClient Uffd { get; }
+    /// <summary>Guest workloads: simulated threads running seeded access patterns server-side.</summary>
+    public WorkloadService.WorkloadServiceClient Workloads { get; }
+    /// <summary>Migration metrics: latency histograms by class, outcome and phase; counters; blocktime.</summary>
+    public MigrationMetricsService.MigrationMetricsServiceClient Metrics { get; }
 
     public void Dispose() => _owned?.Dispose();
 

@@ -38,15 +38,28 @@ public enum UserfaultOutcome
     Signal,
     /// <summary>The thread was killed or exited while asleep.</summary>
     Exit,
+    /// <summary>A fill of its page failed with EEXIST (another fill placed it, which woke nothing), and a later WAKE or un-protect woke it.</summary>
+    Eexist,
+    /// <summary>A fill of its page failed with EAGAIN (mmap_changing, or a partial fill stopped before it), and a later WAKE or un-protect woke it.</summary>
+    Eagain,
+    /// <summary>A fill of its page failed with ESRCH (the process was exiting), and the thread died asleep.</summary>
+    Esrch,
 }
 
 /// <summary>
 /// One userfault from the moment its message was queued to the moment the sleep ended,
 /// with <see cref="Stopwatch"/> timestamps (<see cref="ReadAt"/> is 0 when no handler read
-/// the message first).
+/// the message first; <see cref="ResolvedAt"/> is when the call that ended the sleep was
+/// received, see <see cref="Kernel.CallReceivedAt"/>).
 /// </summary>
-public readonly record struct UserfaultEnd(UserfaultClass Class, UserfaultOutcome Outcome, AccessOrigin Origin, long RaisedAt, long ReadAt, long EndedAt)
+public readonly record struct UserfaultEnd(UserfaultClass Class, UserfaultOutcome Outcome, AccessOrigin Origin, long RaisedAt, long ReadAt, long EndedAt, long ResolvedAt = 0)
 {
+    /// <summary>From the message being read to the resolving call being received (null when it was never read).</summary>
+    public TimeSpan? Handling => ReadAt == 0 || ResolvedAt == 0 ? null : Stopwatch.GetElapsedTime(ReadAt, ResolvedAt);
+
+    /// <summary>From the resolving call being received to the end of the sleep.</summary>
+    public TimeSpan Waking => ResolvedAt == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(ResolvedAt, EndedAt);
+
     /// <summary>From the fault being raised to the end of the sleep.</summary>
     public TimeSpan Total => Stopwatch.GetElapsedTime(RaisedAt, EndedAt);
 
@@ -77,11 +90,21 @@ public sealed partial class Kernel
         : (msg.Flags & PagefaultFlags.Minor) != 0 ? UserfaultClass.Minor
         : UserfaultClass.Missing;
 
-    internal void OnUserfaultRaised(UffdWaiter w) => UserfaultRaised?.Invoke(ClassOf(w.Msg));
+    internal void OnUserfaultRaised(UffdWaiter w)
+    {
+        Migration.FaultsRaised++;
+        w.Thread.Mm.Migration.FaultsRaised++;
+        UserfaultRaised?.Invoke(ClassOf(w.Msg));
+    }
 
     internal void OnUserfaultEnded(UffdWaiter w, UserfaultOutcome outcome)
     {
         BlocktimeEnd(w.Thread);
-        UserfaultEnded?.Invoke(new UserfaultEnd(ClassOf(w.Msg), outcome, w.Origin, w.RaisedAt, w.ReadAt, Stopwatch.GetTimestamp()));
+        var ended = Now;
+        var c = ClassOf(w.Msg);
+        outcome = MetricOutcome(w, outcome);
+        var resolved = ResolvedAt(w, ended);
+        RecordUserfault(w, c, outcome, ended, resolved);
+        UserfaultEnded?.Invoke(new UserfaultEnd(c, outcome, w.Origin, w.RaisedAt, w.ReadAt, ended, resolved));
     }
 }

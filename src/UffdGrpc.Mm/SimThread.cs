@@ -87,6 +87,7 @@ public sealed partial class SimThread
         Op = null;
         State = ThreadState.Exited;
         Kernel.BlocktimeThreadsChanged(Mm);
+        Group?.ThreadExited();
         op?.Abort();
     }
 

@@ -54,16 +54,18 @@ public sealed record UffdMsg
 /// <summary>A thread sleeping on a context: in handle_userfault or waiting for an event to be read.</summary>
 internal sealed class UffdWaiter(SimThread thread, UffdMsg msg, AccessOrigin origin = AccessOrigin.User)
 {
+    /// <summary>When the message was queued (<see cref="Kernel.Clock"/> ticks; observation only).</summary>
+    public long RaisedAt { get; } = thread.Kernel.Now;
     public SimThread Thread { get; } = thread;
     public UffdMsg Msg { get; } = msg;
     /// <summary>A page fault's origin: a user access sleeps TASK_INTERRUPTIBLE and restarts after a signal.</summary>
     public AccessOrigin Origin { get; } = origin;
     /// <summary>The event was read (event waiters) or the waiter was woken.</summary>
     public bool Done { get; set; }
-    /// <summary>When the message was queued (<see cref="System.Diagnostics.Stopwatch"/> ticks; observation only).</summary>
-    public long RaisedAt { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
     /// <summary>When a handler read the message (0 until then; observation only).</summary>
     public long ReadAt { get; set; }
+    /// <summary>The errno of the last fill that failed on this page while the waiter slept (EEXIST, EAGAIN, ESRCH; observation only).</summary>
+    public Errno FillErrno { get; set; }
 }
 
 /// <summary>The state of a userfaultfd context (UFFD_STATE_*).</summary>
@@ -247,7 +249,7 @@ public sealed partial class UserfaultfdCtx
         {
             var w = _faultPending[0];
             _faultPending.RemoveAt(0);
-            w.ReadAt = System.Diagnostics.Stopwatch.GetTimestamp();
+            w.ReadAt = Kernel.Now;
             _faultWaiting.Add(w);
             msg = w.Msg;
             Kernel.SignalAfterRead(this, w);

@@ -156,6 +156,7 @@ public sealed partial class UserfaultfdCtx
         if (r != Errno.OK)
             return r;
         Kernel.InjectPoint(Mm);
+        CountRoundTrip();
         WakeUserfault(start, len, UserfaultOutcome.Wake);
         return Errno.OK;
     }
@@ -168,6 +169,8 @@ public sealed partial class UserfaultfdCtx
     public Errno Writeprotect(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        if ((mode & Uapi.WriteprotectModeWp) == 0)
+            CountRoundTrip();
         var st = CheckState();
         if (st != Errno.OK)
             return st;
@@ -218,6 +221,11 @@ public sealed partial class UserfaultfdCtx
     private FillResult Copy(ulong dst, ReadOnlySpan<byte> src, ulong srcLength, bool repeat, ulong srcAddr, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        return Account(CopyCore(dst, src, srcLength, repeat, srcAddr, len, mode), dst, len, carriesBytes: true);
+    }
+
+    private FillResult CopyCore(ulong dst, ReadOnlySpan<byte> src, ulong srcLength, bool repeat, ulong srcAddr, ulong len, ulong mode)
+    {
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);
@@ -275,6 +283,11 @@ public sealed partial class UserfaultfdCtx
     public FillResult Zeropage(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        return Account(ZeropageCore(start, len, mode), start, len, carriesBytes: false);
+    }
+
+    private FillResult ZeropageCore(ulong start, ulong len, ulong mode)
+    {
         if (FillPrelude(start, len, mode, Uapi.ZeropageModeDontwake, known: true) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Zeropage, false);
@@ -285,6 +298,11 @@ public sealed partial class UserfaultfdCtx
     public FillResult Continue(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        return Account(ContinueCore(start, len, mode), start, len, carriesBytes: false);
+    }
+
+    private FillResult ContinueCore(ulong start, ulong len, ulong mode)
+    {
         var modes = Uapi.ContinueModeDontwake | (Kernel.HasContinueModeWp ? Uapi.ContinueModeWp : 0);
         if (FillPrelude(start, len, mode, modes, known: Kernel.IsV6) is { } early)
             return early;
@@ -296,6 +314,11 @@ public sealed partial class UserfaultfdCtx
     public FillResult Poison(ulong start, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        return Account(PoisonCore(start, len, mode), start, len, carriesBytes: false);
+    }
+
+    private FillResult PoisonCore(ulong start, ulong len, ulong mode)
+    {
         if (FillPrelude(start, len, mode, Uapi.PoisonModeDontwake, known: Kernel.HasPoison) is { } early)
             return early;
         var ret = Mm.MfillAtomic(this, start, default, false, len, MfillMode.Poison, false);
@@ -309,6 +332,11 @@ public sealed partial class UserfaultfdCtx
     public FillResult Move(Mm caller, ulong dst, ulong src, ulong len, ulong mode)
     {
         using var _ = Kernel.Enter();
+        return Account(MoveCore(caller, dst, src, len, mode), dst, len, carriesBytes: true);
+    }
+
+    private FillResult MoveCore(Mm caller, ulong dst, ulong src, ulong len, ulong mode)
+    {
         var st = CheckState();
         if (st != Errno.OK)
             return FillResult.Untouched(st);

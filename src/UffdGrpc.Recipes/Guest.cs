@@ -1,5 +1,3 @@
-using System.Buffers.Binary;
-using System.Text;
 using Grpc.Core;
 using UffdGrpc.Client;
 using UffdGrpc.Contracts.V1;
@@ -38,20 +36,17 @@ public sealed record GuestPlan(long MmId, ulong Start, int Pages)
     public CancellationToken Stop { get; init; }
 }
 
-/// <summary>One completed guest write, in the order the guest's calls returned (one thread: the machine's order).</summary>
+/// <summary>One completed guest write; <c>Order</c> is the interleaver's turn when the guest runs under one (comparable with the other actors' turns), else the order the guest's calls returned.</summary>
 public readonly record struct GuestWrite(int Page, int Generation, int Thread, long Order);
 
-/// <summary>What a guest did: accesses done of those planned, a stall (null: none), and its writes.</summary>
+/// <summary>What a guest did: accesses done of those planned, a stall (null: none), its writes, and (server-side guests) its blocktime.</summary>
 public sealed record GuestRun(long Planned, long Done, string? Stalled, IReadOnlyList<GuestWrite> Writes)
 {
-    /// <summary>The bytes each written page holds after the run (the last write of each page).</summary>
-    public IReadOnlyDictionary<int, byte[]> Final(int pages)
-    {
-        var d = new Dictionary<int, byte[]>();
-        foreach (var w in Writes)
-            d[w.Page] = GuestPages.Content(w.Page, w.Generation);
-        return d;
-    }
+    /// <summary>The guest's blocktime with QEMU's overlap rule (-1: not measured).</summary>
+    public long BlocktimeNs { get; init; } = -1;
+
+    /// <summary>Userfaults the guest's threads slept in (-1: not counted).</summary>
+    public long Userfaults { get; init; } = -1;
 }
 
 /// <summary>
@@ -64,25 +59,11 @@ public interface IGuest
     Task<GuestRun> RunAsync(GuestPlan plan, CancellationToken ct);
 }
 
-/// <summary>The bytes a guest writes: a recognisable per-page pattern with a generation counter, so a checker can tell stale from fresh.</summary>
-public static class GuestPages
-{
-    /// <summary>Page <paramref name="page"/> at generation <paramref name="generation"/>: a header, the generation, and a pattern of both.</summary>
-    public static byte[] Content(int page, int generation)
-    {
-        var b = new byte[PageCheck.PageSize];
-        Encoding.ASCII.GetBytes($"page {page} gen {generation}\n").CopyTo(b, 0);
-        BinaryPrimitives.WriteInt32LittleEndian(b.AsSpan(32), page);
-        BinaryPrimitives.WriteInt32LittleEndian(b.AsSpan(36), generation);
-        for (var i = 64; i < b.Length; i++)
-            b[i] = (byte)((i * 7) + (page * 31) + (generation * 131));
-        return b;
-    }
-}
-
 /// <summary>
 /// A guest driven from the client: each access is one Access RPC on a simulated thread,
-/// whole-page writes of <see cref="GuestPages.Content"/> and whole-page reads.
+/// whole-page writes in the workload page layout (<see cref="WorkloadPages"/>: address and
+/// generation, so a checker tells stale from fresh) and whole-page reads. It can run under a
+/// <see cref="SeededInterleaver"/>, which a server-side workload cannot.
 /// </summary>
 public sealed class ThreadGuest(UffdClient client) : IGuest
 {
@@ -106,8 +87,18 @@ public sealed class ThreadGuest(UffdClient client) : IGuest
                 {
                     var write = rng.NextDouble() < plan.WriteRatio;
                     var page = write ? Own(plan, Pick(plan, rng, k, write), t) : Pick(plan, rng, k, write);
+                    var turn = -1L;
                     if (plan.Gate is { } g)
-                        await g.StepAsync(actor, stop.Token).ConfigureAwait(false);
+                    {
+                        try
+                        {
+                            turn = await g.StepAsync(actor, stop.Token).ConfigureAwait(false);
+                        }
+                        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+                        {
+                            break;
+                        }
+                    }
                     if (stop.IsCancellationRequested)
                         break;
                     var addr = plan.Start + ((ulong)page * PageCheck.PageSize);
@@ -119,7 +110,7 @@ public sealed class ThreadGuest(UffdClient client) : IGuest
                     try
                     {
                         var op = write
-                            ? new AccessOp { Addr = addr, Write = true, Span = new ByteSpan { Data = Google.Protobuf.ByteString.CopyFrom(GuestPages.Content(page, gen)) } }
+                            ? new AccessOp { Addr = addr, Write = true, Span = new ByteSpan { Data = Google.Protobuf.ByteString.CopyFrom(WorkloadPages.Expected(addr, (ulong)gen)) } }
                             : new AccessOp { Addr = addr, Span = new ByteSpan { Length = PageCheck.PageSize } };
                         var r = await client.AccessAsync(tid, op, bound.Token).ConfigureAwait(false);
                         if (r.Signal != SignalCode.Unspecified || r.Errno != Errno.Unspecified)
@@ -136,7 +127,7 @@ public sealed class ThreadGuest(UffdClient client) : IGuest
                     {
                         done++;
                         if (write)
-                            writes.Add(new GuestWrite(page, gen, t, order++));
+                            writes.Add(new GuestWrite(page, gen, t, turn >= 0 ? turn : order++));
                     }
                 }
             }
@@ -187,7 +178,7 @@ public sealed class SeededInterleaver(ulong seed)
     private readonly Random _rng = new(unchecked((int)seed ^ (int)(seed >> 32)));
     private readonly Lock _lock = new();
     private readonly HashSet<string> _live = new(StringComparer.Ordinal);
-    private readonly SortedDictionary<string, TaskCompletionSource> _waiting = new(StringComparer.Ordinal);
+    private readonly SortedDictionary<string, TaskCompletionSource<long>> _waiting = new(StringComparer.Ordinal);
 
     /// <summary>Adds an actor (before its first step).</summary>
     public void Join(string actor)
@@ -202,14 +193,27 @@ public sealed class SeededInterleaver(ulong seed)
         lock (_lock)
         {
             _live.Remove(actor);
+            _waiting.Remove(actor);
             Pick();
         }
     }
 
-    /// <summary>Waits for <paramref name="actor"/>'s turn to make one call.</summary>
-    public Task StepAsync(string actor, CancellationToken ct)
+    /// <summary>Turns handed out so far.</summary>
+    public long Turns
     {
-        var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        get
+        {
+            lock (_lock)
+                return _turn;
+        }
+    }
+
+    private long _turn;
+
+    /// <summary>Waits for <paramref name="actor"/>'s turn to make one call; returns the turn's number (the order of calls across actors).</summary>
+    public Task<long> StepAsync(string actor, CancellationToken ct)
+    {
+        var tcs = new TaskCompletionSource<long>(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_lock)
         {
             _waiting[actor] = tcs;
@@ -226,6 +230,6 @@ public sealed class SeededInterleaver(ulong seed)
         var i = _rng.Next(_waiting.Count);
         var (actor, tcs) = _waiting.ElementAt(i);
         _waiting.Remove(actor);
-        tcs.SetResult();
+        tcs.SetResult(++_turn);
     }
 }

@@ -38,6 +38,10 @@ internal sealed class PostcopyHandler(RoleContext ctx)
         await using var session = await _c.ServeAsync(ctx.Id("uffd"), ct: ct).ConfigureAwait(false);
         var guestDone = ctx.WaitAsync("guest-done", ct);
         var next = 0;
+        // The push's bandwidth (QEMU's max-postcopy-bandwidth), in pages per second: --set push-rate=N (0: unlimited).
+        var rate = double.Parse(ctx.Options.Setting("push-rate", "200"), System.Globalization.CultureInfo.InvariantCulture);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var pushed = 0;
         while (!guestDone.IsCompleted)
         {
             if (session.Messages.TryRead(out var batch))
@@ -47,9 +51,17 @@ internal sealed class PostcopyHandler(RoleContext ctx)
             }
             while (next < _pages && _sent[next])
                 next++;
+            var due = rate > 0 ? TimeSpan.FromSeconds(pushed / rate) - clock.Elapsed : TimeSpan.Zero;
+            if (next < _pages && due > TimeSpan.Zero)
+            {
+                // The push is ahead of its bandwidth: wait for it, or for a fault.
+                await Task.WhenAny(session.Messages.WaitToReadAsync(ct).AsTask(), Task.Delay(due, ct), guestDone).ConfigureAwait(false);
+                continue;
+            }
             if (next < _pages)
             {
                 // The background push: the next page nobody asked for.
+                pushed++;
                 _sent[next] = true;
                 ctx.Report.Add("pushed");
                 await ResolveAsync(session, [await PlaceAsync(next, ct).ConfigureAwait(false)], ct).ConfigureAwait(false);

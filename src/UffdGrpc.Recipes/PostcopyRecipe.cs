@@ -80,6 +80,8 @@ public sealed class PostcopyRecipe : Recipe
             await guest.RunAsync(plan with { Ops = dirtied.Count, WritablePages = dirtied, FirstGeneration = 2 }, ct).ConfigureAwait(false);
         ctx.Report.Set("source-pages-written", written.Count);
         ctx.Report.Set("source-pages-dirtied-after-precopy", dirtied.Count);
+        // Switch-over once the destination VM is up (its process connected).
+        await ctx.WaitAsync("guest-ready", ct).ConfigureAwait(false);
         await ctx.SignalAsync("switchover").ConfigureAwait(false);
     }
 
@@ -88,10 +90,12 @@ public sealed class PostcopyRecipe : Recipe
     {
         try
         {
+            await ctx.Client.Mm.GetMmAsync(new GetMmRequest { MmId = ctx.Id("dst") }, cancellationToken: ct).ConfigureAwait(false);
+            await ctx.SignalAsync("guest-ready").ConfigureAwait(false);
             await ctx.WaitAsync("switchover", ct).ConfigureAwait(false);
             var pages = (int)ctx.Id("pages");
-            var plan = new GuestPlan(ctx.Id("dst"), ctx.U64("base"), pages) { Threads = 2, Ops = pages, WriteRatio = 0.3, Seed = ctx.Options.Seed + 1, FirstGeneration = 100, Stall = ctx.Options.Stall };
-            var run = await new ThreadGuest(ctx.Client).RunAsync(plan, ct).ConfigureAwait(false);
+            var plan = new GuestPlan(ctx.Id("dst"), ctx.U64("base"), pages) { Threads = 2, Ops = pages, WriteRatio = 0.3, Seed = ctx.Options.Seed + 1, Stall = ctx.Options.Stall };
+            var run = await new WorkloadGuest(ctx.Client).RunAsync(plan, ct).ConfigureAwait(false);
             ReportGuest(ctx.Report, run);
         }
         finally
@@ -107,8 +111,12 @@ public sealed class PostcopyRecipe : Recipe
         report.Set("guest-accesses-done", run.Done);
         if (run.Stalled is { } s)
             report.Note(s);
+        if (run.BlocktimeNs >= 0)
+            report.Set("guest-blocktime-us", run.BlocktimeNs / 1000);
+        if (run.Userfaults >= 0)
+            report.Set("guest-userfaults", run.Userfaults);
         var last = new Dictionary<int, int>();
-        foreach (var w in run.Writes)
+        foreach (var w in run.Writes.OrderBy(w => w.Order))
             last[w.Page] = w.Generation;
         foreach (var (p, g) in last)
             report.Set(LastWriteKey(p), g);
@@ -126,7 +134,7 @@ public sealed class PostcopyRecipe : Recipe
         for (var p = 0; p < pages; p++)
         {
             if (report.Has(LastWriteKey(p)))
-                expected[p] = new PageImage(PageState.Present, PageCheck.Sha(GuestPages.Content(p, (int)report.Get(LastWriteKey(p)))));
+                expected[p] = new PageImage(PageState.Present, PageCheck.Sha(WorkloadPages.Expected(Base + ((ulong)p * PageCheck.PageSize), (ulong)report.Get(LastWriteKey(p)))));
         }
         var bytes = PageCheck.Compare("destination vs source at switch-over", Base, expected, dst, requirePresent: true);
         var planned = report.Get("guest-accesses-planned");

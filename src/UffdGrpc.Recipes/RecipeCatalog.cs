@@ -6,6 +6,8 @@ public static class RecipeCatalog
     public static IReadOnlyList<Recipe> All { get; } =
     [
         new PostcopyRecipe(),
+        new BackgroundSnapshotRecipe(),
+        new DirtyTrackingRecipe(),
         new SnapshotRestore.SnapshotRestoreRecipe(),
         new LazyRestore.LazyRestoreRecipe(),
     ];

@@ -56,7 +56,7 @@ public sealed class RecipeRunner(Recipe recipe, RecipeContext ctx)
         var board = new SignalBoard();
         var tasks = recipe.Roles.Select(async role =>
         {
-            var rc = new RoleContext(ctx.Client, setup.MachineId, setup.State, ctx.Options, board, report, ctx.Output);
+            var rc = new RoleContext(ctx.Client, setup.MachineId, setup.State, ctx.Options, board, report, ctx.Output) { Shared = setup.Private };
             try
             {
                 await Task.Yield();

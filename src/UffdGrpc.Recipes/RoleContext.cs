@@ -19,6 +19,13 @@ public sealed class RoleContext(UffdClient client, long machineId, IReadOnlyDict
     /// <summary>Free-form progress lines (the terminal).</summary>
     public TextWriter Log { get; } = log;
 
+    /// <summary>
+    /// Objects of the setup (<see cref="RecipeSetup.Private"/>) when the role runs in the
+    /// runner's own process (a seeded interleaver, a ledger the check reads); null in a role
+    /// process.
+    /// </summary>
+    public IReadOnlyDictionary<string, object>? Shared { get; init; }
+
     /// <summary>The wrong handler selected, or null.</summary>
     public string? WrongHandler => Options.WrongHandler;
 

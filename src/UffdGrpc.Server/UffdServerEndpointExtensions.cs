@@ -13,6 +13,8 @@ public static class UffdServerEndpointExtensions
         app.MapGrpcService<ThreadService>();
         app.MapGrpcService<UserfaultfdService>();
         app.MapGrpcService<FaultInjectionService>();
+        app.MapGrpcService<WorkloadService>();
+        app.MapGrpcService<MigrationMetricsService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
         return app;

@@ -270,7 +270,7 @@ public sealed partial class SnapshotRestoreRecipe : Recipe
             if (report.Has(key))
             {
                 var v = report.Get(key);
-                pages[p] = Image(GuestPages.Content((int)(v % 1_000_000), (int)(v / 1_000_000)));
+                pages[p] = Image(WorkloadPages.Expected(Base + ((ulong)p * PageCheck.PageSize), (ulong)(v / 1_000_000)));
             }
         }
     }

@@ -37,6 +37,9 @@ internal sealed class OptionsValidators :
         Positive(nameof(o.CompletionLogPerMachine), o.CompletionLogPerMachine);
         Positive(nameof(o.JournalEntriesPerMachine), o.JournalEntriesPerMachine);
         Positive(nameof(o.JournalBytesPerMachine), o.JournalBytesPerMachine);
+        Positive(nameof(o.WorkloadsPerMachine), o.WorkloadsPerMachine);
+        Positive(nameof(o.ThreadsPerWorkload), o.ThreadsPerWorkload);
+        Positive(nameof(o.WorkloadWritesRecorded), o.WorkloadWritesRecorded);
         if (o.ServerMemoryBytes < 1 << 20)
             errors.Add(Bad(LimitOptions.Section, nameof(o.ServerMemoryBytes), o.ServerMemoryBytes, "must be at least 1 MiB (1048576)"));
         if (o.MaxMachineMemoryBytes < 1 << 20)

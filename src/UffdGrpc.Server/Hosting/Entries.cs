@@ -23,6 +23,8 @@ public sealed class ThreadEntry(long id, MachineHost host, Model.SimThread threa
     public long MmId { get; } = mmId;
     /// <summary>The operation in progress (protected by the kernel lock).</summary>
     public long OpId { get; set; }
+    /// <summary>The guest workload that runs this thread (0: none); only it starts operations on it.</summary>
+    public long WorkloadId { get; set; }
 }
 
 /// <summary>A memfd or regular file.</summary>

@@ -82,6 +82,9 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// <summary>Threads of the machine that have not exited. Caller holds the kernel lock.</summary>
     internal int LiveThreads => Kernel.Mms.Sum(m => m.Threads.Count(t => t.State != Model.ThreadState.Exited));
 
+    /// <summary>The machine's guest workloads, running and ended, in start order (protected by the kernel lock).</summary>
+    internal List<WorkloadEntry> Workloads { get; } = [];
+
     /// <summary>Results of operations started with StartOp, in completion order.</summary>
     internal List<ThreadOpResult> CompletionLog { get; } = [];
 
@@ -108,18 +111,34 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     {
         try
         {
+            var received = CallClock.ReceivedAt;
             if (Journal is not { } journal || JournalCall.Current is not { } call)
-                return Kernel.Locked(fn);
+                return Kernel.Locked(() => Stamped(received, fn));
             return Kernel.Locked(() =>
             {
                 journal.Stamp(this, call);
-                return fn();
+                return Stamped(received, fn);
             });
         }
         catch (Exception ex) when (ex is not RpcException)
         {
             MarkBroken(ex);
             throw new RpcException(new Status(StatusCode.Internal, $"model error on machine {Id}: {ex.GetType().Name}: {ex.Message}"));
+        }
+    }
+
+    /// <summary>Runs <paramref name="fn"/> with the model told when the current call arrived (<see cref="Model.Kernel.CallReceivedAt"/>). Caller holds the kernel lock.</summary>
+    private T Stamped<T>(long received, Func<T> fn)
+    {
+        var previous = Kernel.CallReceivedAt;
+        Kernel.CallReceivedAt = received;
+        try
+        {
+            return fn();
+        }
+        finally
+        {
+            Kernel.CallReceivedAt = previous;
         }
     }
 
@@ -194,6 +213,25 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
         PendingOps.Clear();
         foreach (var u in Uffds)
             u.WakeAll();
+        foreach (var w in Workloads)
+            w.EndWithMachine(status.Status.Detail);
+    }
+}
+
+/// <summary>
+/// When the current call was received (<see cref="System.Diagnostics.Stopwatch"/> ticks; 0
+/// outside a call): stamped by the outermost interceptor for each RPC and by the Serve
+/// stream for each request message, so the migration metrics split the handling and waking
+/// phases at the call's arrival, not at the moment it got the machine lock.
+/// </summary>
+internal static class CallClock
+{
+    private static readonly AsyncLocal<long> s_received = new();
+
+    public static long ReceivedAt
+    {
+        get => s_received.Value;
+        set => s_received.Value = value;
     }
 }
 

@@ -165,5 +165,10 @@ internal sealed class MachineJournal(JournalHeader header, int maxEntries, long 
         "uffd.v1.UserfaultfdService/Poll",
         "uffd.v1.FaultInjectionService/ListRules",
         "uffd.v1.FaultInjectionService/ReadLog",
+        "uffd.v1.WorkloadService/GetWorkload", // a journaled machine has no workloads
+        "uffd.v1.WorkloadService/ListWorkloads",
+        "uffd.v1.WorkloadService/WaitWorkload",
+        "uffd.v1.WorkloadService/ReadWrites",
+        "uffd.v1.MigrationMetricsService/GetMigrationMetrics",
     };
 }

@@ -110,7 +110,7 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
 
     public MachineHost Machine(long id) => Get<MachineHost>(id, "machine_id");
 
-    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id", "op_id"];
+    private static readonly string[] s_idFields = ["machine_id", "mm_id", "uffd_id", "thread_id", "file_id", "op_id", "workload_id"];
 
     /// <summary>
     /// The live machine a request names by its first id field (machine_id, mm_id, uffd_id,
@@ -151,6 +151,18 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     public UffdEntry Uffd(long id) => Get<UffdEntry>(id, "uffd_id");
 
     public FileEntry File(long id, string field = "file_id") => Get<FileEntry>(id, field);
+
+    /// <summary>Registers an object made by <paramref name="make"/> under a fresh id (a guest workload).</summary>
+    internal T Add<T>(Func<long, T> make)
+        where T : Entry
+    {
+        var e = make(NextId());
+        _objects[e.Id] = e;
+        return e;
+    }
+
+    /// <summary>Forgets an object: its id becomes unknown.</summary>
+    internal void Remove(Entry e) => _objects.TryRemove(e.Id, out _);
 
     /// <summary>The id of <paramref name="mm"/>, registering it (a fork child) when new. Caller holds the kernel lock.</summary>
     internal long IdOf(MachineHost host, Model.Mm mm) => IdOf(host.MmIds, mm, id => new MmEntry(id, host, mm));
@@ -195,6 +207,8 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
         {
             if (thread.Thread.State == Model.ThreadState.Exited)
                 throw RequestErrors.Precondition("THREAD_EXITED", $"thread {thread.Id} has exited");
+            if (thread.WorkloadId != 0)
+                throw RequestErrors.Precondition("WORKLOAD_THREAD", $"thread {thread.Id} runs guest workload {thread.WorkloadId}");
             if (thread.Thread.Op is not null)
                 throw RequestErrors.Precondition("THREAD_BUSY", $"thread {thread.Id} is running operation {thread.OpId}");
             if (logged)

@@ -29,4 +29,10 @@ public sealed class LimitOptions
     public int JournalEntriesPerMachine { get; set; } = 1_000_000;
     /// <summary>Bytes of requests and answers a machine's session journal holds (a call past it is refused before it runs).</summary>
     public long JournalBytesPerMachine { get; set; } = 256L << 20;
+    /// <summary>Running guest workloads of one machine (as many ended ones are kept for GetWorkload, the oldest forgotten first).</summary>
+    public int WorkloadsPerMachine { get; set; } = 64;
+    /// <summary>Threads one guest workload may start.</summary>
+    public int ThreadsPerWorkload { get; set; } = 64;
+    /// <summary>Writes one guest workload's write record holds (24 bytes each); later writes are counted, not recorded.</summary>
+    public int WorkloadWritesRecorded { get; set; } = 1 << 18;
 }

@@ -297,8 +297,8 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
             ReturnMask = request.ReturnMask,
         };
         RequestErrors.Require(request.VecLen <= ProtoMapping.MaxPagesPerRequest, "vec_len", $"at most {ProtoMapping.MaxPagesPerRequest} regions");
-        var res = e.Host.Run(() => e.Mm.PagemapScan(arg));
-        var r = new PagemapScanResponse { Errno = ProtoMapping.ToProto(res.Errno), WalkEnd = res.WalkEnd, Count = res.Errno == Model.Errno.OK ? res.Regions.Count : 0 };
+        var (res, seq) = e.Host.Run(() => (e.Mm.PagemapScan(arg), e.Host.Kernel.WriteSeq));
+        var r = new PagemapScanResponse { Errno = ProtoMapping.ToProto(res.Errno), WalkEnd = res.WalkEnd, Count = res.Errno == Model.Errno.OK ? res.Regions.Count : 0, MachineSeq = seq };
         r.Regions.AddRange(res.Regions.Select(g => new Contracts.V1.PageRegion { Start = g.Start, End = g.End, Categories = g.Categories }));
         return Task.FromResult(r);
     }

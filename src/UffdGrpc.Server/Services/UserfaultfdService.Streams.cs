@@ -211,6 +211,8 @@ public sealed partial class UserfaultfdService
                 throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
             if (req.Resolutions.Count == 0)
                 return;
+            // This message is the resolving call: the metrics' handling phase ends here.
+            CallClock.ReceivedAt = System.Diagnostics.Stopwatch.GetTimestamp();
             var response = new ServeResponse();
             response.Results.AddRange(RunResolutions(u, req.Resolutions, journaledAsResolve: true).Results);
             await WriteAsync(response).ConfigureAwait(false);

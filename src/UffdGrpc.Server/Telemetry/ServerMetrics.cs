@@ -28,6 +28,7 @@ public sealed class ServerMetrics : IDisposable
     private readonly UpDownCounter<long> _sleeping;
     private readonly Histogram<double> _duration;
     private readonly Histogram<double> _phase;
+    private readonly Histogram<double> _latency;
     private readonly Counter<long> _injections;
     private readonly Counter<long> _oomKills;
     private readonly System.Runtime.CompilerServices.ConditionalWeakTable<MachineHost, LastCounts> _lastCounts = [];
@@ -41,6 +42,8 @@ public sealed class ServerMetrics : IDisposable
         _duration = _meter.CreateHistogram<double>("uffdgrpc.userfault.duration", "s", "Fault-resolution latency: from the fault being raised to the end of the sleep, by class and outcome",
             advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = LatencyBuckets });
         _phase = _meter.CreateHistogram<double>("uffdgrpc.userfault.phase.duration", "s", "Fault-resolution latency by phase: queued (raised → read by a handler), handled (read → the sleep ends), by class",
+            advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = LatencyBuckets });
+        _latency = _meter.CreateHistogram<double>("uffdgrpc.userfault.latency", "s", "Fault-resolution latency by phase (queued: raised → read; handling: read → resolving call received; waking: call received → woken; total), class and outcome, as GetMigrationMetrics serves it",
             advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = LatencyBuckets });
         _injections = _meter.CreateCounter<long>("uffdgrpc.injections.fired", "{firing}", "Fault-injection rule firings, by site");
         _oomKills = _meter.CreateCounter<long>("uffdgrpc.oom_kills", "{process}", "Processes killed by a machine's OOM killer");
@@ -85,7 +88,12 @@ public sealed class ServerMetrics : IDisposable
             {
                 _phase.Record(q.TotalSeconds, cls, new KeyValuePair<string, object?>("phase", "queued"));
                 _phase.Record(h.TotalSeconds, cls, new KeyValuePair<string, object?>("phase", "handled"));
+                _latency.Record(q.TotalSeconds, cls, outcome, new KeyValuePair<string, object?>("phase", "queued"));
             }
+            if (e.Handling is { } handling)
+                _latency.Record(handling.TotalSeconds, cls, outcome, new KeyValuePair<string, object?>("phase", "handling"));
+            _latency.Record(e.Waking.TotalSeconds, cls, outcome, new KeyValuePair<string, object?>("phase", "waking"));
+            _latency.Record(e.Total.TotalSeconds, cls, outcome, new KeyValuePair<string, object?>("phase", "total"));
         };
         k.InjectionFired += r => _injections.Add(1, new KeyValuePair<string, object?>("site", SnakeCase(r.Site.ToString())));
         k.OomKilled += _ => _oomKills.Add(1);

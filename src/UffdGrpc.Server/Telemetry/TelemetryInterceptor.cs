@@ -100,6 +100,8 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
 
     private Call Begin(ServerCallContext context, object? request, bool stream)
     {
+        // The call's arrival: the migration metrics split handling from waking here.
+        CallClock.ReceivedAt = Stopwatch.GetTimestamp();
         var (name, service, method) = s_names.GetOrAdd(context.Method, Split);
         var activity = Source.StartActivity(name, ActivityKind.Server);
         if (activity is { IsAllDataRequested: true })

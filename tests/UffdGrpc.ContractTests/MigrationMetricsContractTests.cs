@@ -1,0 +1,98 @@
+using System.Diagnostics;
+
+namespace UffdGrpc.ContractTests;
+
+/// <summary>
+/// GetMigrationMetrics over the wire: the phases split where the handler's time goes, the
+/// outcome of a wake after a failed fill, blocktime with QEMU's overlap rule.
+/// </summary>
+public sealed class MigrationMetricsContractTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFixture>
+{
+    /// <summary>A page fault on <paramref name="addr"/>, read by <paramref name="session"/>, resolved after the handler's <paramref name="work"/>.</summary>
+    private static async Task FaultAndResolveAsync(Sandbox s, ServeSession session, ulong addr, TimeSpan work)
+    {
+        var op = await s.Client.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(addr, write: false) });
+        var msgs = await session.Messages.ReadAsync();
+        var received = Stopwatch.GetTimestamp();
+        Assert.Equal(addr, Assert.Single(msgs).Pagefault.Address);
+        // The handler's own work, spun so that the timer's resolution does not matter.
+        while (Stopwatch.GetElapsedTime(received) < work)
+            Thread.SpinWait(50);
+        Assert.True(Assert.Single(await session.ResolveAsync([ServeSession.Zeropage(addr)])).Errno.IsOk());
+        Assert.Equal(Errno.Unspecified, (await s.Client.WaitOpAsync(op.OpId)).Errno);
+    }
+
+    [Fact]
+    public async Task A_handler_that_takes_5_ms_before_resolving_moves_only_the_handling_phase()
+    {
+        await using var s = await Sandbox.CreateAsync(fx.NewClient(), pages: 2, registerMode: 1);
+        var c = s.Client;
+        await using var session = await c.ServeAsync(s.Uffd);
+        // A resolution answered means the stream's reader is already asleep on the uffd.
+        await session.ResolveAsync([ServeSession.Wake(A)]);
+        // A first fault warms the path (JIT) and is subtracted below.
+        await FaultAndResolveAsync(s, session, A, TimeSpan.Zero);
+        var before = await c.GetMigrationMetricsAsync(s.Machine, s.Mm);
+        // 4.5 ms past the message's arrival at the handler: with the wire both ways, about 5 ms after the server's read.
+        await FaultAndResolveAsync(s, session, A + Page, TimeSpan.FromMicroseconds(4500));
+
+        var m = await c.GetMigrationMetricsAsync(s.Machine, s.Mm);
+        Assert.Equal(33, m.BucketUpperBoundsUs.Count);
+        Assert.Equal(8192UL, m.BucketUpperBoundsUs[12]);
+        Assert.All(m.Histograms, h => Assert.Equal((FaultClass.Missing, FaultOutcome.Zeropage), (h.FaultClass, h.Outcome)));
+        int BucketOfSecond(FaultPhase p)
+        {
+            var now = Assert.Single(m.Histograms, h => h.Phase == p).Counts;
+            var then = Assert.Single(before.Histograms, h => h.Phase == p).Counts;
+            var diff = now.Zip(then, (a, b) => a - b).ToList();
+            Assert.Equal(1UL, diff.Aggregate(0UL, (x, y) => x + y));
+            return diff.IndexOf(1UL);
+        }
+        // The 4096–8192 µs bucket holds the handling phase; queued and waking stay below it.
+        Assert.Equal(12, BucketOfSecond(FaultPhase.Handling));
+        Assert.True(BucketOfSecond(FaultPhase.Queued) < 12);
+        Assert.True(BucketOfSecond(FaultPhase.Waking) < 12);
+        Assert.True(BucketOfSecond(FaultPhase.Total) >= 12);
+        Assert.Equal((2UL, 2UL, 0UL), (m.Counters.PagesMoved, m.Counters.FaultsEnded, m.Counters.BytesMoved));
+        // The ping WAKE and two ZEROPAGEs; zero pages are mapped, not resident.
+        Assert.Equal(3UL, m.Counters.RoundTrips);
+        Assert.Equal(0UL, m.Counters.ResidentPages);
+    }
+
+    [Fact]
+    public async Task One_thread_blocked_10_ms_while_another_runs_leaves_the_process_unblocked()
+    {
+        await using var s = await Sandbox.CreateAsync(fx.NewClient(), pages: 1, registerMode: 1);
+        var c = s.Client;
+        var other = await s.NewThreadAsync();
+        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(A, write: false) });
+        await Task.Delay(10);
+        Assert.True((await c.ZeropageAsync(s.Uffd, A, Page)).Errno.IsOk());
+        await c.WaitOpAsync(op.OpId);
+
+        var m = await c.GetMigrationMetricsAsync(s.Machine, s.Mm);
+        var p = Assert.Single(m.Processes);
+        Assert.Equal((s.Mm, 0L), (p.MmId, p.BlocktimeNs));
+        Assert.True(Assert.Single(p.Threads, t => t.ThreadId == s.Thread).BlocktimeNs >= 10_000_000);
+        Assert.Equal(0L, Assert.Single(p.Threads, t => t.ThreadId == other.ThreadId).BlocktimeNs);
+        // The machine's view holds the same process.
+        Assert.Equal(p, Assert.Single((await c.GetMigrationMetricsAsync(s.Machine)).Processes));
+    }
+
+    [Fact]
+    public async Task A_wake_after_a_copy_that_met_an_existing_page_is_reported_as_eexist()
+    {
+        await using var s = await Sandbox.CreateAsync(fx.NewClient(), pages: 1, registerMode: 1);
+        var c = s.Client;
+        var op = await c.StartOpAsync(s.Thread, new ThreadOp { Access = UffdClient.Touch(A, write: false) });
+        Assert.True((await c.ZeropageAsync(s.Uffd, A, Page, mode: 1)).Errno.IsOk());
+        Assert.Equal(Errno.Eexist, (await c.CopyAsync(s.Uffd, A, new byte[Page])).Errno);
+        Assert.Equal(ThreadState.BlockedInUserfault, (await c.GetThreadAsync(s.Thread)).State);
+        Assert.True((await c.WakeAsync(s.Uffd, A, Page)).IsOk());
+        await c.WaitOpAsync(op.OpId);
+
+        var m = await c.GetMigrationMetricsAsync(s.Machine);
+        Assert.All(m.Histograms, h => Assert.Equal(FaultOutcome.Eexist, h.Outcome));
+        Assert.Equal((1UL, 3UL, 1UL, 0UL), (m.Counters.PagesMoved, m.Counters.RoundTrips, m.Counters.FillsEexist, m.Counters.ResidentPages));
+    }
+}

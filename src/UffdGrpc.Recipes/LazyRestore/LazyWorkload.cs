@@ -18,7 +18,7 @@ public static class LazyWorkload
     /// <summary>Runs the workload on P and Q; returns the tasks alive at the end by name.</summary>
     public static async Task<Dictionary<string, long>> RunAsync(UffdClient c, long p, long q, RecipeOptions o, Func<Task>? resumed, RoleReport report, CancellationToken ct)
     {
-        var guest = new ThreadGuest(c);
+        IGuest guest = new WorkloadGuest(c);
         var seed = o.Seed;
         var pt = (await c.CreateThreadAsync(p, ct).ConfigureAwait(false)).ThreadId;
         var mremap = await c.StartOpAsync(pt, new ThreadOp { Mremap = new MremapOp { OldAddr = LazyRestoreRecipe.RegionC, Len = LazyRestoreRecipe.SmallPages * Page, NewAddr = LazyRestoreRecipe.RegionD } }, ct).ConfigureAwait(false);

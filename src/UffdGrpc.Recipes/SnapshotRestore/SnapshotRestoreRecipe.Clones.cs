@@ -79,7 +79,7 @@ public sealed partial class SnapshotRestoreRecipe
         {
             var shape = Shape.Of(ctx.Options);
             await ctx.WaitAsync("snapshot", ct).ConfigureAwait(false);
-            var guest = new ThreadGuest(ctx.Client);
+            IGuest guest = new WorkloadGuest(ctx.Client);
             await Task.WhenAll(Clones(ctx.State).Select(async clone =>
             {
                 var seed = ctx.Options.Seed + (ulong)clone.Index;

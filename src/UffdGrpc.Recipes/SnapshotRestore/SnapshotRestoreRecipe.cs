@@ -167,8 +167,8 @@ public sealed partial class SnapshotRestoreRecipe : Recipe
     /// The guest role. (A) Firecracker resumes the vCPUs before the handler reads the uffd:
     /// each vCPU faults on a page (vCPU 0 on one holding data inside the first balloon range)
     /// and the balloon releases that range, so the handler's first read holds PAGEFAULT
-    /// before REMOVE for the same page. (B) The vCPUs read and write (never the released
-    /// range). (C) The balloon releases a second range and the vCPUs use it again. (D) One
+    /// before REMOVE for the same page. (B) The vCPUs read and write (server-side workloads,
+    /// never in the released range). (C) The balloon releases a second range and the vCPUs use it again. (D) One
     /// pass reads all of memory.
     /// </summary>
     private static async Task GuestAsync(RoleContext ctx, CancellationToken ct)
@@ -201,12 +201,15 @@ public sealed partial class SnapshotRestoreRecipe : Recipe
                         throw new InvalidOperationException($"phase A operation {op}: {r.Signal} {r.Errno.Name()}");
                 }
             }
-            var guest = new ThreadGuest(ctx.Client);
-            var outsideBalloon = Enumerable.Range(0, shape.Pages).Where(p => p < b1 || p >= b1 + n1).ToList();
-            var runB = await guest.RunAsync(new GuestPlan(mm, Base, shape.Pages) { Threads = shape.Vcpus, Ops = shape.Pages / shape.Vcpus, WriteRatio = 0.5, WritablePages = outsideBalloon, Seed = ctx.Options.Seed, FirstGeneration = 1, Stall = ctx.Options.Stall }, ct).ConfigureAwait(false);
-            Report(ctx.Report, "b", runB, 0);
+            IGuest guest = new WorkloadGuest(ctx.Client);
+            // (B) one vCPU below the released range, one above it (the balloon keeps its pages).
+            var runs = await Task.WhenAll(
+                guest.RunAsync(new GuestPlan(mm, Base, b1) { Ops = b1, WriteRatio = 0.5, Seed = ctx.Options.Seed, Stall = ctx.Options.Stall }, ct),
+                guest.RunAsync(new GuestPlan(mm, shape.At(b1 + n1), shape.Pages - b1 - n1) { Ops = shape.Pages - b1 - n1, WriteRatio = 0.5, Seed = ctx.Options.Seed + 1, Stall = ctx.Options.Stall }, ct)).ConfigureAwait(false);
+            Report(ctx.Report, "b", runs[0], 0);
+            Report(ctx.Report, "b", runs[1], b1 + n1);
             (await c.MadviseAsync(mm, shape.At(b2), (ulong)n2 * PageCheck.PageSize, MadvDontneed, balloon, ct).ConfigureAwait(false)).Expect("balloon MADV_DONTNEED");
-            var runC = await guest.RunAsync(new GuestPlan(mm, shape.At(b2), n2) { Threads = shape.Vcpus, Ops = n2, WriteRatio = 0.3, Seed = ctx.Options.Seed + 1, FirstGeneration = 100, Stall = ctx.Options.Stall }, ct).ConfigureAwait(false);
+            var runC = await guest.RunAsync(new GuestPlan(mm, shape.At(b2), n2) { Threads = shape.Vcpus, Ops = n2 / shape.Vcpus, WriteRatio = 0.3, Seed = ctx.Options.Seed + 2, Stall = ctx.Options.Stall }, ct).ConfigureAwait(false);
             Report(ctx.Report, "c", runC, b2);
             var runD = await guest.RunAsync(new GuestPlan(mm, Base, shape.Pages) { Ops = shape.Pages, WriteRatio = 0, Pattern = AccessPattern.Sequential, Stall = ctx.Options.Stall }, ct).ConfigureAwait(false);
             Report(ctx.Report, "d", runD, 0);
@@ -224,8 +227,12 @@ public sealed partial class SnapshotRestoreRecipe : Recipe
         r.Add("guest-accesses-done", run.Done);
         if (run.Stalled is { } s)
             r.Note($"phase {phase}: {s}");
-        foreach (var w in run.Writes)
-            r.Set(LastWriteKey(phase, firstPage + w.Page), (w.Generation * 1_000_000L) + w.Page);
+        if (run.BlocktimeNs >= 0)
+            r.Add("guest-blocktime-us", run.BlocktimeNs / 1000);
+        if (run.Userfaults >= 0)
+            r.Add("guest-userfaults", run.Userfaults);
+        foreach (var w in run.Writes.OrderBy(w => w.Order))
+            r.Set(LastWriteKey(phase, firstPage + w.Page), w.Generation);
     }
 
     private static string LastWriteKey(string phase, int page) => $"_{phase}.last-write.{page.ToString(CultureInfo.InvariantCulture)}";
@@ -269,8 +276,7 @@ public sealed partial class SnapshotRestoreRecipe : Recipe
             var key = LastWriteKey(phase, p);
             if (report.Has(key))
             {
-                var v = report.Get(key);
-                pages[p] = Image(WorkloadPages.Expected(Base + ((ulong)p * PageCheck.PageSize), (ulong)(v / 1_000_000)));
+                pages[p] = Image(WorkloadPages.Expected(Base + ((ulong)p * PageCheck.PageSize), (ulong)report.Get(key)));
             }
         }
     }

@@ -89,6 +89,8 @@ public static class RecipeCommand
                     };
                     var result = await runner.RunAsync(ct).ConfigureAwait(false);
                     RecipePrinter.Print(result, o, procs ? "roles as processes" : "roles in one process", Console.Out);
+                    if (i == 0 && RecipePrinter.WriteSvg(result, o, svgPath))
+                        Console.WriteLine($"latency histogram: {svgPath}");
                     if (!result.Check.Passed)
                         failed++;
                 }

@@ -77,6 +77,7 @@ public static class RecipeCommand
             {
                 using var client = CliCommands.Connect(address);
                 var failed = 0;
+                ulong? firstFailing = null;
                 var n = Math.Max(1, parse.GetValue(seeds));
                 for (var i = 0; i < n; i++)
                 {
@@ -88,12 +89,26 @@ public static class RecipeCommand
                         Launch = procs ? (rl, args) => Launcher(recipe, rl, args, commands) : null,
                     };
                     var result = await runner.RunAsync(ct).ConfigureAwait(false);
-                    RecipePrinter.Print(result, o, procs ? "roles as processes" : "roles in one process", Console.Out);
                     if (!result.Check.Passed)
                         failed++;
+                    if (n > 1)
+                    {
+                        // Exploring seeds: one line each; replay one with --seed.
+                        Console.WriteLine($"seed {o.Seed}: {result.Check}");
+                        if (!result.Check.Passed && failed == 1)
+                            firstFailing = o.Seed;
+                        continue;
+                    }
+                    RecipePrinter.Print(result, o, procs ? "roles as processes" : "roles in one process", Console.Out);
+                    if (RecipePrinter.WriteSvg(result, o, svgPath))
+                        Console.WriteLine($"latency histogram: {svgPath}");
                 }
                 if (n > 1)
+                {
                     Console.WriteLine($"recipe {recipe.Name}: {n - failed} of {n} seeds passed the check");
+                    if (firstFailing is { } f)
+                        Console.WriteLine($"  replay the first failing seed: uffdgrpc recipe {recipe.Name}{(w is null ? "" : " --wrong-handler " + w)} --seed {f}");
+                }
                 return failed == 0 ? 0 : 1;
             })).ConfigureAwait(false);
         });

@@ -42,7 +42,8 @@ internal sealed class PostcopyHandler(RoleContext ctx)
         var rate = double.Parse(ctx.Options.Setting("push-rate", "200"), System.Globalization.CultureInfo.InvariantCulture);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         var pushed = 0;
-        while (!guestDone.IsCompleted)
+        // Until the guest ended and every page was sent (the migration completes).
+        while (!guestDone.IsCompleted || next < _pages)
         {
             if (session.Messages.TryRead(out var batch))
             {
@@ -55,7 +56,7 @@ internal sealed class PostcopyHandler(RoleContext ctx)
             if (next < _pages && due > TimeSpan.Zero)
             {
                 // The push is ahead of its bandwidth: wait for it, or for a fault.
-                await Task.WhenAny(session.Messages.WaitToReadAsync(ct).AsTask(), Task.Delay(due, ct), guestDone).ConfigureAwait(false);
+                await Task.WhenAny(session.Messages.WaitToReadAsync(ct).AsTask(), Task.Delay(due, ct)).ConfigureAwait(false);
                 continue;
             }
             if (next < _pages)

@@ -89,5 +89,9 @@ public sealed record RecipeCheck(bool Passed, string Detail)
     public override string ToString() => (Passed ? "PASS" : "FAIL") + ": " + Detail;
 }
 
-/// <summary>What a run found: the check, the roles' counters and notes, and the wall time.</summary>
-public sealed record RecipeResult(string Recipe, string Handler, RecipeCheck Check, RoleReport Report, long MachineId, TimeSpan Elapsed);
+/// <summary>What a run found: the check, the roles' counters and notes, the wall time, and the server's migration metrics of the machine.</summary>
+public sealed record RecipeResult(string Recipe, string Handler, RecipeCheck Check, RoleReport Report, long MachineId, TimeSpan Elapsed)
+{
+    /// <summary>The machine's migration metrics once the roles ended (latency histograms, counters, blocktime); null when the server has none.</summary>
+    public Contracts.V1.GetMigrationMetricsResponse? Metrics { get; init; }
+}

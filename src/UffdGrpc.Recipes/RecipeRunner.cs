@@ -42,7 +42,17 @@ public sealed class RecipeRunner(Recipe recipe, RecipeContext ctx)
             else
                 await RunProcessesAsync(setup, report, run.Token).ConfigureAwait(false);
             var check = await recipe.CheckAsync(ctx, setup, report, ct).ConfigureAwait(false);
-            return new RecipeResult(recipe.Name, ctx.Options.WrongHandler ?? "correct", check, report, setup.MachineId, sw.Elapsed);
+            var elapsed = sw.Elapsed;
+            Contracts.V1.GetMigrationMetricsResponse? metrics = null;
+            try
+            {
+                metrics = await ctx.Client.Metrics.GetMigrationMetricsAsync(new Contracts.V1.GetMigrationMetricsRequest { MachineId = setup.MachineId }, cancellationToken: ct).ConfigureAwait(false);
+            }
+            catch (Grpc.Core.RpcException e) when (e.StatusCode == Grpc.Core.StatusCode.Unimplemented)
+            {
+                // A server without the metrics service.
+            }
+            return new RecipeResult(recipe.Name, ctx.Options.WrongHandler ?? "correct", check, report, setup.MachineId, elapsed) { Metrics = metrics };
         }
         finally
         {

@@ -43,11 +43,13 @@ public sealed class WorkloadGuest(UffdClient client) : IGuest
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct, plan.Stop);
         while (w.State == WorkloadState.Running)
         {
+            using var bound = CancellationTokenSource.CreateLinkedTokenSource(stop.Token);
+            bound.CancelAfter(plan.Stall);
             try
             {
-                w = (await client.Workloads.WaitWorkloadAsync(new WaitWorkloadRequest { WorkloadId = w.WorkloadId }, deadline: DateTime.UtcNow + plan.Stall, cancellationToken: stop.Token).ConfigureAwait(false)).Workload;
+                w = (await client.Workloads.WaitWorkloadAsync(new WaitWorkloadRequest { WorkloadId = w.WorkloadId }, cancellationToken: bound.Token).ConfigureAwait(false)).Workload;
             }
-            catch (RpcException e) when (e.StatusCode is StatusCode.DeadlineExceeded or StatusCode.Cancelled && !ct.IsCancellationRequested)
+            catch (Exception e) when (e is RpcException { StatusCode: StatusCode.Cancelled } or OperationCanceledException && !ct.IsCancellationRequested)
             {
                 var before = lastOps;
                 w = (await client.Workloads.GetWorkloadAsync(new GetWorkloadRequest { WorkloadId = w.WorkloadId }, cancellationToken: ct).ConfigureAwait(false)).Workload;

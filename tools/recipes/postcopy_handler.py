@@ -208,12 +208,15 @@ def main():
     rate = float(dict(s.split("=", 1) for s in a.set).get("push-rate", "200"))
     started = time.monotonic()
     pushed = 0
-    while "guest-done" not in signals.raised:
+    # Until the guest ended and every page was sent (the migration completes).
+    while "guest-done" not in signals.raised or nxt < pages:
         try:
             kind, value = events.get_nowait()
         except queue.Empty:
             while nxt < pages and sent[nxt]:
                 nxt += 1
+            if nxt >= pages and "guest-done" in signals.raised:
+                break
             due = (pushed / rate) - (time.monotonic() - started) if rate > 0 else 0
             if nxt < pages and due > 0:
                 # Ahead of the push's bandwidth: wait for it, or for a fault.

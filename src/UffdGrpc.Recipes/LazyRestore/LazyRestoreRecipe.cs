@@ -24,6 +24,8 @@ public sealed class LazyRestoreRecipe : Recipe
     public const ulong RegionC = 0x7000_0000;
     public const ulong RegionD = 0x8000_0000;
     public const int SmallPages = 64;
+    /// <summary>A zero run of 8 pages in every 64 runs: long lazy runs, so the background chunk can grow.</summary>
+    private const int ZeroPeriod = 64;
     private const ulong Features = 0x2 | 0x4 | 0x8 | 0x40; // EVENT_FORK | EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP
 
     public override string Name => "lazy-restore";
@@ -68,14 +70,14 @@ public sealed class LazyRestoreRecipe : Recipe
         foreach (var (at, n, s) in new (ulong, int, ulong)[] { (RegionA, pages, seed), (RegionB, SmallPages, seed + 1), (RegionC, SmallPages, seed + 2) })
         {
             (await c.MmapAsync(p, at, (ulong)n * PageCheck.PageSize, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (source)");
-            await WriteDataPagesAsync(c, t, at, SnapshotContents.Create(n, s), ct).ConfigureAwait(false);
+            await WriteDataPagesAsync(c, t, at, SnapshotContents.Create(n, s, ZeroPeriod), ct).ConfigureAwait(false);
         }
         var fork = await c.ForkAsync(p, t, ct).ConfigureAwait(false);
         fork.Errno.Expect("fork (source)");
         var q = fork.ChildMmId;
         var qt = (await c.CreateThreadAsync(q, ct).ConfigureAwait(false)).ThreadId;
         (await c.MunmapAsync(q, RegionB, RegionC + (SmallPages * PageCheck.PageSize) - RegionB, qt, ct).ConfigureAwait(false)).Expect("munmap (source)");
-        await WriteDataPagesAsync(c, qt, RegionA, SnapshotContents.Create(pages / 2, seed + 3), ct).ConfigureAwait(false);
+        await WriteDataPagesAsync(c, qt, RegionA, SnapshotContents.Create(pages / 2, seed + 3, ZeroPeriod), ct).ConfigureAwait(false);
         var dir = ctx.State["images"];
         await File.WriteAllBytesAsync(Path.Combine(dir, "P.img"), await c.ExportMmAsync(p, ct).ConfigureAwait(false), ct).ConfigureAwait(false);
         await File.WriteAllBytesAsync(Path.Combine(dir, "Q.img"), await c.ExportMmAsync(q, ct).ConfigureAwait(false), ct).ConfigureAwait(false);

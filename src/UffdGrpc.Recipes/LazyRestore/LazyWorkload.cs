@@ -6,10 +6,12 @@ namespace UffdGrpc.Recipes.LazyRestore;
 /// <summary>
 /// What the restored tree does (the same on the lazy and on the eager copy). P first moves
 /// region C to D (the REMAP is the daemon's first message: a task runs as soon as it is
-/// restored), then reports itself resumed; P forks a child that touches a few pages and
-/// exits, forks a child that lives, unmaps the start of B and releases (MADV_DONTNEED) a
-/// later part, reads the moved region; then P, its child and Q read and write their memory
-/// at once (each task's accesses in order, so the end state does not depend on timing).
+/// restored), forks a child that touches a few pages and exits, and forks a child that
+/// lives — all before the restorer's "restore finished" reaches the daemon, which only then
+/// starts its background push (so the first child exits with pages still lazy, whatever the
+/// timing); then P unmaps the start of B and releases (MADV_DONTNEED) a later part while the
+/// push runs, reads the moved region, and P, its child and Q read and write their memory at
+/// once (each task's accesses in order, so the end state does not depend on timing).
 /// </summary>
 public static class LazyWorkload
 {
@@ -22,8 +24,6 @@ public static class LazyWorkload
         var seed = o.Seed;
         var pt = (await c.CreateThreadAsync(p, ct).ConfigureAwait(false)).ThreadId;
         var mremap = await c.StartOpAsync(pt, new ThreadOp { Mremap = new MremapOp { OldAddr = LazyRestoreRecipe.RegionC, Len = LazyRestoreRecipe.SmallPages * Page, NewAddr = LazyRestoreRecipe.RegionD } }, ct).ConfigureAwait(false);
-        if (resumed is not null)
-            await resumed().ConfigureAwait(false);
         (await c.WaitOpAsync(mremap.OpId, ct).ConfigureAwait(false)).Errno.Expect("mremap");
 
         var f1 = await c.ForkAsync(p, pt, ct).ConfigureAwait(false);
@@ -33,6 +33,8 @@ public static class LazyWorkload
 
         var f2 = await c.ForkAsync(p, pt, ct).ConfigureAwait(false);
         f2.Errno.Expect("fork");
+        if (resumed is not null)
+            await resumed().ConfigureAwait(false);
         (await c.MunmapAsync(p, LazyRestoreRecipe.RegionB, 16 * Page, pt, ct).ConfigureAwait(false)).Expect("munmap");
         (await c.MadviseAsync(p, LazyRestoreRecipe.RegionB + (32 * Page), 16 * Page, 4, pt, ct).ConfigureAwait(false)).Expect("MADV_DONTNEED");
         Account(report, await guest.RunAsync(Plan(p, LazyRestoreRecipe.RegionD, LazyRestoreRecipe.SmallPages, 0, seed, 1, o) with { Pattern = AccessPattern.Sequential }, ct).ConfigureAwait(false));

@@ -126,6 +126,6 @@ public sealed partial class SnapshotRestoreRecipe
             return failed;
         if (planned == 0 || done < planned)
             return RecipeCheck.Fail($"the clones' guests completed {done} of {planned} accesses");
-        return RecipeCheck.Pass($"{clones} clones equal the snapshot with their writes, byte for byte; distinct frames: MINOR+CONTINUE {frames["minor"].Count}, COPY {frames["copy"].Count} ({shape.Pages} pages per clone)");
+        return RecipeCheck.Pass($"{clones / 2} MINOR clones and {clones / 2} COPY clones equal the snapshot with their writes, byte for byte; distinct frames: MINOR+CONTINUE {frames["minor"].Count}, COPY {frames["copy"].Count} ({shape.Pages} pages per clone)");
     }
 }

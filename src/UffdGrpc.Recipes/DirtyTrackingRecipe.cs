@@ -80,6 +80,9 @@ public sealed class DirtyTrackingRecipe : Recipe
         var gate = ctx.Shared?["gate"] as SeededInterleaver;
         try
         {
+            // The guest's process is up (connected) before the tracker starts its rounds.
+            await ctx.Client.Mm.GetMmAsync(new GetMmRequest { MmId = ctx.Id("src") }, cancellationToken: ct).ConfigureAwait(false);
+            await ctx.SignalAsync("guest-ready").ConfigureAwait(false);
             await ctx.WaitAsync("armed", ct).ConfigureAwait(false);
             using var stop = new CancellationTokenSource();
             _ = ctx.WaitAsync("stop", ct).ContinueWith(_ => stop.Cancel(), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
@@ -96,7 +99,7 @@ public sealed class DirtyTrackingRecipe : Recipe
                 Stop = stop.Token,
             };
             IGuest guest = gate is null
-                ? new WorkloadGuest(ctx.Client) { DirtyRate = double.Parse(ctx.Options.Setting("dirty-rate", "2000"), CultureInfo.InvariantCulture) }
+                ? new WorkloadGuest(ctx.Client) { DirtyRate = double.Parse(ctx.Options.Setting("dirty-rate", "200"), CultureInfo.InvariantCulture) }
                 : new ThreadGuest(ctx.Client);
             var run = await guest.RunAsync(plan, ct).ConfigureAwait(false);
             ctx.Report.Set("guest-writes", run.Writes.Count);
@@ -225,8 +228,11 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
     {
         try
         {
+            await ctx.WaitAsync("guest-ready", ct).ConfigureAwait(false);
             await ArmAsync(ct).ConfigureAwait(false);
             await ctx.SignalAsync("armed").ConfigureAwait(false);
+            // A free-running guest: rounds at most every --set round-ms=N ms (default 20), as long as a real round's copy takes.
+            var roundGap = TimeSpan.FromMilliseconds(_gate is null ? double.Parse(ctx.Options.Setting("round-ms", "20"), CultureInfo.InvariantCulture) : 0);
             await StepAsync(ct).ConfigureAwait(false);
             await CopyAsync([(_base, _base + Len)], ct).ConfigureAwait(false);
             var perRound = new List<int>();
@@ -235,6 +241,8 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
             var maxRounds = int.Parse(ctx.Options.Setting("max-rounds", "10"), CultureInfo.InvariantCulture);
             for (var round = 1; round <= maxRounds; round++)
             {
+                if (roundGap > TimeSpan.Zero)
+                    await Task.Delay(roundGap, ct).ConfigureAwait(false);
                 var dirty = await CollectAsync(await StepAsync(ct).ConfigureAwait(false), ct).ConfigureAwait(false);
                 var n = dirty.Sum(r => (int)((r.End - r.Start) / PageCheck.PageSize));
                 perRound.Add(n);

@@ -39,7 +39,7 @@ public sealed class WorkloadGuest(UffdClient client) : IGuest
         };
         var w = (await client.Workloads.StartWorkloadAsync(new StartWorkloadRequest { MmId = plan.MmId, Spec = spec }, cancellationToken: ct).ConfigureAwait(false)).Workload;
         string? stalled = null;
-        var lastOps = ulong.MaxValue;
+        var lastOps = w.Ops;
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct, plan.Stop);
         while (w.State == WorkloadState.Running)
         {

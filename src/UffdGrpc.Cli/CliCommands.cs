@@ -37,6 +37,7 @@ public static class CliCommands
         root.Subcommands.Add(HealthCommand.Build());
         root.Subcommands.Add(SessionCommand.Build());
         root.Subcommands.Add(ProbeCommand.Build());
+        root.Subcommands.Add(RecipeCommand.Build());
         return root;
     }
 

@@ -164,32 +164,6 @@ public sealed partial class Kernel
         return t;
     }
 
-    /// <summary>
-    /// Creates a thread of <paramref name="mm"/> in blocktime group <paramref name="group"/>
-    /// (a guest workload's thread, counted with its siblings as QEMU counts vCPUs).
-    /// </summary>
-    public SimThread CreateThread(Mm mm, BlocktimeGroup group)
-    {
-        using var _ = Enter();
-        var t = CreateThread(mm);
-        t.Group = group;
-        group.Live++;
-        group.EndAll(Now);
-        return t;
-    }
-
-    /// <summary>
-    /// One thread exits, its process living on (do_exit of a thread that is not the last; a
-    /// thread asleep in handle_userfault first leaves the sleep, as a signal ends it, and its
-    /// unread message is withdrawn): its operation is aborted.
-    /// </summary>
-    public void ExitThread(SimThread t)
-    {
-        using var _ = Enter();
-        if (t.State != ThreadState.Exited)
-            t.Exit();
-    }
-
     internal int NextTid() => _nextTid++;
 
     internal int NextCtxId() => _nextCtxId++;

@@ -1,3 +1,5 @@
+using Microsoft.Extensions.DependencyInjection;
+
 namespace UffdGrpc.ContractTests;
 
 /// <summary>A server with small workload limits, so each one can be reached.</summary>
@@ -131,12 +133,25 @@ public sealed class WorkloadTests(GrpcTestFixture fx, WorkloadLimitsFixture smal
         var s = await Sandbox.CreateAsync(c, pages: 4, registerMode: 1);
         var w = await c.StartWorkloadAsync(s.Mm, Spec(4));
         await EventuallyAsync(async () => (await c.GetWorkloadAsync(w.WorkloadId)).Threads[0].State == ThreadState.BlockedInUserfault, "the thread sleeps");
+        var registry = fx.Services.GetRequiredService<UffdGrpc.Server.Hosting.MachineRegistry>();
+        Assert.True(registry.TryGet<UffdGrpc.Server.Hosting.WorkloadEntry>(w.WorkloadId, out var entry));
         var wait = c.WaitWorkloadAsync(w.WorkloadId);
         await c.DestroyMachineAsync(s.Machine);
-        var ended = await wait;
-        Assert.Equal(WorkloadState.Aborted, ended.State);
-        var ex = await Assert.ThrowsAsync<RpcException>(() => c.GetWorkloadAsync(w.WorkloadId));
-        Assert.Equal(StatusCode.NotFound, ex.StatusCode);
+        // The workload ended with its machine, its thread gone from the uffd's wait queue.
+        await entry.Ended.Task.WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.Equal(WorkloadState.Aborted, entry.State);
+        Assert.Equal(UffdGrpc.Mm.ThreadState.Exited, entry.ThreadEntries[0].Thread.State);
+        Assert.Equal(0, entry.Host.Kernel.Contexts.Sum(u => u.BlockedFaults));
+        // A waiter that got in before the destroy is answered; one that did not finds no such workload.
+        try
+        {
+            Assert.Equal(WorkloadState.Aborted, (await wait.WaitAsync(TimeSpan.FromSeconds(20))).State);
+        }
+        catch (RpcException ex) when (ex.StatusCode == StatusCode.NotFound)
+        {
+        }
+        var gone = await Assert.ThrowsAsync<RpcException>(() => c.GetWorkloadAsync(w.WorkloadId));
+        Assert.Equal(StatusCode.NotFound, gone.StatusCode);
     }
 
     [Fact]
@@ -254,5 +269,43 @@ public sealed class WorkloadTests(GrpcTestFixture fx, WorkloadLimitsFixture smal
         Assert.Equal((10UL, 4UL, true), (full.Writes, full.WritesRecorded, full.WritesTruncated));
         var (writes, truncated) = await c.ReadAllWritesAsync(full.WorkloadId);
         Assert.Equal((4, true), (writes.Count, truncated));
+    }
+}
+
+/// <summary>A server of its own, to be shut down.</summary>
+public sealed class WorkloadShutdownFixture : GrpcTestFixture;
+
+/// <summary>A stopping server ends every workload at once: running, paced and asleep in a userfault.</summary>
+public sealed class WorkloadShutdownTests(WorkloadShutdownFixture fx) : IClassFixture<WorkloadShutdownFixture>
+{
+    [Fact]
+    public async Task Shutdown_ends_running_and_sleeping_workloads()
+    {
+        var c = fx.NewClient();
+        var s = await Sandbox.CreateAsync(c, pages: 8, registerMode: 1);
+        var mm2 = await c.CreateMmAsync(s.Machine);
+        Assert.True((await c.MmapAsync(mm2, A, 8 * Page, 3)).IsOk());
+        var spec = new WorkloadSpec { Start = A, Length = 8 * Page, Pattern = WorkloadPattern.Uniform, WriteRatio = 0.5 };
+        var sleeping = await c.StartWorkloadAsync(s.Mm, spec);
+        var running = await c.StartWorkloadAsync(mm2, spec);
+        var paced = await c.StartWorkloadAsync(mm2, new WorkloadSpec(spec) { DirtyRatePagesPerSec = 1 });
+        await EventuallyAsync(async () => (await c.GetWorkloadAsync(sleeping.WorkloadId)).Threads[0].State == ThreadState.BlockedInUserfault, "the guest sleeps");
+        await EventuallyAsync(async () => (await c.GetWorkloadAsync(running.WorkloadId)).Ops > 100, "the other runs");
+
+        var registry = fx.Services.GetRequiredService<UffdGrpc.Server.Hosting.MachineRegistry>();
+        var entries = new[] { sleeping, running, paced }.Select(w =>
+        {
+            Assert.True(registry.TryGet<UffdGrpc.Server.Hosting.WorkloadEntry>(w.WorkloadId, out var e));
+            return e;
+        }).ToList();
+        registry.Shutdown();
+        foreach (var e in entries)
+        {
+            await e.Ended.Task.WaitAsync(TimeSpan.FromSeconds(20));
+            Assert.Equal(WorkloadState.Aborted, e.State);
+            Assert.Contains("shutting down", e.EndReason, StringComparison.Ordinal);
+        }
+        var ex = await Assert.ThrowsAsync<RpcException>(() => c.GetWorkloadAsync(running.WorkloadId));
+        Assert.Equal(StatusCode.Unavailable, ex.StatusCode);
     }
 }

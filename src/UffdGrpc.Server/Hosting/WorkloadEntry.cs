@@ -47,6 +47,8 @@ public sealed class WorkloadEntry : Entry
     public WorkloadSpec Wire { get; }
     public Model.BlocktimeGroup Group { get; }
     internal List<WorkloadThread> Threads { get; } = [];
+    /// <summary>The workload's threads, in index order.</summary>
+    public IReadOnlyList<ThreadEntry> ThreadEntries => [.. Threads.Select(t => t.Entry)];
     public WorkloadState State { get; private set; } = WorkloadState.Running;
     public string EndReason { get; private set; } = "";
     /// <summary>Writes made past the record's capacity.</summary>

@@ -111,6 +111,10 @@ public sealed class BackgroundSnapshotRecipe : Recipe
         await using (var session = await c.ServeAsync(uffd, ct: ct).ConfigureAwait(false))
         {
             var next = 0;
+            // The copy's bandwidth (QEMU's max-bandwidth), in pages per second: --set copy-rate=N (0: unlimited).
+            var rate = double.Parse(ctx.Options.Setting("copy-rate", "500"), CultureInfo.InvariantCulture);
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            var copied = 0;
             while (left > 0)
             {
                 if (session.Messages.TryRead(out var batch))
@@ -135,11 +139,18 @@ public sealed class BackgroundSnapshotRecipe : Recipe
                     }
                     continue;
                 }
-                // The background copy: the next page not saved yet.
+                // The background copy: the next page not saved yet, at its bandwidth.
                 while (next < pages && saved[next])
                     next++;
+                var due = rate > 0 ? TimeSpan.FromSeconds(copied / rate) - clock.Elapsed : TimeSpan.Zero;
+                if (next < pages && due > TimeSpan.Zero)
+                {
+                    await Task.WhenAny(session.Messages.WaitToReadAsync(ct).AsTask(), Task.Delay(due, ct)).ConfigureAwait(false);
+                    continue;
+                }
                 if (next < pages)
                 {
+                    copied++;
                     await SaveAsync(next).ConfigureAwait(false);
                     await UnprotectAsync(next).ConfigureAwait(false);
                 }

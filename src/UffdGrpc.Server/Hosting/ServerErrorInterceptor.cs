@@ -6,7 +6,8 @@ namespace UffdGrpc.Server.Hosting;
 /// <summary>
 /// The last line of defence: an exception that is not a status (a bug in the server or the
 /// model) becomes INTERNAL with a log line, never an UNKNOWN with a stack trace, and the
-/// server keeps serving. Cancellations pass through (the call's status is already set).
+/// server keeps serving. A call the client cancelled (or whose deadline passed) ends CANCELLED,
+/// not UNKNOWN, whichever host answers it.
 /// </summary>
 public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorInterceptor> logger) : Interceptor
 {
@@ -29,17 +30,22 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
     /// </summary>
     private static RpcException Broken(IOException ex) => new(new Status(StatusCode.Unavailable, "the call's stream broke: " + ex.Message));
 
+    /// <summary>The client cancelled the call, or its deadline passed, while the handler waited.</summary>
+    private static bool IsCancellation(Exception ex, ServerCallContext context) =>
+        ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested;
+
     /// <summary>
     /// Whether the interceptor turns <paramref name="ex"/> into a status. A status passes
-    /// through, and so does the cancellation of a call the client cancelled or whose deadline
-    /// passed: the framework ends such a call itself (the client has stopped listening).
+    /// through; a cancellation becomes CANCELLED (Kestrel would end the call that way itself,
+    /// but an in-memory test host reports an unmapped exception as UNKNOWN).
     /// </summary>
-    private static bool Converts(Exception ex, ServerCallContext context) => ex is IOException || IsBug(ex, context);
+    private static bool Converts(Exception ex, ServerCallContext context) => ex is IOException || IsCancellation(ex, context) || IsBug(ex, context);
 
     /// <summary>The one mapping of what a handler threw to the status the client sees.</summary>
     private RpcException StatusOf(Exception ex, ServerCallContext context) => ex switch
     {
         IOException io => Broken(io),
+        OperationCanceledException when IsCancellation(ex, context) => new RpcException(new Status(StatusCode.Cancelled, "the call was cancelled by the client or its deadline passed")),
         _ => Internal(context, ex),
     };
 

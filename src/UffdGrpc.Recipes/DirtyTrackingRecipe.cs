@@ -236,6 +236,9 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
             await StepAsync(ct).ConfigureAwait(false);
             await CopyAsync([(_base, _base + Len)], ct).ConfigureAwait(false);
             var perRound = new List<int>();
+            // The dirty rate of each round: pages the round's scan found over the time since the previous scan (QEMU's dirty-pages-rate).
+            var ratePerRound = new List<double>();
+            var lastScan = System.Diagnostics.Stopwatch.GetTimestamp();
             // Converged when a round finds at most this many dirty pages (--set converge=N), or after --set max-rounds=N rounds.
             var threshold = int.Parse(ctx.Options.Setting("converge", Math.Max(1, _pages / 32).ToString(CultureInfo.InvariantCulture)), CultureInfo.InvariantCulture);
             var maxRounds = int.Parse(ctx.Options.Setting("max-rounds", "10"), CultureInfo.InvariantCulture);
@@ -246,6 +249,9 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
                 var dirty = await CollectAsync(await StepAsync(ct).ConfigureAwait(false), ct).ConfigureAwait(false);
                 var n = dirty.Sum(r => (int)((r.End - r.Start) / PageCheck.PageSize));
                 perRound.Add(n);
+                var now = System.Diagnostics.Stopwatch.GetTimestamp();
+                ratePerRound.Add(n / Math.Max(System.Diagnostics.Stopwatch.GetElapsedTime(lastScan, now).TotalSeconds, 1e-6));
+                lastScan = now;
                 if (dirty.Count > 0)
                 {
                     await StepAsync(ct).ConfigureAwait(false);
@@ -256,6 +262,7 @@ internal sealed class DirtyTracker(RoleContext ctx, bool softDirty)
             }
             ctx.Report.Set("rounds", perRound.Count);
             ctx.Report.Note($"dirty pages per round: {string.Join(' ', perRound)} ({(perRound[^1] <= threshold ? $"converged: at most {threshold}" : $"not converged after {maxRounds} rounds")})");
+            ctx.Report.Note($"dirty rate per round (pages/s, since the previous scan): {string.Join(' ', ratePerRound.Select(r => r.ToString("0", CultureInfo.InvariantCulture)))}");
         }
         finally
         {

@@ -79,6 +79,9 @@ public sealed class RecipeChecks(UffdServerFixture server, ITestOutputHelper out
             var good = await RunAsync(new DirtyTrackingRecipe(), null, seed);
             Assert.True(good.Check.Passed, $"seed {seed}: {good.Check.Detail}");
             Assert.Contains("each of", good.Check.Detail, StringComparison.Ordinal);
+            // One dirty rate per collect round, beside the round's page count.
+            var rates = Assert.Single(good.Report.Notes, n => n.StartsWith("dirty rate per round", StringComparison.Ordinal));
+            Assert.Equal(good.Report.Get("rounds"), (long)rates[(rates.IndexOf("): ", StringComparison.Ordinal) + 3)..].Split(' ').Length);
             var bad = await RunAsync(new DirtyTrackingRecipe(), "two-calls", seed);
             if (!bad.Check.Passed)
             {

@@ -561,7 +561,14 @@ public sealed partial class Kernel
             throw new InvalidOperationException($"thread {thread.Tid} has exited");
         InjectPoint(thread.Mm);
         if (thread.State == ThreadState.Exited)
-            throw new InvalidOperationException($"thread {thread.Tid} has exited");
+        {
+            // Killed at syscall entry (an injected event, or a preempted thread's allocation
+            // that ran the OOM killer): the fatal signal wins and the call never runs, as
+            // when a SIGKILL is pending on entry. The caller gets an aborted operation.
+            op.Thread = thread;
+            op.Abort();
+            return;
+        }
         thread.Op = op;
         op.Thread = thread;
         thread.RunOp();

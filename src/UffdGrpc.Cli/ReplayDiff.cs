@@ -28,30 +28,16 @@ internal static class ReplayDiff
             await Console.Error.WriteLineAsync($"replay --diff: {path}: no such file or folder").ConfigureAwait(false);
             return 1;
         }
-        int equal = 0, rerun = 0, diverged = 0, skipped = 0;
+        var tally = new DiffTally();
         foreach (var f in files)
         {
             var result = await KernelDiff.RunAsync(Path.GetFileNameWithoutExtension(f), await File.ReadAllTextAsync(f, ct).ConfigureAwait(false), () => new InProcessBackend(model()), ct).ConfigureAwait(false);
             await output.WriteLineAsync(KernelDiff.Format(result)).ConfigureAwait(false);
             await output.FlushAsync(ct).ConfigureAwait(false);
-            switch (result.Outcome)
-            {
-                case DiffOutcome.Equal:
-                    equal++;
-                    break;
-                case DiffOutcome.EqualOnRerun:
-                    rerun++;
-                    break;
-                case DiffOutcome.KernelSkipped:
-                    skipped++;
-                    break;
-                default:
-                    diverged++;
-                    break;
-            }
+            tally.Add(result);
         }
         if (files.Length > 1)
-            await output.WriteLineAsync($"summary: equal={equal + rerun} (on a second kernel run: {rerun}) diverged={diverged} skipped-by-kernel={skipped}").ConfigureAwait(false);
-        return diverged > 0 ? 1 : 0;
+            await output.WriteLineAsync(tally.Summary).ConfigureAwait(false);
+        return tally.Diverged.Count > 0 ? 1 : 0;
     }
 }

@@ -100,31 +100,16 @@ public sealed class KernelBackendSuite(HostProfileFixture host, ITestOutputHelpe
         var why = KuffdHarness.Unavailable();
         Skip.If(why is not null, why);
         Skip.If(ScenarioFolders.Shared is null, "shared/conformance/scenarios not found beside the repository");
-        int equal = 0, rerun = 0, skipped = 0;
-        var diverged = new List<string>();
+        var tally = new DiffTally();
         foreach (var f in Directory.GetFiles(ScenarioFolders.Shared!, "*.scn").Order(StringComparer.Ordinal))
         {
             var r = await KernelDiff.RunAsync(Path.GetFileNameWithoutExtension(f), await File.ReadAllTextAsync(f), () => new InProcessBackend(probed.ToKernel(out _)!));
             output.WriteLine(KernelDiff.Format(r));
-            switch (r.Outcome)
-            {
-                case DiffOutcome.Equal:
-                    equal++;
-                    break;
-                case DiffOutcome.EqualOnRerun:
-                    rerun++;
-                    break;
-                case DiffOutcome.KernelSkipped:
-                    skipped++;
-                    break;
-                default:
-                    diverged.Add(KernelDiff.Format(r));
-                    break;
-            }
+            tally.Add(r);
         }
-        output.WriteLine($"summary: equal={equal + rerun} (on a second kernel run: {rerun}) diverged={diverged.Count} skipped-by-kernel={skipped}");
-        Assert.True(diverged.Count == 0, string.Join("\n", diverged));
-        Assert.True(equal + rerun > 0, "no scenario ran on both backends");
+        output.WriteLine(tally.Summary);
+        Assert.True(tally.Diverged.Count == 0, string.Join("\n", tally.Diverged.Select(KernelDiff.Format)));
+        Assert.True(tally.Equal + tally.EqualOnRerun > 0, "no scenario ran on both backends");
     }
 
     /// <summary>The differential test sees a machine setting the model gets wrong: the probed read-fault zero-page behaviour, inverted.</summary>

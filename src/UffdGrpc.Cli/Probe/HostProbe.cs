@@ -34,36 +34,20 @@ internal static class HostProbe
             foreach (var (name, mode) in HostProfile.RegisterModes)
                 regs[mem + "." + name] = RegisterLine(mem, mode, features);
         }
-        var thp = Bracketed(ReadTrim("/sys/kernel/mm/transparent_hugepage/enabled") ?? "[never]");
+        var thp = Bracketed(KuffdHarness.ReadTrim("/sys/kernel/mm/transparent_hugepage/enabled") ?? "[never]");
         return new HostProfile
         {
-            Source = "host " + (ReadTrim("/proc/sys/kernel/osrelease") ?? "?"),
+            Source = "host " + (KuffdHarness.ReadTrim("/proc/sys/kernel/osrelease") ?? "?"),
             UffdApiFeatures = ScenarioParsing.AltHex(features),
             PagemapScan = PagemapScanWorks(),
             RegisterIoctls = regs,
             SoftDirty = NewVmaIsSoftDirty(),
             MemoryFailure = File.Exists("/proc/sys/vm/memory_failure_recovery"),
             Thp = thp,
-            ThpUseZeroPage = ReadTrim("/sys/kernel/mm/transparent_hugepage/use_zero_page") == "1",
+            ThpUseZeroPage = KuffdHarness.ReadTrim("/sys/kernel/mm/transparent_hugepage/use_zero_page") == "1",
             ReadFaultZeroPage = ReadFaultMapsZeroPage(),
-            Swap = (ReadTrim("/proc/swaps") ?? "").Split('\n', StringSplitOptions.RemoveEmptyEntries).Length > 1,
+            Swap = (KuffdHarness.ReadTrim("/proc/swaps") ?? "").Split('\n', StringSplitOptions.RemoveEmptyEntries).Length > 1,
         };
-    }
-
-    private static string? ReadTrim(string path)
-    {
-        try
-        {
-            return File.ReadAllText(path).Trim();
-        }
-        catch (IOException)
-        {
-            return null;
-        }
-        catch (UnauthorizedAccessException)
-        {
-            return null;
-        }
     }
 
     private static string Bracketed(string s)

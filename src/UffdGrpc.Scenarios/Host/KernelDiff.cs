@@ -15,6 +15,37 @@ public enum DiffOutcome
     KernelSkipped,
 }
 
+/// <summary>The counts of a run of differential results, and its summary line.</summary>
+public sealed class DiffTally
+{
+    public int Equal { get; private set; }
+    public int EqualOnRerun { get; private set; }
+    public int KernelSkipped { get; private set; }
+    public List<DiffResult> Diverged { get; } = [];
+
+    public void Add(DiffResult r)
+    {
+        switch (r.Outcome)
+        {
+            case DiffOutcome.Equal:
+                Equal++;
+                break;
+            case DiffOutcome.EqualOnRerun:
+                EqualOnRerun++;
+                break;
+            case DiffOutcome.KernelSkipped:
+                KernelSkipped++;
+                break;
+            default:
+                Diverged.Add(r);
+                break;
+        }
+    }
+
+    /// <summary>The line <c>replay --diff</c> ends a folder with.</summary>
+    public string Summary => $"summary: equal={Equal + EqualOnRerun} (on a second kernel run: {EqualOnRerun}) diverged={Diverged.Count} skipped-by-kernel={KernelSkipped}";
+}
+
 /// <summary>One scenario's differential result; the line and both texts are those of the first divergence.</summary>
 public sealed record DiffResult(string Name, DiffOutcome Outcome, int Line, string ModelLine, string KernelLine)
 {

@@ -55,7 +55,8 @@ public static class KuffdHarness
         return false;
     }
 
-    private static string? ReadTrim(string path)
+    /// <summary>A host file's text, trimmed, or null when it cannot be read (the probe reads /proc and /sys with it too).</summary>
+    public static string? ReadTrim(string path)
     {
         try
         {

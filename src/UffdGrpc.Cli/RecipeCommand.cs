@@ -1,12 +1,5 @@
 using System.CommandLine;
 using System.Diagnostics;
-using System.Net;
-using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
-using Microsoft.AspNetCore.Server.Kestrel.Core;
-using Microsoft.Extensions.DependencyInjection;
 using UffdGrpc.Recipes;
 
 namespace UffdGrpc.Cli;
@@ -157,27 +150,5 @@ public static class RecipeCommand
     }
 
     /// <summary>Runs <paramref name="fn"/> with the URL of <paramref name="url"/>, or of the real services hosted in-process on a loopback port when null.</summary>
-    private static async Task<int> WithServerAsync(string? url, Func<string, Task<int>> fn)
-    {
-        if (url is not null)
-            return await fn(url).ConfigureAwait(false);
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { ContentRootPath = AppContext.BaseDirectory });
-        builder.Configuration["Logging:LogLevel:Default"] = "Warning";
-        builder.Configuration["Logging:LogLevel:Microsoft.Hosting.Lifetime"] = "Warning";
-        builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Loopback, 0, l => l.Protocols = HttpProtocols.Http2));
-        builder.Services.AddUffdServer();
-        await using var app = builder.Build();
-        app.MapUffdServices();
-        await app.StartAsync().ConfigureAwait(false);
-        try
-        {
-            var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
-            return await fn(address).ConfigureAwait(false);
-        }
-        finally
-        {
-            await app.StopAsync().ConfigureAwait(false);
-        }
-    }
-
+    private static Task<int> WithServerAsync(string? url, Func<string, Task<int>> fn) => InProcessServer.WithUrlAsync(url, fn);
 }

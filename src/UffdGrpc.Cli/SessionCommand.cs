@@ -1,12 +1,5 @@
 using System.CommandLine;
 using System.Globalization;
-using System.Net;
-using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
-using Microsoft.AspNetCore.Server.Kestrel.Core;
-using Microsoft.Extensions.DependencyInjection;
 using UffdGrpc.Client;
 
 namespace UffdGrpc.Cli;
@@ -134,31 +127,10 @@ public static class SessionCommand
     }
 
     /// <summary>Runs <paramref name="fn"/> with a client of <paramref name="url"/>, or of the real services hosted in-process on a loopback port when null.</summary>
-    internal static async Task<T> WithServerAsync<T>(string? url, Func<UffdClient, Task<T>> fn)
-    {
-        if (url is not null)
+    internal static Task<T> WithServerAsync<T>(string? url, Func<UffdClient, Task<T>> fn) =>
+        InProcessServer.WithUrlAsync(url, async address =>
         {
-            using var remote = CliCommands.Connect(url);
-            return await fn(remote).ConfigureAwait(false);
-        }
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { ContentRootPath = AppContext.BaseDirectory });
-        // Only warnings and errors of the hosted server reach the terminal.
-        builder.Configuration["Logging:LogLevel:Default"] = "Warning";
-        builder.Configuration["Logging:LogLevel:Microsoft.Hosting.Lifetime"] = "Warning";
-        builder.WebHost.ConfigureKestrel(k => k.Listen(IPAddress.Loopback, 0, l => l.Protocols = HttpProtocols.Http2));
-        builder.Services.AddUffdServer();
-        await using var app = builder.Build();
-        app.MapUffdServices();
-        await app.StartAsync().ConfigureAwait(false);
-        try
-        {
-            var address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
-            using var client = new UffdClient(address);
+            using var client = url is null ? new UffdClient(address) : CliCommands.Connect(address);
             return await fn(client).ConfigureAwait(false);
-        }
-        finally
-        {
-            await app.StopAsync().ConfigureAwait(false);
-        }
-    }
+        });
 }

@@ -38,10 +38,7 @@ public sealed class BackgroundSnapshotRecipe : Recipe
         var len = (ulong)pages * PageCheck.PageSize;
         var machine = await c.CreateMachineAsync(ct: ct).ConfigureAwait(false);
         var setup = new RecipeSetup(machine.MachineId);
-        var vm = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        var snap = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        (await c.MmapAsync(vm, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (guest RAM)");
-        (await c.MmapAsync(snap, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (snapshot)");
+        var (vm, snap) = await TwoMappedProcessesAsync(c, machine.MachineId, Base, len, "guest RAM", "snapshot", ct).ConfigureAwait(false);
         // The guest ran before the snapshot: some pages written, the others never touched.
         var rng = new Random(unchecked((int)ctx.Options.Seed));
         var touched = Enumerable.Range(0, pages).Where(_ => rng.NextDouble() < 0.6).ToList();

@@ -46,10 +46,7 @@ public sealed class DirtyTrackingRecipe : Recipe
             ? await c.CreateMachineAsync(KernelProfile.V61, softDirty: true, ct: ct).ConfigureAwait(false)
             : await c.CreateMachineAsync(ct: ct).ConfigureAwait(false);
         var setup = new RecipeSetup(machine.MachineId);
-        var src = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        var dst = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        (await c.MmapAsync(src, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (source)");
-        (await c.MmapAsync(dst, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (destination)");
+        var (src, dst) = await TwoMappedProcessesAsync(c, machine.MachineId, Base, len, "source", "destination", ct).ConfigureAwait(false);
         // The guest ran before migration started: every page written once.
         await new ThreadGuest(c).RunAsync(new GuestPlan(src, Base, pages) { Ops = pages, WriteRatio = 1, Pattern = AccessPattern.Sequential }, ct).ConfigureAwait(false);
         setup.State["src"] = src.ToString(CultureInfo.InvariantCulture);

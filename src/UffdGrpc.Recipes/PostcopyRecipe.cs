@@ -39,10 +39,7 @@ public sealed class PostcopyRecipe : Recipe
         var len = (ulong)pages * PageCheck.PageSize;
         var machine = await c.CreateMachineAsync(ct: ct).ConfigureAwait(false);
         var setup = new RecipeSetup(machine.MachineId);
-        var src = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        var dst = await c.CreateMmAsync(machine.MachineId, ct).ConfigureAwait(false);
-        (await c.MmapAsync(src, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (source)");
-        (await c.MmapAsync(dst, Base, len, 3, ct: ct).ConfigureAwait(false)).Expect("mmap (destination)");
+        var (src, dst) = await TwoMappedProcessesAsync(c, machine.MachineId, Base, len, "source", "destination", ct).ConfigureAwait(false);
         var (e, uffd) = await c.CreateUffdAsync(dst, ct: ct).ConfigureAwait(false);
         e.Expect("userfaultfd");
         (await c.ApiAsync(uffd, ct: ct).ConfigureAwait(false)).Errno.Expect("UFFDIO_API");

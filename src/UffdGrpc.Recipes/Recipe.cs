@@ -32,6 +32,19 @@ public abstract class Recipe
 
     /// <summary>The byte-for-byte check once every role ended (the roles' counters and notes in <paramref name="report"/>).</summary>
     public abstract Task<RecipeCheck> CheckAsync(RecipeContext ctx, RecipeSetup setup, RoleReport report, CancellationToken ct);
+
+    /// <summary>
+    /// The two sides of a migration on <paramref name="machine"/>: two processes, each with
+    /// [<paramref name="start"/>, +<paramref name="len"/>) mapped private read-write.
+    /// </summary>
+    protected static async Task<(long A, long B)> TwoMappedProcessesAsync(UffdClient c, long machine, ulong start, ulong len, string aName, string bName, CancellationToken ct)
+    {
+        var a = await c.CreateMmAsync(machine, ct).ConfigureAwait(false);
+        var b = await c.CreateMmAsync(machine, ct).ConfigureAwait(false);
+        (await c.MmapAsync(a, start, len, 3, ct: ct).ConfigureAwait(false)).Expect($"mmap ({aName})");
+        (await c.MmapAsync(b, start, len, 3, ct: ct).ConfigureAwait(false)).Expect($"mmap ({bName})");
+        return (a, b);
+    }
 }
 
 /// <summary>What a run was asked to do (the CLI's options).</summary>

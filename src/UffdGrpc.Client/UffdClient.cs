@@ -100,6 +100,10 @@ public sealed class UffdClient : IDisposable
     public async Task<long> CreateMmAsync(long machineId, CancellationToken ct = default) =>
         (await Mm.CreateMmAsync(new CreateMmRequest { MachineId = machineId }, cancellationToken: ct).ConfigureAwait(false)).Mm.MmId;
 
+    /// <summary>A new address space on <paramref name="backend"/> (MM_BACKEND_KERNEL: real memory in a helper process, when the server enables it).</summary>
+    public async Task<long> CreateMmAsync(long machineId, MmBackend backend, CancellationToken ct = default) =>
+        (await Mm.CreateMmAsync(new CreateMmRequest { MachineId = machineId, Backend = backend }, cancellationToken: ct).ConfigureAwait(false)).Mm.MmId;
+
     public async Task DestroyMmAsync(long mmId, CancellationToken ct = default) =>
         await Mm.DestroyMmAsync(new DestroyMmRequest { MmId = mmId }, cancellationToken: ct).ConfigureAwait(false);
 

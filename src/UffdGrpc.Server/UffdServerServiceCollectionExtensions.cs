@@ -25,6 +25,8 @@ public static class UffdServerServiceCollectionExtensions
             o.Interceptors.Add<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
             o.Interceptors.Add<ServerErrorInterceptor>();
             o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
+            // Routes calls on kernel-backed address spaces (which are never journaled) to their backend.
+            o.Interceptors.Add<UffdGrpc.Server.Hosting.Kernel.KernelBackendInterceptor>();
             // Outside the injection interceptor: a wire rule's decision is a journaled step.
             o.Interceptors.Add<JournalInterceptor>();
             o.Interceptors.Add<InjectionInterceptor>();
@@ -40,6 +42,7 @@ public static class UffdServerServiceCollectionExtensions
         services.TryAddSingleton<UffdGrpc.Server.Telemetry.ServerMetrics>();
         services.AddSingleton<UffdGrpc.Server.Security.Quotas>();
         services.AddSingleton<MachinePersistence>();
+        services.AddSingleton<UffdGrpc.Server.Hosting.Kernel.KernelBackend>();
         // Every section is checked at start (OptionsValidators: each failure names its key and
         // value); a key the section does not have is an error too, so a typo is not ignored.
         services.TryAddEnumerable(ServiceDescriptor.Singleton<IValidateOptions<PersistenceOptions>, OptionsValidators>());
@@ -55,6 +58,7 @@ public static class UffdServerServiceCollectionExtensions
         services.AddOptions<ServerOptions>().BindConfiguration(ServerOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<MetricsOptions>().BindConfiguration(MetricsOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<WatchdogOptions>().BindConfiguration(WatchdogOptions.Section, Strict).ValidateOnStart();
+        services.AddOptions<UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions>().BindConfiguration(UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions.Section, Strict);
         // One message limit for the whole transport: gRPC's per-message limit above is the
         // only bound on a request (a Serve stream's body is as long as the stream lives).
         services.Configure<Microsoft.AspNetCore.Server.Kestrel.Core.KestrelServerOptions>(o => o.Limits.MaxRequestBodySize = null);

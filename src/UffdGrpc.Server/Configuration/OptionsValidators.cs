@@ -40,6 +40,8 @@ internal sealed class OptionsValidators :
         Positive(nameof(o.WorkloadsPerMachine), o.WorkloadsPerMachine);
         Positive(nameof(o.ThreadsPerWorkload), o.ThreadsPerWorkload);
         Positive(nameof(o.WorkloadWritesRecorded), o.WorkloadWritesRecorded);
+        Positive(nameof(o.KernelHelpersPerServer), o.KernelHelpersPerServer);
+        Positive(nameof(o.KernelMmBytes), o.KernelMmBytes);
         if (o.ServerMemoryBytes < 1 << 20)
             errors.Add(Bad(LimitOptions.Section, nameof(o.ServerMemoryBytes), o.ServerMemoryBytes, "must be at least 1 MiB (1048576)"));
         if (o.MaxMachineMemoryBytes < 1 << 20)

@@ -54,6 +54,16 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     /// <summary>Raised for each machine created (before any call can reach it): the metrics subscribe to its kernel's events here.</summary>
     public event Action<MachineHost>? MachineCreated;
 
+    /// <summary>Raised for each machine destroyed, after its ids became unknown (the kernel backend kills its helpers here).</summary>
+    public event Action<MachineHost>? MachineDestroyed;
+
+    /// <summary>Raised once when the host begins to stop, after every waiter was failed.</summary>
+    public event Action? ShutdownStarted;
+
+    /// <summary>The kernel-backed address spaces of <paramref name="host"/> that still have ids.</summary>
+    internal IEnumerable<Kernel.KernelMmEntry> KernelMms(MachineHost host) =>
+        _objects.Values.OfType<Kernel.KernelMmEntry>().Where(m => m.Host == host).OrderBy(m => m.Id);
+
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 
@@ -299,6 +309,7 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
             if (o == host || (o is Entry e && e.Host == host))
                 _objects.TryRemove(id, out _);
         }
+        MachineDestroyed?.Invoke(host);
     }
 
     /// <summary>
@@ -313,6 +324,7 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
         {
             host.LockedEvenIfBroken(() => host.EndWaiters(status));
         }
+        ShutdownStarted?.Invoke();
     }
 
     /// <summary>The status that ends a wait or a stream on <paramref name="host"/> now, or null while it serves.</summary>

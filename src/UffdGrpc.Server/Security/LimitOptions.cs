@@ -35,4 +35,8 @@ public sealed class LimitOptions
     public int ThreadsPerWorkload { get; set; } = 64;
     /// <summary>Writes one guest workload's write record holds (24 bytes each); later writes are counted, not recorded.</summary>
     public int WorkloadWritesRecorded { get; set; } = 1 << 18;
+    /// <summary>Helper processes (kernel-backed address spaces, KernelBackend:Enabled) the whole server runs at once.</summary>
+    public int KernelHelpersPerServer { get; set; } = 16;
+    /// <summary>Bytes one kernel-backed address space may map (real memory of the host: each Mmap past it is refused).</summary>
+    public long KernelMmBytes { get; set; } = 1L << 30;
 }

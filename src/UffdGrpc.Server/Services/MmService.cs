@@ -11,9 +11,9 @@ public sealed class MmService(MachineRegistry registry) : Contracts.V1.MmService
 {
     private const ulong PageSize = Model.Kernel.PageSize;
 
-    private static MmInfo Info(MmEntry e) => e.Host.Kernel.Locked(() =>
+    internal static MmInfo Info(MmEntry e) => e.Host.Kernel.Locked(() =>
     {
-        var info = new MmInfo { MmId = e.Id, MachineId = e.Host.Id, Exited = e.Mm.Exited, VmaCount = e.Mm.Vmas.Count, BlocktimeNs = (long)(e.Mm.Blocktime.Ticks * 100) };
+        var info = new MmInfo { MmId = e.Id, MachineId = e.Host.Id, Exited = e.Mm.Exited, VmaCount = e.Mm.Vmas.Count, BlocktimeNs = (long)(e.Mm.Blocktime.Ticks * 100), Backend = MmBackend.Model };
         info.ThreadIds.AddRange(e.Host.ThreadIds.Where(p => p.Key.Mm == e.Mm).Select(p => p.Value).Order());
         return info;
     });

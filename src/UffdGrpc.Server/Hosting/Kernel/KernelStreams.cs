@@ -1,0 +1,155 @@
+using Grpc.Core;
+using UffdGrpc.Contracts.V1;
+using UffdGrpc.Server.Mapping;
+
+namespace UffdGrpc.Server.Hosting.Kernel;
+
+/// <summary>The handler streams on a kernel-backed uffd: ReadEvents and Serve carry the real uffd_msgs the helper read.</summary>
+public sealed partial class KernelBackend
+{
+    private static async Task WriteOrEndAsync<T>(IServerStreamWriter<T> stream, T message, CancellationToken ct)
+    {
+        try
+        {
+            await stream.WriteAsync(message, ct).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ex is InvalidOperationException or IOException || (ct.IsCancellationRequested && ex is not OperationCanceledException))
+        {
+            throw new RpcException(new Status(StatusCode.Cancelled, "the call ended while a message was being written", ex));
+        }
+    }
+
+    /// <summary>One message per response, as the kernel queued them; the stream ends when the uffd is closed or its address space destroyed.</summary>
+    internal async Task ReadEvents(ReadEventsRequest request, IServerStreamWriter<ReadEventsResponse> responseStream, ServerCallContext context)
+    {
+        var u = Get<KernelUffdEntry>(request.UffdId, "uffd_id");
+        using var lease = _registry.Quotas.OpenStream();
+        var ct = context.CancellationToken;
+        await context.WriteResponseHeadersAsync([]).ConfigureAwait(false);
+        while (true)
+        {
+            ct.ThrowIfCancellationRequested();
+            var (msgs, wait) = Take(u, 1);
+            if (msgs is not null)
+            {
+                await WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msgs[0] }, ct).ConfigureAwait(false);
+                continue;
+            }
+            if (wait is null)
+                return;
+            await wait.WaitAsync(ct).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// The batched handler stream: one loop sends the messages (many per response); the
+    /// requests' resolutions run in order and are answered one response per request.
+    /// </summary>
+    internal async Task Serve(ServeRequest first, IAsyncStreamReader<ServeRequest> requestStream, IServerStreamWriter<ServeResponse> responseStream, ServerCallContext context)
+    {
+        var ct = context.CancellationToken;
+        var u = Get<KernelUffdEntry>(first.UffdId, "uffd_id");
+        using var lease = _registry.Quotas.OpenStream();
+        RequestErrors.Require(first.MaxMessages <= 1024, "max_messages", "0 (the default, 64) to 1024");
+        var max = first.MaxMessages == 0 ? 64 : (int)first.MaxMessages;
+        using var writeGate = new SemaphoreSlim(1, 1);
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+
+        async Task WriteAsync(ServeResponse r)
+        {
+            await writeGate.WaitAsync(ct).ConfigureAwait(false);
+            try
+            {
+                await WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                writeGate.Release();
+            }
+        }
+
+        async Task ResolveAsync(ServeRequest req)
+        {
+            if (req.UffdId != 0 && req.UffdId != u.Id)
+                throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
+            if (req.Resolutions.Count == 0)
+                return;
+            var response = new ServeResponse();
+            response.Results.AddRange((await RunBatchAsync(u, req.Resolutions).ConfigureAwait(false)).Results);
+            await WriteAsync(response).ConfigureAwait(false);
+        }
+
+        async Task ReadLoopAsync()
+        {
+            var token = stop.Token;
+            while (!token.IsCancellationRequested)
+            {
+                var (msgs, wait) = Take(u, max);
+                if (msgs is not null)
+                {
+                    var r = new ServeResponse();
+                    r.Messages.AddRange(msgs);
+                    await WriteAsync(r).ConfigureAwait(false);
+                    continue;
+                }
+                if (wait is null)
+                    return;
+                await wait.WaitAsync(token).ConfigureAwait(false);
+            }
+        }
+
+        var reader = ReadLoopAsync();
+        using var requests = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        try
+        {
+            await ResolveAsync(first).ConfigureAwait(false);
+            while (true)
+            {
+                var next = requestStream.MoveNext(requests.Token);
+                var done = await Task.WhenAny(next, reader).ConfigureAwait(false);
+                if (done == reader)
+                {
+                    await requests.CancelAsync().ConfigureAwait(false);
+                    try
+                    {
+                        await next.ConfigureAwait(false);
+                    }
+                    catch (OperationCanceledException)
+                    {
+                        // The pending read ended with the call.
+                    }
+                    await reader.ConfigureAwait(false);
+                    return;
+                }
+                if (!await next.ConfigureAwait(false))
+                    break;
+                await ResolveAsync(requestStream.Current).ConfigureAwait(false);
+            }
+            await reader.ConfigureAwait(false);
+        }
+        finally
+        {
+            await stop.CancelAsync().ConfigureAwait(false);
+            try
+            {
+                await reader.ConfigureAwait(false);
+            }
+            catch (Exception) when (stop.IsCancellationRequested)
+            {
+                // The reader ended with the call.
+            }
+        }
+    }
+
+    /// <summary>ListMms of a machine that holds kernel-backed address spaces: the model's and the kernel's, in id order.</summary>
+    internal ListMmsResponse ListMms(ListMmsRequest request, Func<long, MmInfo> modelInfo)
+    {
+        var h = _registry.Machine(request.MachineId);
+        var kernel = MmsOf(h).ToDictionary(m => m.Id);
+        var ids = h.Kernel.Locked(() => h.MmIds.Values.ToList()).Concat(kernel.Keys).Order().ToList();
+        var (page, next) = Paging.Take(ids, id => id, request.PageSize, request.PageToken);
+        var r = new ListMmsResponse { NextPageToken = next };
+        r.Mms.AddRange(page.Select(id => kernel.TryGetValue(id, out var k) ? Info(k) : modelInfo(id)));
+        return r;
+    }
+}

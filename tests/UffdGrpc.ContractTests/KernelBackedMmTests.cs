@@ -23,6 +23,7 @@ public sealed class KernelBackendOffFixture : GrpcTestFixture;
 /// fields as the model, and the refusals. Skipped, with the reason, where the host cannot run
 /// the backend (no userfaultfd for the server's user, no gcc).
 /// </summary>
+[Collection("kernel-backend")]
 public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelper output) : IClassFixture<KernelBackendFixture>
 {
     /// <summary>Far below the helper's own mappings (its PIE binary and libraries lie near 0x55.. and 0x7f..).</summary>
@@ -42,32 +43,6 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
 
     private static Task<AccessResponse> AccessCall(UffdClient c, long thread, AccessOp op, CancellationToken ct = default) =>
         c.Threads.AccessAsync(new AccessRequest { ThreadId = thread, Access = op }, cancellationToken: ct).ResponseAsync;
-
-    /// <summary>The pids of the uffd-helper children of this process.</summary>
-    private static HashSet<int> HelperPids()
-    {
-        var me = Environment.ProcessId;
-        var pids = new HashSet<int>();
-        foreach (var dir in Directory.EnumerateDirectories("/proc"))
-        {
-            if (!int.TryParse(Path.GetFileName(dir), out var pid))
-                continue;
-            try
-            {
-                var stat = File.ReadAllText(Path.Combine(dir, "stat"));
-                var close = stat.LastIndexOf(')');
-                var comm = stat[(stat.IndexOf('(') + 1)..close];
-                var ppid = int.Parse(stat[(close + 2)..].Split(' ')[1], System.Globalization.CultureInfo.InvariantCulture);
-                if (comm == "uffd-helper" && ppid == me)
-                    pids.Add(pid);
-            }
-            catch (IOException)
-            {
-                // The process ended while we looked.
-            }
-        }
-        return pids;
-    }
 
     [SkippableFact]
     public async Task A_write_to_a_write_protected_page_sleeps_in_the_kernel_until_a_ReadEvents_handler_unprotects_it()

@@ -46,7 +46,7 @@ public sealed partial class KernelBackend
         }
         catch (HelperGoneException ex)
         {
-            throw Unusable(mm) ?? RequestErrors.Precondition("MM_BROKEN", ex.Message);
+            throw Unusable(mm) ?? RequestErrors.Precondition("MM_BROKEN", $"kernel-backed address space {mm.Id} is broken: {ex.Message}");
         }
     }
 
@@ -300,7 +300,7 @@ public sealed partial class KernelBackend
                 result.Aborted = true;
                 return new AccessResponse { Result = result };
             }
-            throw Unusable(mm) ?? RequestErrors.Precondition("MM_BROKEN", ex.Message);
+            throw Unusable(mm) ?? RequestErrors.Precondition("MM_BROKEN", $"kernel-backed address space {mm.Id} is broken: {ex.Message}");
         }
         result.Signal = r.R[0] switch
         {

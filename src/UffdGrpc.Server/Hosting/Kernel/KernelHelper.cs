@@ -204,9 +204,10 @@ internal sealed class KernelHelper : IDisposable
                     why = $"the kernel helper (pid {Pid}) exited with status {_process.ExitCode}{(ex is InvalidDataException ? ": " + ex.Message : "")}{(_stderr.Length > 0 ? ": " + _stderr.ToString().Trim() : "")}";
             }
             _gone = why;
+            // The address space learns first (broken, or destroyed), so the failed calls report it.
+            OnGone?.Invoke(_killed, why);
             _hello.TrySetException(new HelperGoneException(why));
             Fail();
-            OnGone?.Invoke(_killed, why);
         }
     }
 

@@ -1,0 +1,236 @@
+using UffdGrpc.Server.Hosting.Kernel;
+
+namespace UffdGrpc.ContractTests;
+
+/// <summary>With the kernel backend off (the default), CreateMm with MM_BACKEND_KERNEL is refused and says how to enable it.</summary>
+public sealed class KernelBackendOffTests(KernelBackendOffFixture fx) : IClassFixture<KernelBackendOffFixture>
+{
+    [Fact]
+    public async Task A_kernel_backed_address_space_is_refused_unless_the_server_enables_the_backend()
+    {
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var ex = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, MmBackend.Kernel));
+            Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+            Assert.Contains("KernelBackend:Enabled=true", ex.Status.Detail, StringComparison.Ordinal);
+            Assert.Empty((await c.GetMachineAsync(m)).MmIds);
+            var bad = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, (MmBackend)7));
+            Assert.Equal(StatusCode.InvalidArgument, bad.StatusCode);
+            // The model's backend, named or not, is what it always was.
+            var mm = await c.CreateMmAsync(m, MmBackend.Model);
+            Assert.Equal(MmBackend.Model, (await c.Mm.GetMmAsync(new GetMmRequest { MmId = mm })).Mm.Backend);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+    }
+}
+
+/// <summary>
+/// Kernel-backed address spaces: calls they do not serve, their limits, and their helper's
+/// life (killed and reaped with the address space or the machine; a crash breaks the address
+/// space and fails its waiters). Skipped, with the reason, where the host cannot run the backend.
+/// </summary>
+[Collection("kernel-backend")]
+public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.Abstractions.ITestOutputHelper output) : IClassFixture<KernelBackendFixture>
+{
+    private const ulong X = 0x1000_0000_0000;
+    private static readonly TimeSpan s_wait = TimeSpan.FromSeconds(20);
+
+    private void SkipUnlessHostCanRun()
+    {
+        var why = KernelBackend.HostUnavailable();
+        if (why is not null)
+            output.WriteLine("skipped: " + why);
+        Skip.If(why is not null, why);
+    }
+
+    /// <summary>The pids of this process's uffd-helper children.</summary>
+    private static HashSet<int> HelperPids()
+    {
+        var pids = new HashSet<int>();
+        foreach (var dir in Directory.EnumerateDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(dir), out var pid))
+                continue;
+            try
+            {
+                var stat = File.ReadAllText(Path.Combine(dir, "stat"));
+                var close = stat.LastIndexOf(')');
+                var ppid = int.Parse(stat[(close + 2)..].Split(' ')[1], System.Globalization.CultureInfo.InvariantCulture);
+                if (stat[(stat.IndexOf('(') + 1)..close] == "uffd-helper" && ppid == Environment.ProcessId)
+                    pids.Add(pid);
+            }
+            catch (IOException)
+            {
+                // It ended while we looked.
+            }
+        }
+        return pids;
+    }
+
+    /// <summary>A kernel-backed address space and the pid of its helper.</summary>
+    private static async Task<(long Mm, int Pid)> CreateKernelMmAsync(UffdClient c, long machine)
+    {
+        var before = HelperPids();
+        var mm = await c.CreateMmAsync(machine, MmBackend.Kernel);
+        return (mm, Assert.Single(HelperPids().Except(before)));
+    }
+
+    /// <summary>A thread of <paramref name="mm"/> asleep in a real userfault (a MISSING fault nobody resolves), and its pending Access.</summary>
+    private static async Task<Task<AccessResponse>> BlockedAccessAsync(UffdClient c, long mm)
+    {
+        Assert.True((await c.MmapAsync(mm, X, Page, 3)).IsOk());
+        var t = (await c.CreateThreadAsync(mm)).ThreadId;
+        var (_, u) = await c.CreateUffdAsync(mm);
+        Assert.True((await c.ApiAsync(u)).Errno.IsOk());
+        Assert.True((await c.RegisterAsync(u, X, Page, 1)).Errno.IsOk());
+        var access = c.Threads.AccessAsync(new AccessRequest { ThreadId = t, Access = UffdClient.Touch(X, write: false) }).ResponseAsync;
+        using var cts = new CancellationTokenSource(s_wait);
+        while ((await c.GetThreadAsync(t)).State != ThreadState.BlockedInUserfault)
+            await Task.Delay(10, cts.Token);
+        return access;
+    }
+
+    private static void AssertRefused(RpcException ex, string method)
+    {
+        Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+        Assert.Contains(method, ex.Status.Detail, StringComparison.Ordinal);
+        Assert.Contains("kernel-backed", ex.Status.Detail, StringComparison.Ordinal);
+    }
+
+    [SkippableFact]
+    public async Task Calls_the_kernel_backend_does_not_serve_are_refused_by_name_and_change_nothing()
+    {
+        SkipUnlessHostCanRun();
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
+            var t = (await c.CreateThreadAsync(mm)).ThreadId;
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ForkAsync(mm)), "MmService/Fork");
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ListVmasAsync(mm)), "MmService/ListVmas");
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ExportMmAsync(mm)), "MmService/ExportMm");
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.StartOpAsync(t, new ThreadOp { Access = UffdClient.Touch(X, write: false) })), "ThreadService/StartOp");
+            var file = await c.CreateFileAsync(m, "f", shmem: true, Page);
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, X, Page, 3, shared: true, fileId: file.FileId)), "Mmap of a file");
+            var own = await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, 0x7e00_0000_0000, Page, 3));
+            Assert.Equal(StatusCode.InvalidArgument, own.StatusCode);
+            // Nothing was mapped by any of them.
+            Assert.False((await c.PagemapAsync(mm, X, 1))[0].Present);
+            Assert.True((await c.MmapAsync(mm, X, Page, 3)).IsOk());
+            var listed = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = m });
+            Assert.Equal(MmBackend.Kernel, Assert.Single(listed.Mms).Backend);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+        Assert.Empty(fx.Errors);
+    }
+
+    [SkippableFact]
+    public async Task Mapped_bytes_per_address_space_and_helpers_per_server_are_limited()
+    {
+        SkipUnlessHostCanRun();
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
+            Assert.True((await c.MmapAsync(mm, X, 1 << 20, 3)).IsOk());
+            var ex = await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, X + (1 << 20), Page, 3));
+            Assert.Equal(StatusCode.ResourceExhausted, ex.StatusCode);
+            Assert.Contains("KernelMmBytes", ex.Status.Detail, StringComparison.Ordinal);
+            Assert.False((await c.PagemapAsync(mm, X + (1 << 20), 1))[0].Present);
+            Assert.True((await c.MunmapAsync(mm, X, Page)).IsOk());
+            Assert.True((await c.MmapAsync(mm, X + (1 << 20), Page, 3)).IsOk());
+
+            await c.CreateMmAsync(m, MmBackend.Kernel);
+            var third = await c.CreateMmAsync(m, MmBackend.Kernel);
+            var limit = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, MmBackend.Kernel));
+            Assert.Equal(StatusCode.ResourceExhausted, limit.StatusCode);
+            Assert.Contains("KernelHelpersPerServer", limit.Status.Detail, StringComparison.Ordinal);
+            await c.DestroyMmAsync(third);
+            await c.CreateMmAsync(m, MmBackend.Kernel);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+    }
+
+    [SkippableFact]
+    public async Task DestroyMm_kills_and_reaps_the_helper_and_ends_an_access_asleep_in_a_userfault()
+    {
+        SkipUnlessHostCanRun();
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var (mm, pid) = await CreateKernelMmAsync(c, m);
+            var access = await BlockedAccessAsync(c, mm);
+            Assert.False(access.IsCompleted);
+            await c.DestroyMmAsync(mm);
+            var r = (await access.WaitAsync(s_wait)).Result;
+            Assert.True(r.Aborted);
+            Assert.False(Directory.Exists($"/proc/{pid}"), $"helper {pid} is still there after DestroyMm");
+            Assert.True((await c.Mm.GetMmAsync(new GetMmRequest { MmId = mm })).Mm.Exited);
+            var after = await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, X, Page, 3));
+            Assert.Equal(StatusCode.FailedPrecondition, after.StatusCode);
+
+            // The machine's end kills the helpers it still has.
+            var (_, pid2) = await CreateKernelMmAsync(c, m);
+            await c.DestroyMachineAsync(m);
+            Assert.False(Directory.Exists($"/proc/{pid2}"), $"helper {pid2} is still there after DestroyMachine");
+        }
+        finally
+        {
+            await DestroyIfThere(c, m);
+        }
+        Assert.Empty(fx.Errors);
+    }
+
+    [SkippableFact]
+    public async Task A_helper_that_dies_breaks_its_address_space_and_fails_its_waiters()
+    {
+        SkipUnlessHostCanRun();
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var (mm, pid) = await CreateKernelMmAsync(c, m);
+            var access = await BlockedAccessAsync(c, mm);
+            System.Diagnostics.Process.GetProcessById(pid).Kill();
+            var ex = await Assert.ThrowsAsync<RpcException>(() => access.WaitAsync(s_wait));
+            Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+            Assert.Contains("broken", ex.Status.Detail, StringComparison.Ordinal);
+            Assert.True((await c.Mm.GetMmAsync(new GetMmRequest { MmId = mm })).Mm.Exited);
+            var later = await Assert.ThrowsAsync<RpcException>(() => c.CreateThreadAsync(mm));
+            Assert.Contains("broken", later.Status.Detail, StringComparison.Ordinal);
+            using var cts = new CancellationTokenSource(s_wait);
+            while (Directory.Exists($"/proc/{pid}"))
+                await Task.Delay(10, cts.Token);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+    }
+
+    private static async Task DestroyIfThere(UffdClient c, long m)
+    {
+        try
+        {
+            await c.DestroyMachineAsync(m);
+        }
+        catch (RpcException e) when (e.StatusCode == StatusCode.NotFound)
+        {
+            // Already destroyed by the test.
+        }
+    }
+}

@@ -60,10 +60,6 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     /// <summary>Raised once when the host begins to stop, after every waiter was failed.</summary>
     public event Action? ShutdownStarted;
 
-    /// <summary>The kernel-backed address spaces of <paramref name="host"/> that still have ids.</summary>
-    internal IEnumerable<Kernel.KernelMmEntry> KernelMms(MachineHost host) =>
-        _objects.Values.OfType<Kernel.KernelMmEntry>().Where(m => m.Host == host).OrderBy(m => m.Id);
-
     /// <summary>The live machines the current caller may see, in id order.</summary>
     public IEnumerable<MachineHost> Machines => _machines.Values.Where(m => m.VisibleTo(Security.Caller.Principal)).OrderBy(m => m.Id);
 

@@ -32,6 +32,8 @@ public sealed partial class KernelBackend : IDisposable
     private readonly KernelBackendOptions _options;
     private readonly ILogger<KernelBackend> _logger;
     private readonly ConcurrentDictionary<long, KernelMmEntry> _live = new();
+    /// <summary>Every kernel-backed address space whose id is known (live, exited or broken), until its machine goes.</summary>
+    private readonly ConcurrentDictionary<long, KernelMmEntry> _known = new();
     private int _helpers;
 
     public KernelBackend(MachineRegistry registry, IOptions<KernelBackendOptions> options, ILogger<KernelBackend> logger)
@@ -41,8 +43,11 @@ public sealed partial class KernelBackend : IDisposable
         _logger = logger;
         registry.MachineDestroyed += host =>
         {
-            foreach (var mm in _live.Values.Where(m => m.Host == host))
+            foreach (var mm in _known.Values.Where(m => m.Host == host))
+            {
                 Destroy(mm);
+                _known.TryRemove(mm.Id, out _);
+            }
         };
         registry.ShutdownStarted += Dispose;
     }
@@ -55,8 +60,11 @@ public sealed partial class KernelBackend : IDisposable
     /// <summary>Helper processes running now.</summary>
     public int Helpers => Volatile.Read(ref _helpers);
 
-    /// <summary>The kernel-backed address spaces of <paramref name="host"/> (live or exited, not yet forgotten).</summary>
-    internal IEnumerable<KernelMmEntry> MmsOf(MachineHost host) => _registry.KernelMms(host);
+    /// <summary>Whether any kernel-backed address space has an id (else no call can name one: the router lets every call through untouched).</summary>
+    internal bool Any => !_known.IsEmpty;
+
+    /// <summary>The kernel-backed address spaces of <paramref name="host"/> (live, exited or broken), in id order.</summary>
+    internal IEnumerable<KernelMmEntry> MmsOf(MachineHost host) => _known.Values.Where(m => m.Host == host).OrderBy(m => m.Id);
 
     /// <summary>
     /// CreateMm with MM_BACKEND_KERNEL: starts a helper. FAILED_PRECONDITION when the backend
@@ -93,6 +101,7 @@ public sealed partial class KernelBackend : IDisposable
         helper.OnEvent = (handle, bytes) => OnEvent(mm, handle, bytes);
         helper.OnGone = (killed, reason) => OnGone(mm, killed, reason);
         _live[mm.Id] = mm;
+        _known[mm.Id] = mm;
         Log.HelperStarted(_logger, mm.Id, helper.Pid);
         if (host.Destroyed || _registry.ShuttingDown)
         {

@@ -59,7 +59,7 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
     /// <summary>The object of a kernel-backed address space the request names by a top-level *_id field (machine_id aside), if any.</summary>
     private KernelEntry? KernelNamedBy(object request)
     {
-        if (request is not IMessage m)
+        if (!backend.Any || request is not IMessage m)
             return null;
         foreach (var f in m.Descriptor.Fields.InFieldNumberOrder())
         {
@@ -109,6 +109,11 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
 
     public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
     {
+        if (!backend.Any)
+        {
+            await continuation(requestStream, responseStream, context).ConfigureAwait(false);
+            return;
+        }
         // The first message names the uffd: read it here, then hand the whole stream on.
         if (!await requestStream.MoveNext(context.CancellationToken).ConfigureAwait(false))
         {

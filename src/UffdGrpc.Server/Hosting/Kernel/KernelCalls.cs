@@ -295,6 +295,8 @@ public sealed partial class KernelBackend
         }
         catch (HelperGoneException ex)
         {
+            if (_registry.Unusable(mm.Host) is { } gone)
+                throw gone;
             if (mm.Exited)
             {
                 result.Aborted = true;

@@ -58,7 +58,7 @@ public static class UffdServerServiceCollectionExtensions
         services.AddOptions<ServerOptions>().BindConfiguration(ServerOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<MetricsOptions>().BindConfiguration(MetricsOptions.Section, Strict).ValidateOnStart();
         services.AddOptions<WatchdogOptions>().BindConfiguration(WatchdogOptions.Section, Strict).ValidateOnStart();
-        services.AddOptions<UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions>().BindConfiguration(UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions.Section, Strict);
+        services.AddOptions<UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions>().BindConfiguration(UffdGrpc.Server.Hosting.Kernel.KernelBackendOptions.Section, Strict).ValidateOnStart();
         // One message limit for the whole transport: gRPC's per-message limit above is the
         // only bound on a request (a Serve stream's body is as long as the stream lives).
         services.Configure<Microsoft.AspNetCore.Server.Kestrel.Core.KestrelServerOptions>(o => o.Limits.MaxRequestBodySize = null);

@@ -123,8 +123,14 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             // Nothing was mapped by any of them.
             Assert.False((await c.PagemapAsync(mm, X, 1))[0].Present);
             Assert.True((await c.MmapAsync(mm, X, Page, 3)).IsOk());
+            var model = await c.CreateMmAsync(m);
             var listed = await c.Mm.ListMmsAsync(new ListMmsRequest { MachineId = m });
-            Assert.Equal(MmBackend.Kernel, Assert.Single(listed.Mms).Backend);
+            Assert.Equal(new[] { mm, model }.Order(), listed.Mms.Select(i => i.MmId));
+            Assert.Equal(MmBackend.Kernel, listed.Mms.Single(i => i.MmId == mm).Backend);
+            Assert.Equal(MmBackend.Model, listed.Mms.Single(i => i.MmId == model).Backend);
+            var threads = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = mm });
+            Assert.Equal(t, Assert.Single(threads.Threads).ThreadId);
+            Assert.Equal(ThreadState.Idle, threads.Threads[0].State);
         }
         finally
         {

@@ -175,6 +175,11 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
         log.Add("write p2 " + Res((await write.WaitAsync(s_wait)).Result));
         log.Add("pagemap " + Pm(await c.PagemapAsync(mm, X, 4)));
         log.Add("wake " + await c.WakeAsync(u, X, Page));
+        log.Add("continue " + await c.ContinueAsync(u, X + (3 * Page), Page));
+        log.Add("poison present " + await c.PoisonAsync(u, X + Page, Page));
+        log.Add("move without the feature " + await c.MoveAsync(u, X + (3 * Page), X + (2 * Page), Page));
+        var resolve = await c.Uffd.ResolveAsync(new ResolveRequest { UffdId = u, Resolutions = { ServeSession.Wake(X, tag: 1), ServeSession.Zeropage(X + Page, tag: 2) } });
+        log.Add("resolve " + string.Join(' ', resolve.Results.Select(r => $"{r.Tag}:{r.Errno}:{r.Field}")));
         log.Add("unregister " + await c.UnregisterAsync(u, X + (3 * Page), Page));
         log.Add("copy unregistered " + await c.CopyAsync(u, X + (3 * Page), page));
         log.Add("zeropage unregistered " + await c.ZeropageAsync(u, X + (3 * Page), Page));

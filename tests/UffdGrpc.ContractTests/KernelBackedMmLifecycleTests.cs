@@ -48,9 +48,10 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
         Skip.If(why is not null, why);
     }
 
-    /// <summary>The pids of this process's uffd-helper children.</summary>
-    private static HashSet<int> HelperPids()
+    /// <summary>The pids of the uffd-helper children of <paramref name="parent"/> (this process by default).</summary>
+    private static HashSet<int> HelperPids(int parent = 0)
     {
+        parent = parent == 0 ? Environment.ProcessId : parent;
         var pids = new HashSet<int>();
         foreach (var dir in Directory.EnumerateDirectories("/proc"))
         {
@@ -61,7 +62,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
                 var stat = File.ReadAllText(Path.Combine(dir, "stat"));
                 var close = stat.LastIndexOf(')');
                 var ppid = int.Parse(stat[(close + 2)..].Split(' ')[1], System.Globalization.CultureInfo.InvariantCulture);
-                if (stat[(stat.IndexOf('(') + 1)..close] == "uffd-helper" && ppid == Environment.ProcessId)
+                if (stat[(stat.IndexOf('(') + 1)..close] == "uffd-helper" && ppid == parent)
                     pids.Add(pid);
             }
             catch (IOException)
@@ -226,6 +227,23 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
         {
             await c.DestroyMachineAsync(m);
         }
+    }
+
+    [SkippableFact]
+    public async Task A_stopping_server_kills_its_helpers_and_ends_their_sleeping_accesses_with_UNAVAILABLE()
+    {
+        SkipUnlessHostCanRun();
+        await using var server = await ServerProcess.StartAsync(new Dictionary<string, string> { ["KernelBackend__Enabled"] = "true" });
+        using var c = new UffdClient(server.Address);
+        var m = (await c.CreateMachineAsync()).MachineId;
+        var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
+        var pid = Assert.Single(HelperPids(server.Pid));
+        var access = await BlockedAccessAsync(c, mm);
+        var took = await server.TerminateAsync(TimeSpan.FromSeconds(10));
+        Assert.True(took < TimeSpan.FromSeconds(5), $"the server took {took.TotalSeconds:F1} s to exit");
+        var ex = await Assert.ThrowsAsync<RpcException>(() => access);
+        Assert.Equal(StatusCode.Unavailable, ex.StatusCode);
+        Assert.False(Directory.Exists($"/proc/{pid}"), $"helper {pid} outlived its server");
     }
 
     private static async Task DestroyIfThere(UffdClient c, long m)

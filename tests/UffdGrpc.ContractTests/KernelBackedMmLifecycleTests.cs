@@ -116,7 +116,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ForkAsync(mm)), "MmService/Fork");
             AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ListVmasAsync(mm)), "MmService/ListVmas");
             AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.ExportMmAsync(mm)), "MmService/ExportMm");
-            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.StartOpAsync(t, new ThreadOp { Access = UffdClient.Touch(X, write: false) })), "ThreadService/StartOp");
+            AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.StartOpAsync(t, new ThreadOp { Madvise = new MadviseOp { Start = X, Len = Page, Advice = 4 } })), "StartOp of Madvise");
             var file = await c.CreateFileAsync(m, "f", shmem: true, Page);
             AssertRefused(await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, X, Page, 3, shared: true, fileId: file.FileId)), "Mmap of a file");
             var own = await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, 0x7e00_0000_0000, Page, 3));

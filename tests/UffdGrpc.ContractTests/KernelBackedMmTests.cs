@@ -134,6 +134,53 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
         Assert.Empty(fx.Errors);
     }
 
+    [SkippableFact]
+    public async Task StartOp_results_come_from_WaitOp_or_TakeCompletions()
+    {
+        SkipUnlessHostCanRun();
+        var c = fx.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
+            Assert.True((await c.MmapAsync(mm, X, 2 * Page, Rw)).IsOk());
+            var t = (await c.CreateThreadAsync(mm)).ThreadId;
+            var (_, u) = await c.CreateUffdAsync(mm);
+            Assert.True((await c.ApiAsync(u)).Errno.IsOk());
+            Assert.True((await c.RegisterAsync(u, X, Page, Missing)).Errno.IsOk());
+            // An access asleep in a userfault: started, busy, then woken by a ZEROPAGE.
+            var started = await c.StartOpAsync(t, new ThreadOp { Access = UffdClient.Touch(X + 1, write: true, value: 5) });
+            var (_, msg) = await c.ReadMessageAsync(u);
+            Assert.Equal(X, msg!.Pagefault.Address);
+            var busy = await Assert.ThrowsAsync<RpcException>(() => c.StartOpAsync(t, new ThreadOp { Access = UffdClient.Touch(X, write: false) }));
+            Assert.Equal(StatusCode.FailedPrecondition, busy.StatusCode);
+            Assert.Equal(started.OpId, (await c.GetThreadAsync(t)).OpId);
+            Assert.True((await c.ZeropageAsync(u, X, Page)).Errno.IsOk());
+            var waited = await c.WaitOpAsync(started.OpId).WaitAsync(s_wait);
+            Assert.Equal(started.OpId, waited.OpId);
+            Assert.Equal(1u, waited.Done);
+            // A second one, drained by TakeCompletions (and then forgotten).
+            var second = await c.StartOpAsync(t, new ThreadOp { Access = UffdClient.Touch(X + Page, write: false) });
+            using var cts = new CancellationTokenSource(s_wait);
+            var drained = new List<ThreadOpResult>();
+            while (drained.Count == 0)
+            {
+                drained.AddRange(await c.TakeCompletionsAsync(m, cts.Token));
+                await Task.Delay(10, cts.Token);
+            }
+            var r = Assert.Single(drained);
+            Assert.Equal(second.OpId, r.OpId);
+            Assert.Equal(1u, r.Done);
+            var gone = await Assert.ThrowsAsync<RpcException>(() => c.WaitOpAsync(second.OpId));
+            Assert.Equal(StatusCode.NotFound, gone.StatusCode);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+        Assert.Empty(fx.Errors);
+    }
+
     /// <summary>One sequence of calls, printed one line per outcome (errnos, result fields, pagemap bits, event fields).</summary>
     private static async Task<List<string>> SequenceAsync(UffdClient c, long mm)
     {

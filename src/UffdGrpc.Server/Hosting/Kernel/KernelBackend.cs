@@ -48,6 +48,7 @@ public sealed partial class KernelBackend : IDisposable
                 Destroy(mm);
                 _known.TryRemove(mm.Id, out _);
             }
+            _completions.TryRemove(host.Id, out _);
         };
         registry.ShutdownStarted += Dispose;
     }

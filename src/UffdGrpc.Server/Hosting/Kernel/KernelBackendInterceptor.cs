@@ -40,6 +40,8 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
         ["/uffd.v1.ThreadService/GetThread"] = Sync<GetThreadRequest>((b, r) => b.GetThread(r)),
         ["/uffd.v1.ThreadService/ListThreads"] = Sync<ListThreadsRequest>((b, r) => b.ListThreads(r)),
         ["/uffd.v1.ThreadService/Access"] = (b, r, c) => Up(b.Access((AccessRequest)r, c)),
+        ["/uffd.v1.ThreadService/StartOp"] = Sync<StartOpRequest>((b, r) => b.StartOp(r)),
+        ["/uffd.v1.ThreadService/WaitOp"] = (b, r, c) => Up(b.WaitOp((WaitOpRequest)r, c)),
         ["/uffd.v1.UserfaultfdService/Userfaultfd"] = Async<UserfaultfdRequest>((b, r) => Up(b.Userfaultfd(r))),
         ["/uffd.v1.UserfaultfdService/UffdioApi"] = Async<UffdioApiRequest>((b, r) => Up(b.UffdioApi(r))),
         ["/uffd.v1.UserfaultfdService/UffdioRegister"] = Async<UffdioRegisterRequest>((b, r) => Up(b.UffdioRegister(r))),
@@ -87,6 +89,11 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
                 break;
             case ListMmsRequest lm when registry.TryGetMachine(lm.MachineId) is { } h && backend.MmsOf(h).Any():
                 return (TResponse)(object)backend.ListMms(lm, id => Services.MmService.Info(registry.Mm(id)));
+            case TakeCompletionsRequest tc when backend.Any && registry.TryGetMachine(tc.MachineId) is { } h:
+                // The model's results, then the kernel-backed threads' (each in completion order).
+                var taken = (TakeCompletionsResponse)(object)(await continuation(request, context).ConfigureAwait(false))!;
+                taken.Results.AddRange(backend.TakeCompletions(h));
+                return (TResponse)(object)taken;
         }
         if (KernelNamedBy(request) is not { } e)
             return await continuation(request, context).ConfigureAwait(false);

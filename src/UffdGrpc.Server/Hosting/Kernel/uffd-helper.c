@@ -155,21 +155,15 @@ static uint64_t sigcode(int sig, int code)
 	return 255;
 }
 
-static int access_byte(uintptr_t a, int wr, uint8_t v, uint8_t *out)
-{
-	if (sigsetjmp(tl_jb, 1)) return tl_sig;
-	tl_active = 1;
-	if (wr) *(volatile uint8_t *)a = v;
-	else *out = *(volatile uint8_t *)a;
-	tl_active = 0;
-	return 0;
-}
-
 struct sim_thread { pthread_mutex_t m; pthread_cond_t c; struct req *work; int tid; };
 static struct sim_thread *threads[MAX_THREADS];
 static int nthreads;
 
-/* a: [1] addr, [2] write, [3] span (0: touch), [4] pages or length, [5] value. */
+/*
+ * a: [1] addr, [2] write, [3] span (0: touch), [4] pages or length, [5] value.
+ * One sigsetjmp for the whole access: a SIGSEGV or SIGBUS jumps back with `done` counting
+ * the bytes (span) or pages (touch) completed before the faulting one.
+ */
 static void run_access(struct req *q)
 {
 	uintptr_t addr = q->a[1];
@@ -177,15 +171,25 @@ static void run_access(struct req *q)
 	uint64_t n = q->a[4];
 	uint64_t r[6] = {0};
 	uint8_t *vals = malloc(n ? n : 1);
-	uint64_t done = 0;
-	int sig = 0;
+	volatile uint64_t done = 0;
+	volatile int sig = 0;
 	if (!vals) _exit(7);
-	for (; done < n; done++) {
-		uintptr_t a = span ? addr + done : (addr & ~(PG - 1)) + done * PG + (addr & (PG - 1));
-		uint8_t v = wr ? (span ? q->data[done] : (uint8_t)q->a[5]) : 0;
-		sig = access_byte(a, wr, v, &v);
-		if (sig) break;
-		vals[done] = v;
+	if (sigsetjmp(tl_jb, 1) == 0) {
+		tl_active = 1;
+		for (; done < n; done++) {
+			uint64_t i = done;
+			volatile uint8_t *p = (volatile uint8_t *)(span ? addr + i : (addr & ~(PG - 1)) + i * PG + (addr & (PG - 1)));
+			if (wr) {
+				uint8_t v = span ? q->data[i] : (uint8_t)q->a[5];
+				*p = v;
+				vals[i] = v;
+			} else {
+				vals[i] = *p;
+			}
+		}
+		tl_active = 0;
+	} else {
+		sig = tl_sig;
 	}
 	r[0] = sig ? sigcode(sig, tl_code) : 0;
 	r[1] = done;

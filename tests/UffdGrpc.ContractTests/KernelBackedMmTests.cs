@@ -77,7 +77,8 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
             Assert.True(pf.Write && pf.Wp);
             Assert.Equal(3UL, pf.Flags);
             Assert.False(write.IsCompleted);
-            Assert.Equal(ThreadState.BlockedInUserfault, (await c.GetThreadAsync(t.ThreadId)).State);
+            // The kernel queues the message just before the thread goes to sleep.
+            await EventuallyAsync(async () => (await c.GetThreadAsync(t.ThreadId)).State == ThreadState.BlockedInUserfault, "the writer sleeps in handle_userfault");
             Assert.True((await c.WriteprotectAsync(u, X, Page, 0)).IsOk());
             var r = (await write.WaitAsync(s_wait)).Result;
             Assert.False(r.Aborted);
@@ -145,7 +146,8 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             Assert.True((await c.MmapAsync(mm, X, 2 * Page, Rw)).IsOk());
             var t = (await c.CreateThreadAsync(mm)).ThreadId;
-            var (_, u) = await c.CreateUffdAsync(mm);
+            // A blocking uffd: the real thread faults after StartOp returns, and read waits for its message.
+            var (_, u) = await c.CreateUffdAsync(mm, flags: 0x80000);
             Assert.True((await c.ApiAsync(u)).Errno.IsOk());
             Assert.True((await c.RegisterAsync(u, X, Page, Missing)).Errno.IsOk());
             // An access asleep in a userfault: started, busy, then woken by a ZEROPAGE.

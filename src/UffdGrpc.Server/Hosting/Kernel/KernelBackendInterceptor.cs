@@ -77,7 +77,13 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
         "KERNEL_BACKED",
         $"{method.TrimStart('/')} is not served on a kernel-backed address space (id {e.Id} belongs to kernel-backed address space {e.Mm.Id}); see MmBackend in mm.proto for the calls it serves");
 
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation) =>
+        // No kernel-backed address space: nothing to route but the creation of one.
+        !backend.Any && request is not CreateMmRequest ? continuation(request, context) : RouteAsync(request, context, continuation);
+
+    private async Task<TResponse> RouteAsync<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+        where TRequest : class
+        where TResponse : class
     {
         switch (request)
         {
@@ -102,25 +108,22 @@ public sealed class KernelBackendInterceptor(MachineRegistry registry, KernelBac
         return (TResponse)await handler(backend, (IMessage)request, context).ConfigureAwait(false);
     }
 
-    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    public override Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
     {
         if (KernelNamedBy(request) is not { } e)
-        {
-            await continuation(request, responseStream, context).ConfigureAwait(false);
-            return;
-        }
+            return continuation(request, responseStream, context);
         if (request is not ReadEventsRequest r)
-            throw Refused(context.Method, e);
-        await backend.ReadEvents(r, (IServerStreamWriter<ReadEventsResponse>)responseStream, context).ConfigureAwait(false);
+            return Task.FromException(Refused(context.Method, e));
+        return backend.ReadEvents(r, (IServerStreamWriter<ReadEventsResponse>)responseStream, context);
     }
 
-    public override async Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
+    public override Task DuplexStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation) =>
+        backend.Any ? RouteDuplexAsync(requestStream, responseStream, context, continuation) : continuation(requestStream, responseStream, context);
+
+    private async Task RouteDuplexAsync<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, DuplexStreamingServerMethod<TRequest, TResponse> continuation)
+        where TRequest : class
+        where TResponse : class
     {
-        if (!backend.Any)
-        {
-            await continuation(requestStream, responseStream, context).ConfigureAwait(false);
-            return;
-        }
         // The first message names the uffd: read it here, then hand the whole stream on.
         if (!await requestStream.MoveNext(context.CancellationToken).ConfigureAwait(false))
         {

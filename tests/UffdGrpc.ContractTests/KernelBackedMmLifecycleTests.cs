@@ -2,9 +2,37 @@ using UffdGrpc.Server.Hosting.Kernel;
 
 namespace UffdGrpc.ContractTests;
 
-/// <summary>With the kernel backend off (the default), CreateMm with MM_BACKEND_KERNEL is refused and says how to enable it.</summary>
-public sealed class KernelBackendOffTests(KernelBackendOffFixture fx) : IClassFixture<KernelBackendOffFixture>
+/// <summary>A server with the kernel backend on but its helper missing (as on a host that cannot build or run it).</summary>
+public sealed class KernelBackendNoHelperFixture : GrpcTestFixture
 {
+    protected override IReadOnlyDictionary<string, string?> Settings { get; } = new Dictionary<string, string?>
+    {
+        ["KernelBackend:Enabled"] = "true",
+        ["KernelBackend:HelperPath"] = "/nonexistent/uffd-helper",
+    };
+}
+
+/// <summary>With the kernel backend off (the default), or on where it cannot run, CreateMm with MM_BACKEND_KERNEL is refused and says why.</summary>
+public sealed class KernelBackendOffTests(KernelBackendOffFixture fx, KernelBackendNoHelperFixture noHelper) : IClassFixture<KernelBackendOffFixture>, IClassFixture<KernelBackendNoHelperFixture>
+{
+    [Fact]
+    public async Task A_host_that_cannot_run_the_backend_refuses_it_with_the_reason()
+    {
+        var c = noHelper.NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            var ex = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, MmBackend.Kernel));
+            Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
+            Assert.Contains("cannot run the kernel backend", ex.Status.Detail, StringComparison.Ordinal);
+            Assert.Empty((await c.GetMachineAsync(m)).MmIds);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+    }
+
     [Fact]
     public async Task A_kernel_backed_address_space_is_refused_unless_the_server_enables_the_backend()
     {

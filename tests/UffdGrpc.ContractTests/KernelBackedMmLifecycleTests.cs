@@ -218,10 +218,13 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             var after = await Assert.ThrowsAsync<RpcException>(() => c.MmapAsync(mm, X, Page, 3));
             Assert.Equal(StatusCode.FailedPrecondition, after.StatusCode);
 
-            // The machine's end kills the helpers it still has.
-            var (_, pid2) = await CreateKernelMmAsync(c, m);
+            // The machine's end kills the helpers it still has; their sleeping accesses end UNAVAILABLE.
+            var (mm2, pid2) = await CreateKernelMmAsync(c, m);
+            var access2 = await BlockedAccessAsync(c, mm2);
             await c.DestroyMachineAsync(m);
             Assert.False(Directory.Exists($"/proc/{pid2}"), $"helper {pid2} is still there after DestroyMachine");
+            var gone = await Assert.ThrowsAsync<RpcException>(() => access2.WaitAsync(s_wait));
+            Assert.Equal(StatusCode.Unavailable, gone.StatusCode);
         }
         finally
         {

@@ -183,8 +183,21 @@ public sealed partial class Kernel
 
     internal void RegisterCtx(UserfaultfdCtx ctx) => _ctxs.Add(ctx);
 
-    /// <summary>Every context ever created on this machine (released ones included).</summary>
+    /// <summary>Every context created on this machine and not yet freed (released ones included until <see cref="FreeReleasedCtx"/>).</summary>
     public IReadOnlyList<UserfaultfdCtx> Contexts => _ctxs;
+
+    /// <summary>
+    /// Models the last userfaultfd_ctx_put (fs/userfaultfd.c): a context that was released
+    /// (its file closed, every VMA unregistered, its waiters woken) is freed once nothing
+    /// names it any more; the host calls this when it forgets the context's id. A context that
+    /// is not released stays.
+    /// </summary>
+    public void FreeReleasedCtx(UserfaultfdCtx ctx)
+    {
+        using var _ = Enter();
+        if (ctx.Released)
+            _ctxs.Remove(ctx);
+    }
 
     /// <summary>
     /// Models userfaultfd(2) (or ioctl(USERFAULTFD_IOC_NEW) on /dev/userfaultfd): flags other

@@ -33,6 +33,9 @@ internal sealed class FrameTable
 
     public FrameTable(ulong firstPfn) => NextPfn = firstPfn;
 
+    /// <summary>The frames' contents: a freed frame's slot goes back to it.</summary>
+    public ContentPool Contents { get; } = new();
+
     /// <summary>Chunks currently held (for the memory figures and tests).</summary>
     public int ChunkCount => _chunks.Count;
 
@@ -43,7 +46,7 @@ internal sealed class FrameTable
     public Page Add(PageKind kind)
     {
         var pfn = NextPfn++;
-        var page = new Page(pfn, kind);
+        var page = new Page(pfn, kind, Contents);
         var ci = pfn / ChunkPages;
         if (ci != _tailIndex)
         {
@@ -79,12 +82,13 @@ internal sealed class FrameTable
         return c!.Slots[pfn % ChunkPages];
     }
 
-    /// <summary>Empties the slot of <paramref name="pfn"/>; false when it was already empty.</summary>
+    /// <summary>Empties the slot of <paramref name="pfn"/> and frees its contents (the frame then reads as zeros); false when it was already empty.</summary>
     public bool Remove(ulong pfn)
     {
         var ci = pfn / ChunkPages;
-        if (!_chunks.TryGetValue(ci, out var c) || c.Slots[pfn % ChunkPages] is null)
+        if (!_chunks.TryGetValue(ci, out var c) || c.Slots[pfn % ChunkPages] is not { } page)
             return false;
+        page.ReleaseContents();
         c.Slots[pfn % ChunkPages] = null;
         if (--c.Live == 0)
         {

@@ -19,72 +19,85 @@ public enum PageKind
 /// <para>Protected by the owning <see cref="Kernel"/>'s lock.</para>
 /// <para>
 /// Laid out like struct page, which keeps what every frame needs in 64 bytes and overlays
-/// the rest: the PFN and the page flags share one word (page->flags, with the PG_* bits
-/// here above the 48-bit frame number), the map count and the contents slot share another,
-/// and what only some frames carry (page->mapping and page->index of a page-cache page, the
-/// folio of a THP subpage, pins, the swap-cache entry) lives in a side object the frame
-/// points to once one of them is set. An anonymous frame is 40 bytes: object header, the
-/// flags word, one reference (the pool, or the side object that holds it), map count and slot.
+/// the rest. The object holds one word and one reference (32 bytes with its header): the
+/// word packs the PFN, the page flags (page->flags), the map count (page->_mapcount) and
+/// the FOLL_PIN pins (folio->_pincount);
+/// the reference is the <see cref="FrameChunk"/> of the frame table that holds the frame
+/// (the model's mem_map section). The chunk keeps, per frame, the slot of its contents
+/// and, for the frames that carry any, a side object with the fields only some frames
+/// need: page->mapping and page->index of a page-cache page, the folio of a THP subpage,
+/// the swap-cache entry, and a map count or pins too large for the word.
 /// </para>
 /// </remarks>
 public sealed class Page
 {
-    private const int PfnBits = 48;
+    private const int PfnBits = 40;
     private const ulong PfnMask = (1UL << PfnBits) - 1;
     private const int KindShift = PfnBits;
     private const ulong KindMask = 3UL << KindShift;
-    private const ulong FlagAnonExclusive = 1UL << 50, FlagDirty = 1UL << 51, FlagReadahead = 1UL << 52,
-        FlagLazyFree = 1UL << 53, FlagHwPoison = 1UL << 54;
+    private const ulong FlagAnonExclusive = 1UL << 42, FlagDirty = 1UL << 43, FlagReadahead = 1UL << 44,
+        FlagLazyFree = 1UL << 45, FlagHwPoison = 1UL << 46, FlagCountsInExtra = 1UL << 47;
+    private const int MapCountShift = 48, PinsShift = 61;
+    private const ulong MapCountMax = (1UL << 13) - 1, PinsMax = 7;
 
-    /// <summary>The frame number and the page flags (page->flags).</summary>
-    private ulong _pfnFlags;
-    /// <summary>The machine's <see cref="ContentPool"/>, or the <see cref="PageExtra"/> that holds it.</summary>
-    private object _owner;
-    /// <summary>The contents' slot in the pool plus one (0: no contents, the frame reads as zeros).</summary>
-    private int _slot;
+    /// <summary>
+    /// The frame number (bits 0-39, as wide as a PTE's PFN field), the kind and page flags
+    /// (40-47), the map count (48-60) and the pins (61-63). Counts past those widths (or
+    /// negative, which the invariant checker reports) move both to the side object.
+    /// </summary>
+    private ulong _word;
+    /// <summary>The frame-table chunk that holds this frame, its contents slot and its side fields.</summary>
+    private readonly FrameChunk _chunk;
 
-    internal Page(ulong pfn, PageKind kind, ContentPool pool)
+    internal Page(ulong pfn, PageKind kind, FrameChunk chunk)
     {
         if (pfn > PfnMask)
-            throw new InvalidOperationException($"frame number {pfn} does not fit in {PfnBits} bits");
-        _pfnFlags = pfn | ((ulong)kind << KindShift);
-        _owner = pool;
+            throw new InvalidOperationException($"frame number {pfn} does not fit in a PTE's {PfnBits}-bit PFN field");
+        _word = pfn | ((ulong)kind << KindShift);
+        _chunk = chunk;
     }
 
-    /// <summary>The fields only some frames carry (page->mapping, page->index, the folio of a THP subpage, pins, the swap-cache entry).</summary>
-    private sealed class PageExtra(ContentPool pool)
+    private int ChunkIndex => (int)(Pfn % FrameChunk.Pages);
+
+    private PageExtra? Extra => _chunk.Extras?[ChunkIndex];
+
+    private PageExtra MutableExtra
     {
-        public readonly ContentPool Pool = pool;
-        public MemFile? Mapping;
-        public ulong Index;
-        public Folio? Folio;
-        public int Pins;
-        public ulong SwapCacheSlot;
+        get
+        {
+            var extras = _chunk.Extras ??= new PageExtra?[FrameChunk.Pages];
+            if (extras[ChunkIndex] is { } e)
+                return e;
+            _chunk.ExtraCount++;
+            return extras[ChunkIndex] = new PageExtra();
+        }
     }
 
-    private PageExtra? Extra => _owner as PageExtra;
-
-    /// <summary>Drops the side object once every field it holds is back to its default (a transient pin, a page leaving the page cache).</summary>
+    /// <summary>Drops the side object once every field it holds is back to its default (a page leaving the page cache or the swap cache, a split folio).</summary>
     private void TrimExtra()
     {
-        if (_owner is PageExtra { Mapping: null, Index: 0, Folio: null, Pins: 0, SwapCacheSlot: 0 } e)
-            _owner = e.Pool;
+        if (Extra is not { Mapping: null, Index: 0, Folio: null, SwapCacheSlot: 0 } || Flag(FlagCountsInExtra))
+            return;
+        _chunk.Extras![ChunkIndex] = null;
+        if (--_chunk.ExtraCount == 0)
+            _chunk.Extras = null;
     }
 
-    private PageExtra MutableExtra => _owner as PageExtra ?? (PageExtra)(_owner = new PageExtra((ContentPool)_owner));
+    private ContentPool Pool => _chunk.Pool;
 
-    private ContentPool Pool => _owner as ContentPool ?? ((PageExtra)_owner).Pool;
+    /// <summary>The contents' slot in the pool plus one (0: no contents, the frame reads as zeros).</summary>
+    private int Slot => _chunk.ContentSlots is { } slots ? slots[ChunkIndex] : 0;
 
-    private bool Flag(ulong f) => (_pfnFlags & f) != 0;
+    private bool Flag(ulong f) => (_word & f) != 0;
 
-    private void SetFlag(ulong f, bool on) => _pfnFlags = on ? _pfnFlags | f : _pfnFlags & ~f;
+    private void SetFlag(ulong f, bool on) => _word = on ? _word | f : _word & ~f;
 
     /// <summary>The frame number (its identity; the trace's <c>pageid</c>).</summary>
-    public ulong Pfn => _pfnFlags & PfnMask;
+    public ulong Pfn => _word & PfnMask;
     public PageKind Kind
     {
-        get => (PageKind)((_pfnFlags & KindMask) >> KindShift);
-        internal set => _pfnFlags = (_pfnFlags & ~KindMask) | ((ulong)value << KindShift);
+        get => (PageKind)((_word & KindMask) >> KindShift);
+        internal set => _word = (_word & ~KindMask) | ((ulong)value << KindShift);
     }
     /// <summary>For page-cache pages: the file (page->mapping).</summary>
     public MemFile? Mapping
@@ -113,7 +126,34 @@ public sealed class Page
         }
     }
     /// <summary>Number of PTEs mapping this page (_mapcount + 1).</summary>
-    public int MapCount { get; internal set; }
+    public int MapCount
+    {
+        get => Flag(FlagCountsInExtra) ? Extra!.MapCount : (int)((_word >> MapCountShift) & MapCountMax);
+        internal set => SetCounts(value, Pins);
+    }
+
+    /// <summary>Stores the map count and the pins in the word when both fit, else in the side object.</summary>
+    private void SetCounts(int mapCount, int pins)
+    {
+        if ((uint)mapCount <= MapCountMax && (uint)pins <= PinsMax)
+        {
+            _word = (_word & ((1UL << MapCountShift) - 1)) | ((ulong)mapCount << MapCountShift) | ((ulong)pins << PinsShift);
+            if (Flag(FlagCountsInExtra))
+            {
+                SetFlag(FlagCountsInExtra, false);
+                Extra!.MapCount = Extra.Pins = 0;
+                TrimExtra();
+            }
+        }
+        else
+        {
+            var e = MutableExtra;
+            e.MapCount = mapCount;
+            e.Pins = pins;
+            SetFlag(FlagCountsInExtra, true);
+        }
+    }
+
     /// <summary>PageAnonExclusive.</summary>
     public bool AnonExclusive { get => Flag(FlagAnonExclusive); internal set => SetFlag(FlagAnonExclusive, value); }
     /// <summary>The THP folio this page is a subpage of, or null for a small folio.</summary>
@@ -132,15 +172,8 @@ public sealed class Page
     /// <summary>Long-term pins (GUP FOLL_PIN); never set by the scenario language.</summary>
     public int Pins
     {
-        get => Extra?.Pins ?? 0;
-        internal set
-        {
-            if (value != 0 || Extra is not null)
-            {
-                MutableExtra.Pins = value;
-                TrimExtra();
-            }
-        }
+        get => Flag(FlagCountsInExtra) ? Extra!.Pins : (int)(_word >> PinsShift);
+        internal set => SetCounts(MapCount, value);
     }
     /// <summary>PG_dirty: the page-cache or lazily freed anon page holds unsaved data.</summary>
     public bool Dirty { get => Flag(FlagDirty); internal set => SetFlag(FlagDirty, value); }
@@ -174,31 +207,33 @@ public sealed class Page
     public int RefCount => Folio is null ? MapCount + Pins + (SwapCacheSlot != 0 ? 1 : 0) : Folio.RefCount;
 
     /// <summary>The contents have a slot (some byte was written non-zero since the frame was last cleared).</summary>
-    internal bool HasContents => _slot != 0;
+    internal bool HasContents => Slot != 0;
 
     /// <summary>The contents, or empty when the frame reads as zeros. Valid until the frame's contents change or it is freed.</summary>
-    internal ReadOnlyMemory<byte> Data => _slot == 0 ? ReadOnlyMemory<byte>.Empty : Pool.Memory(_slot - 1);
+    internal ReadOnlyMemory<byte> Data => Slot is var slot and not 0 ? Pool.Memory(slot - 1) : ReadOnlyMemory<byte>.Empty;
 
     /// <summary>The contents, allocating the slot (zeroed) if there is none.</summary>
     private Span<byte> Allocated()
     {
-        var pool = Pool;
-        if (_slot == 0)
-            _slot = pool.Allocate() + 1;
-        return pool.Span(_slot - 1);
+        var slots = _chunk.ContentSlots ??= new int[FrameChunk.Pages];
+        ref var slot = ref slots[ChunkIndex];
+        if (slot == 0)
+            slot = Pool.Allocate() + 1;
+        return Pool.Span(slot - 1);
     }
 
     /// <summary>Gives the contents' slot back to the pool: the frame reads as zeros.</summary>
     internal void ReleaseContents()
     {
-        if (_slot == 0)
+        if (Slot == 0)
             return;
-        Pool.Free(_slot - 1);
-        _slot = 0;
+        ref var slot = ref _chunk.ContentSlots![ChunkIndex];
+        Pool.Free(slot - 1);
+        slot = 0;
     }
 
     /// <summary>A copy of the contents (for a swap slot or a file's disk blocks), or null when they are zeros.</summary>
-    internal byte[]? CopyData() => _slot == 0 ? null : Pool.Span(_slot - 1).ToArray();
+    internal byte[]? CopyData() => Slot is var slot and not 0 ? Pool.Span(slot - 1).ToArray() : null;
 
     /// <summary>Sets the contents to <paramref name="data"/> (null: zeros), as a swap-in or a read from disk does.</summary>
     internal void SetData(byte[]? data)
@@ -209,15 +244,19 @@ public sealed class Page
             data.CopyTo(Allocated());
     }
 
-    public byte ReadByte(int offset) => _slot == 0 ? (byte)0 : Pool.Span(_slot - 1)[offset];
+    /// <summary>The contents, or empty when the frame reads as zeros.</summary>
+    private ReadOnlySpan<byte> Span => Slot is var slot and not 0 ? Pool.Span(slot - 1) : default;
+
+    public byte ReadByte(int offset) => Span is { IsEmpty: false } d ? d[offset] : (byte)0;
 
     /// <summary>Copies <paramref name="dst"/>.Length bytes of the contents from <paramref name="offset"/> (zeros when unallocated).</summary>
     internal void Read(int offset, Span<byte> dst)
     {
-        if (_slot == 0)
+        var d = Span;
+        if (d.IsEmpty)
             dst.Clear();
         else
-            Pool.Span(_slot - 1).Slice(offset, dst.Length).CopyTo(dst);
+            d.Slice(offset, dst.Length).CopyTo(dst);
     }
 
     /// <summary>
@@ -227,19 +266,20 @@ public sealed class Page
     /// </summary>
     internal void Write(int offset, ReadOnlySpan<byte> src)
     {
-        if (_slot == 0 && !src.ContainsAnyExcept((byte)0))
+        if (Slot == 0 && !src.ContainsAnyExcept((byte)0))
             return;
         src.CopyTo(Allocated()[offset..]);
     }
 
     internal void CopyFrom(Page src)
     {
-        if (src._slot == 0)
+        var d = src.Span;
+        if (d.IsEmpty)
         {
             ReleaseContents();
             return;
         }
-        src.Pool.Span(src._slot - 1).CopyTo(Allocated());
+        d.CopyTo(Allocated());
     }
 
     internal void Fill(byte value)
@@ -254,7 +294,24 @@ public sealed class Page
 
     internal void Fill(ReadOnlySpan<byte> contents) => contents.CopyTo(Allocated());
 
-    public ReadOnlySpan<byte> Contents => _slot == 0 ? new byte[(int)Kernel.PageSize] : Pool.Span(_slot - 1);
+    private static readonly byte[] s_zeros = new byte[(int)Kernel.PageSize];
+
+    public ReadOnlySpan<byte> Contents => Span is { IsEmpty: false } d ? d : s_zeros;
+}
+
+/// <summary>
+/// The fields only some frames carry: page->mapping and page->index of a page-cache page,
+/// the folio of a THP subpage, the swap-cache entry, and a map count or pins past what the
+/// frame's word holds. Kept by the frame's <see cref="FrameChunk"/>, dropped when all are default again.
+/// </summary>
+internal sealed class PageExtra
+{
+    public MemFile? Mapping;
+    public ulong Index;
+    public Folio? Folio;
+    public int Pins;
+    public ulong SwapCacheSlot;
+    public int MapCount;
 }
 
 /// <summary>A PMD-sized (2 MiB) large folio: an anon THP or the huge zero page.</summary>

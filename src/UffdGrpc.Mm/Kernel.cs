@@ -127,6 +127,12 @@ public sealed partial class Kernel
 
     /// <summary>Chunks of the frame table held now (<see cref="FrameTable"/>): bounded by the live frames, not by every allocation ever made.</summary>
     public int FrameTableChunks => Locked(() => _frames.ChunkCount);
+
+    /// <summary>Slabs of page contents held now (<see cref="ContentPool"/>): bounded by the live frames with contents.</summary>
+    public int ContentSlabs => Locked(() => _frames.Contents.SlabCount);
+
+    /// <summary>Frames holding contents (a written non-zero byte); the others read as zeros.</summary>
+    public long FramesWithContents => Locked(() => _frames.Contents.UsedSlots);
     public int SwapSlotsInUse => _swap.Count;
 
     /// <summary>The machine's RAM in bytes (<see cref="MachineConfig.MemoryBytes"/>).</summary>
@@ -394,7 +400,7 @@ public sealed partial class Kernel
     internal ulong SwapOut(Page page)
     {
         var slot = _nextSwapSlot++;
-        _swap[slot] = new SwapSlot { Data = page.Data is null ? null : (byte[])page.Data.Clone(), Count = 1 };
+        _swap[slot] = new SwapSlot { Data = page.CopyData(), Count = 1 };
         return slot;
     }
 

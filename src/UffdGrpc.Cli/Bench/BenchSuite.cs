@@ -156,8 +156,10 @@ internal static class BenchSuite
         if (Want("memory"))
         {
             var mem = MemoryRows.Measure();
-            const string M = "memory: managed heap of the model (what a server holds), per page; 128 Ki pages in runs of 512, 4 GiB apart, in a 1 TiB mapping";
+            const string M = "memory: managed heap of the model (what a server holds), per page; 128 Ki pages in runs of 512, 4 GiB apart, in a 1 TiB mapping, unless dense";
             rows.Add((M, new Row("metadata per resident page (beside 4 KiB)", mem["mem.resident"], "B", 64, "target", "<= 1")));
+            rows.Add((M, new Row("  of which the frame, page tables aside", mem["mem.frame"], "B", 64, "kernel struct page", "<= 1")));
+            rows.Add((M, new Row("  dense: 128 Ki consecutive pages in 1 GiB", mem["mem.dense"], "B", 64, "target", "<= 1")));
             rows.Add((M, new Row("read of an untouched page (zero page)", mem["mem.zero"], "B", 16, "kernel PTE + PMD tables", "<= 1")));
             rows.Add((M, new Row("sparse 1 TiB mapping, never touched", mem["mem.sparse"], "B", 0, "none", "0")));
             rows.Add((M, new Row("fork of 1 GiB of written anon pages, at fork", mem["mem.fork"], "B", 8, "kernel PTE", "<= 1")));

@@ -15,23 +15,20 @@ internal sealed class FrameTable
     /// <summary>Slots per chunk: one PTE table's worth, so a THP folio fills exactly one chunk.</summary>
     public const int ChunkPages = Kernel.PtrsPerTable;
 
-    private sealed class Chunk
-    {
-        public readonly Page?[] Slots = new Page?[ChunkPages];
-        public int Live;
-    }
-
-    private readonly Dictionary<ulong, Chunk> _chunks = [];
+    private readonly Dictionary<ulong, FrameChunk> _chunks = [];
     // The chunk frames are being allocated in, and the last one looked up: most lookups hit one of them.
     private ulong _tailIndex = ulong.MaxValue;
-    private Chunk? _tail;
+    private FrameChunk? _tail;
     private ulong _lastIndex = ulong.MaxValue;
-    private Chunk? _last;
+    private FrameChunk? _last;
 
     /// <summary>The next PFN <see cref="Add"/> hands out.</summary>
     public ulong NextPfn { get; private set; }
 
     public FrameTable(ulong firstPfn) => NextPfn = firstPfn;
+
+    /// <summary>The frames' contents: a freed frame's slot goes back to it.</summary>
+    public ContentPool Contents { get; } = new();
 
     /// <summary>Chunks currently held (for the memory figures and tests).</summary>
     public int ChunkCount => _chunks.Count;
@@ -43,18 +40,18 @@ internal sealed class FrameTable
     public Page Add(PageKind kind)
     {
         var pfn = NextPfn++;
-        var page = new Page(pfn, kind);
         var ci = pfn / ChunkPages;
         if (ci != _tailIndex)
         {
             if (!_chunks.TryGetValue(ci, out var c))
             {
-                c = new Chunk();
+                c = new FrameChunk(Contents);
                 _chunks.Add(ci, c);
             }
             _tailIndex = ci;
             _tail = c;
         }
+        var page = new Page(pfn, kind, _tail!);
         _tail!.Slots[pfn % ChunkPages] = page;
         _tail.Live++;
         return page;
@@ -64,7 +61,7 @@ internal sealed class FrameTable
     public Page? Get(ulong pfn)
     {
         var ci = pfn / ChunkPages;
-        Chunk? c;
+        FrameChunk? c;
         if (ci == _tailIndex)
             c = _tail;
         else if (ci == _lastIndex)
@@ -79,12 +76,13 @@ internal sealed class FrameTable
         return c!.Slots[pfn % ChunkPages];
     }
 
-    /// <summary>Empties the slot of <paramref name="pfn"/>; false when it was already empty.</summary>
+    /// <summary>Empties the slot of <paramref name="pfn"/> and frees its contents (the frame then reads as zeros); false when it was already empty.</summary>
     public bool Remove(ulong pfn)
     {
         var ci = pfn / ChunkPages;
-        if (!_chunks.TryGetValue(ci, out var c) || c.Slots[pfn % ChunkPages] is null)
+        if (!_chunks.TryGetValue(ci, out var c) || c.Slots[pfn % ChunkPages] is not { } page)
             return false;
+        page.ReleaseContents();
         c.Slots[pfn % ChunkPages] = null;
         if (--c.Live == 0)
         {
@@ -116,4 +114,22 @@ internal sealed class FrameTable
             }
         }
     }
+}
+
+/// <summary>
+/// <see cref="FrameTable.ChunkPages"/> consecutive frame slots (a section of mem_map) and,
+/// per frame, what a <see cref="Page"/> does not hold itself: its contents slot (allocated
+/// with the first contents in the chunk) and its side fields (with the first frame that has any).
+/// </summary>
+internal sealed class FrameChunk(ContentPool pool)
+{
+    public const int Pages = FrameTable.ChunkPages;
+    public readonly Page?[] Slots = new Page?[Pages];
+    public int Live;
+    public readonly ContentPool Pool = pool;
+    /// <summary>Per frame: its contents' slot in <see cref="Pool"/> plus one (0: none, the frame reads as zeros).</summary>
+    public int[]? ContentSlots;
+    /// <summary>Per frame: its <see cref="PageExtra"/>, if it carries one; dropped when none does.</summary>
+    public PageExtra?[]? Extras;
+    public int ExtraCount;
 }

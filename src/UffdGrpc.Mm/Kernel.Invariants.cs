@@ -29,7 +29,8 @@ public sealed partial class Kernel
     /// page cache, or in the swap cache of a slot some swap entry still refers to (a folio
     /// lives while any subpage does; the shmem of a shared anonymous mapping is referenced
     /// only by its VMAs). An allocated, unreferenced frame is a leak; a mapping, cache or
-    /// swap-cache reference to a freed frame is dangling.</item>
+    /// swap-cache reference to a freed frame is dangling. The content slots in use are
+    /// exactly those of live frames with contents (a freed frame gave its slot back).</item>
     /// <item>S: each swap slot's count equals the swap PTEs that point at it; a slot with no
     /// entry left exists only while its swap-cache page does, and the swap cache and its
     /// pages agree.</item>
@@ -159,11 +160,13 @@ public sealed partial class Kernel
 
         // ---- M
         var folios = new HashSet<Folio>();
-        long allocated = 0;
+        long allocated = 0, withContents = 0;
         foreach (var (pfn, p) in _frames.Live())
         {
             if (p.Pfn != pfn)
                 Add($"frame slot {Hex(pfn)} holds pfn {Hex(p.Pfn)}");
+            if (p.HasContents)
+                withContents++;
             if (p.IsZeroPage)
                 continue;
             allocated++;
@@ -196,6 +199,8 @@ public sealed partial class Kernel
         // ---- F
         if (allocated != _liveFrames)
             Add($"LiveFrames {_liveFrames}, but {allocated} frames are allocated");
+        if (withContents != _frames.Contents.UsedSlots)
+            Add($"{_frames.Contents.UsedSlots} content slots are in use, but {withContents} live frames hold contents");
 
         var reachable = new HashSet<Page>();
         foreach (var p in ptes.Keys)

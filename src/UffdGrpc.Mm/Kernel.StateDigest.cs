@@ -69,7 +69,7 @@ public sealed partial class Mm
                 for (var a = st.Addr; a < st.End; a += Kernel.PageSize)
                 {
                     PageContentState state;
-                    byte[]? data;
+                    ReadOnlyMemory<byte> data;
                     ulong raw;
                     if (st.IsHuge)
                     {

@@ -127,6 +127,12 @@ public sealed partial class Kernel
 
     /// <summary>Chunks of the frame table held now (<see cref="FrameTable"/>): bounded by the live frames, not by every allocation ever made.</summary>
     public int FrameTableChunks => Locked(() => _frames.ChunkCount);
+
+    /// <summary>Slabs of page contents held now (<see cref="ContentPool"/>): bounded by the live frames with contents.</summary>
+    public int ContentSlabs => Locked(() => _frames.Contents.SlabCount);
+
+    /// <summary>Frames holding contents (a written non-zero byte); the others read as zeros.</summary>
+    public long FramesWithContents => Locked(() => _frames.Contents.UsedSlots);
     public int SwapSlotsInUse => _swap.Count;
 
     /// <summary>The machine's RAM in bytes (<see cref="MachineConfig.MemoryBytes"/>).</summary>
@@ -183,8 +189,21 @@ public sealed partial class Kernel
 
     internal void RegisterCtx(UserfaultfdCtx ctx) => _ctxs.Add(ctx);
 
-    /// <summary>Every context ever created on this machine (released ones included).</summary>
+    /// <summary>Every context created on this machine and not yet freed (released ones included until <see cref="FreeReleasedCtx"/>).</summary>
     public IReadOnlyList<UserfaultfdCtx> Contexts => _ctxs;
+
+    /// <summary>
+    /// Models the last userfaultfd_ctx_put (fs/userfaultfd.c): a context that was released
+    /// (its file closed, every VMA unregistered, its waiters woken) is freed once nothing
+    /// names it any more; the host calls this when it forgets the context's id. A context that
+    /// is not released stays.
+    /// </summary>
+    public void FreeReleasedCtx(UserfaultfdCtx ctx)
+    {
+        using var _ = Enter();
+        if (ctx.Released)
+            _ctxs.Remove(ctx);
+    }
 
     /// <summary>
     /// Models userfaultfd(2) (or ioctl(USERFAULTFD_IOC_NEW) on /dev/userfaultfd): flags other
@@ -381,7 +400,7 @@ public sealed partial class Kernel
     internal ulong SwapOut(Page page)
     {
         var slot = _nextSwapSlot++;
-        _swap[slot] = new SwapSlot { Data = page.Data is null ? null : (byte[])page.Data.Clone(), Count = 1 };
+        _swap[slot] = new SwapSlot { Data = page.CopyData(), Count = 1 };
         return slot;
     }
 

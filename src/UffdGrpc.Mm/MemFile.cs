@@ -40,11 +40,12 @@ public sealed class MemFile
     /// <summary>
     /// What a read of page <paramref name="index"/> would find, without faulting: the page
     /// cache, then shmem's swap, then a regular file's written-back blocks — the lookup order
-    /// of shmem_get_folio_gfp / filemap_fault. <paramref name="data"/> is null for zeros.
+    /// of shmem_get_folio_gfp / filemap_fault. <paramref name="data"/> is empty for zeros; a
+    /// page-cache page's contents stay valid while the machine's lock is held and the page is not written.
     /// </summary>
-    public PageContentState PeekPage(ulong index, out byte[]? data)
+    public PageContentState PeekPage(ulong index, out ReadOnlyMemory<byte> data)
     {
-        data = null;
+        data = default;
         if (index >= SizePages)
             return PageContentState.BeyondEof;
         if (FindCachePage(index) is { } page)

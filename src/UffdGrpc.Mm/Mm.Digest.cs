@@ -93,16 +93,16 @@ public sealed partial class Mm
                 break;
             var offset = (int)(a & (Kernel.PageSize - 1));
             var len = Math.Min(dest.Length - done, (int)Kernel.PageSize - offset);
-            byte[]? data = null;
+            ReadOnlyMemory<byte> data = default;
             var vma = VmaLookup(a);
             var state = vma is null ? PageContentState.Unmapped : ObservePage(vma, a, out data);
             if (!HasContents(state))
                 break;
             var chunk = dest.Slice(done, len);
-            if (data is null)
+            if (data.IsEmpty)
                 chunk.Clear();
             else
-                data.AsSpan(offset, len).CopyTo(chunk);
+                data.Span.Slice(offset, len).CopyTo(chunk);
             done += len;
         }
         return done;
@@ -128,7 +128,7 @@ public sealed partial class Mm
             }
             for (var a = st.Addr; a < st.End; a += Kernel.PageSize, i++)
             {
-                byte[]? data;
+                ReadOnlyMemory<byte> data;
                 if (st.IsHuge)
                     states[i] = ObserveHuge(st.Table!.Entries[st.Index], a, out data);
                 else
@@ -152,7 +152,7 @@ public sealed partial class Mm
     }
 
     /// <summary>What a read at <paramref name="addr"/> (inside <paramref name="vma"/>) would observe; null data reads as zeros.</summary>
-    private PageContentState ObservePage(Vma vma, ulong addr, out byte[]? data)
+    private PageContentState ObservePage(Vma vma, ulong addr, out ReadOnlyMemory<byte> data)
     {
         var pmdt = PageTable.PmdTableOf(addr, false);
         var pi = PageTable.PmdIndex(addr);
@@ -162,7 +162,7 @@ public sealed partial class Mm
     }
 
     /// <summary>The subpage of a huge PMD (the huge zero page reads as zeros).</summary>
-    private PageContentState ObserveHuge(Pmd pmd, ulong addr, out byte[]? data)
+    private PageContentState ObserveHuge(Pmd pmd, ulong addr, out ReadOnlyMemory<byte> data)
     {
         data = Kernel.PageOf(pmd.Pfn)!.Folio!.Pages[PageTable.PteIndex(addr)].Data;
         return PageContentState.Present;
@@ -173,9 +173,9 @@ public sealed partial class Mm
     /// entry's swap-cache page or slot (do_swap_page); poison before guard
     /// (handle_pte_marker); a uffd-wp marker or none falls through to the VMA.
     /// </summary>
-    private PageContentState ObservePte(Vma vma, Pte pte, ulong addr, out byte[]? data)
+    private PageContentState ObservePte(Vma vma, Pte pte, ulong addr, out ReadOnlyMemory<byte> data)
     {
-        data = null;
+        data = default;
         if (pte.Present)
         {
             data = PteToPage(pte).Data;
@@ -197,14 +197,14 @@ public sealed partial class Mm
     }
 
     /// <summary>Writes one page's digest: SHA-256 of its contents, the shared zero hash, or zeros for a page without contents.</summary>
-    private static void Hash(PageContentState state, byte[]? data, Span<byte> dest)
+    private static void Hash(PageContentState state, ReadOnlyMemory<byte> data, Span<byte> dest)
     {
         if (!HasContents(state))
             dest.Clear();
-        else if (data is null || !data.AsSpan().ContainsAnyExcept((byte)0))
+        else if (!data.Span.ContainsAnyExcept((byte)0))
             s_zeroHash.CopyTo(dest);
         else
-            SHA256.HashData(data, dest);
+            SHA256.HashData(data.Span, dest);
     }
 
     /// <summary>Classifies <paramref name="count"/> pages from <paramref name="first"/> as <paramref name="state"/> (zeros or no contents).</summary>

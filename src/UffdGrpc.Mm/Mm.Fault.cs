@@ -419,7 +419,7 @@ public sealed partial class Mm
     {
         var page = AddToPageCache(file, index);
         if (page is not null && !file.IsShmem && file.Disk.TryGetValue(index, out var data) && data is not null)
-            page.Data = (byte[])data.Clone();
+            page.SetData(data);
         return page;
     }
 
@@ -444,7 +444,7 @@ public sealed partial class Mm
             return null;
         file.Swapped.Remove(index);
         Kernel.ShmemSwapped(-1);
-        page.Data = slot.Data;
+        page.SetData(slot.Data);
         page.Dirty = true;
         return page;
     }
@@ -468,7 +468,7 @@ public sealed partial class Mm
             page = FaultOomInjected(addr) ? null : Kernel.AllocPage(PageKind.Anon, this);
             if (page is null)
                 return FaultResult.Oom;
-            page.Data = slot.Data is null ? null : (byte[])slot.Data.Clone();
+            page.SetData(slot.Data);
             slot.Cache = page;
             page.SwapCacheSlot = slotId;
         }

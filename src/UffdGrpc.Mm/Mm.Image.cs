@@ -46,7 +46,7 @@ public sealed partial class Mm
         var index = (a - v.Start) / Kernel.PageSize;
         var pmdt = PageTable.PmdTableOf(a, false)!;
         var pmd = pmdt.Entries[PageTable.PmdIndex(a)];
-        byte[]? data = null;
+        ReadOnlyMemory<byte> data = default;
         if (pmd.TransHuge)
         {
             var page = Kernel.PageOf(pmd.Pfn)!.Folio!.Pages[PageTable.PteIndex(a)];
@@ -65,8 +65,8 @@ public sealed partial class Mm
             if (pte.AnyUffdWp)
                 wp.Add(index);
         }
-        if (data is not null && data.AsSpan().ContainsAnyExcept((byte)0))
-            pages.Add((index, (byte[])data.Clone()));
+        if (data.Span.ContainsAnyExcept((byte)0))
+            pages.Add((index, data.ToArray()));
     }
 
     /// <summary>

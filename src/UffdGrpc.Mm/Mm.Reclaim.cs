@@ -202,13 +202,13 @@ public sealed partial class Kernel
         if (file.IsShmem && Config.Swap && !SwapFull)
         {
             file.Cache.Remove(page.Index);
-            file.Swapped[page.Index] = new SwapSlot { Data = page.Data, Count = 1 };
+            file.Swapped[page.Index] = new SwapSlot { Data = page.CopyData(), Count = 1 };
             ShmemSwapped(1);
             MaybeFree(page);
         }
         else if (!file.IsShmem && (!page.Dirty || writeback))
         {
-            file.Disk[page.Index] = page.Data;
+            file.Disk[page.Index] = page.CopyData();
             file.Cache.Remove(page.Index);
             MaybeFree(page);
         }

@@ -523,7 +523,7 @@ public sealed partial class Mm
             var page = Kernel.PageOf(pte.Pfn);
             if (page is null || Array.IndexOf(folio.Pages, page) < 0)
                 continue;
-            if (page.Data is not null && Array.Exists(page.Data, b => b != 0))
+            if (page.Data.Span.ContainsAnyExcept((byte)0))
                 continue;
             var z = new Pte((Kernel.ZeroPage.Pfn << Kernel.PageShift) | PageProt(vma)).MkSpecial();
             if (pte.SoftDirty)

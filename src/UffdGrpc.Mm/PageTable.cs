@@ -10,12 +10,38 @@ public sealed class PteTable
 /// A PMD table: 512 slots of 2 MiB, each empty, a huge PMD (<see cref="Entries"/>) or a
 /// pointer to a <see cref="PteTable"/> (<see cref="Tables"/>).
 /// </summary>
+/// <remarks>
+/// The kernel's PMD table is one page of 512 entries, each a huge PMD or a table pointer.
+/// Here the pointers are one array and the huge PMDs another, allocated when the first huge
+/// PMD is set, so a table without THPs costs what the kernel's does (one 4 KiB array).
+/// </remarks>
 public sealed class PmdTable
 {
     internal PmdTable(PageTable? owner) => Tables = new PteSlots(owner);
 
-    public readonly Pmd[] Entries = new Pmd[Kernel.PtrsPerTable];
+    public readonly PmdEntries Entries = new();
     public readonly PteSlots Tables;
+}
+
+/// <summary>The 512 huge-PMD values of a <see cref="PmdTable"/>; none until one is set.</summary>
+public sealed class PmdEntries
+{
+    private Pmd[]? _entries;
+
+    public Pmd this[int i]
+    {
+        get => _entries is null ? default : _entries[i];
+        set
+        {
+            if (_entries is null)
+            {
+                if (value.IsNone)
+                    return;
+                _entries = new Pmd[Kernel.PtrsPerTable];
+            }
+            _entries[i] = value;
+        }
+    }
 }
 
 /// <summary>

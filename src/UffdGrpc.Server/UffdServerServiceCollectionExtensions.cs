@@ -34,6 +34,15 @@ public static class UffdServerServiceCollectionExtensions
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
         // host then has 5 s for everything else.
         services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(5));
+        // The interceptors hold no per-call state: one instance each for the server's life
+        // (grpc-dotnet resolves a registered interceptor from DI; an unregistered one is
+        // constructed and disposed on every call).
+        services.TryAddSingleton<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
+        services.TryAddSingleton<ServerErrorInterceptor>();
+        services.TryAddSingleton<UffdGrpc.Server.Security.AuthInterceptor>();
+        services.TryAddSingleton<UffdGrpc.Server.Hosting.Kernel.KernelBackendInterceptor>();
+        services.TryAddSingleton<JournalInterceptor>();
+        services.TryAddSingleton<InjectionInterceptor>();
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();

@@ -5,8 +5,10 @@ namespace UffdGrpc.Cli.Bench;
 /// <summary>
 /// What the model's state costs in managed memory (live heap after a full collection, the
 /// same objects a server holds per machine): per resident page beside its 4 KiB of contents,
-/// per page read from the zero page, per page of a sparse 1 TiB mapping, and a 1 GiB fork
-/// before and after the child writes some of it.
+/// in a sparse layout (runs of one PTE table each, 4 GiB apart, so each run pays its own PMD
+/// table too) and a dense one (consecutive pages, where the upper tables amortise away); per
+/// page read from the zero page; per page of a sparse 1 TiB mapping; and a 1 GiB fork before
+/// and after the child writes some of it.
 /// </summary>
 internal static class MemoryRows
 {
@@ -56,7 +58,21 @@ internal static class MemoryRows
             Run1(k, t, new AccessOp(A + (i * stride), true, 0x5a, Run, AccessOrigin.User));
         var h3 = Heap();
         r["mem.resident"] = ((double)(h3 - h1) / Resident) - Pg;
+        // The zero-page reads already built the page tables: what the writes added is the frames alone.
+        r["mem.frame"] = ((double)(h3 - h2) / Resident) - Pg;
         GC.KeepAlive(k);
+
+        // The same number of pages written one after the other in a 1 GiB mapping.
+        var kd = new Kernel(KernelProfile.V6_18, new MachineConfig { MemoryBytes = 8 * Gib });
+        var mmd = kd.CreateMm();
+        var td = kd.CreateThread(mmd);
+        ModelRows.Check(mmd.Mmap(A, Gib, Prot.Read | Prot.Write, false, null, 0), "mmap 1 GiB");
+        var d0 = Heap();
+        for (var i = 0UL; i < Resident / Run; i++)
+            Run1(kd, td, new AccessOp(A + (i * Run * Pg), true, 0x5a, Run, AccessOrigin.User));
+        var d1 = Heap();
+        r["mem.dense"] = ((double)(d1 - d0) / Resident) - Pg;
+        GC.KeepAlive(kd);
 
         // A 1 GiB fork: the parent wrote every page (byte 0: anon pages without contents arrays); the child then writes 4,096 of them.
         var k2 = new Kernel(KernelProfile.V6_18, new MachineConfig { MemoryBytes = 8 * Gib });

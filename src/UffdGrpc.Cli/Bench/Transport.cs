@@ -19,39 +19,109 @@ internal static class Transport
     /// <summary>Per-access latencies (µs) of <paramref name="iterations"/> timed round trips after <paramref name="warmup"/> untimed ones.</summary>
     public static async Task<double[]> RoundTripAsync(string url, bool serve, int iterations, int warmup, CancellationToken ct)
     {
-        // Two connections: the guest's and the handler's, as two processes would have.
-        using var guest = CliCommands.Connect(url);
-        using var handler = CliCommands.Connect(url);
-        var machine = (await guest.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        try
+        await using var session = await RoundTripSession.OpenAsync(url, serve, ct).ConfigureAwait(false);
+        await session.MeasureAsync(warmup, null, ct).ConfigureAwait(false);
+        var samples = new List<double>(iterations);
+        await session.MeasureAsync(iterations, samples, ct).ConfigureAwait(false);
+        var sorted = samples.ToArray();
+        Array.Sort(sorted);
+        return sorted;
+    }
+
+    /// <summary>
+    /// The round trips of two servers measured in alternating blocks of <paramref name="block"/>
+    /// on sessions opened side by side, so that whatever else the machine runs meanwhile lands
+    /// on both servers alike; each server's latencies (µs) sorted.
+    /// </summary>
+    public static async Task<(double[] A, double[] B)> InterleavedRoundTripsAsync(string a, string b, bool serve, int iterations, int warmup, int block, CancellationToken ct)
+    {
+        await using var sa = await RoundTripSession.OpenAsync(a, serve, ct).ConfigureAwait(false);
+        await using var sb = await RoundTripSession.OpenAsync(b, serve, ct).ConfigureAwait(false);
+        await sa.MeasureAsync(warmup, null, ct).ConfigureAwait(false);
+        await sb.MeasureAsync(warmup, null, ct).ConfigureAwait(false);
+        var la = new List<double>(iterations);
+        var lb = new List<double>(iterations);
+        for (var done = 0; done < iterations; done += block)
         {
-            var mm = await guest.CreateMmAsync(machine, ct).ConfigureAwait(false);
-            (await guest.MmapAsync(mm, A, Page, 3, ct: ct).ConfigureAwait(false)).Expect("mmap");
-            var tid = (await guest.CreateThreadAsync(mm, ct).ConfigureAwait(false)).ThreadId;
-            await guest.WriteAsync(tid, A, 1, ct: ct).ConfigureAwait(false);
-            var uffd = await OpenUffdAsync(guest, mm, Page, ct).ConfigureAwait(false);
-            var serving = serve ? new FaultHandlerLoop(handler, uffd) { MaxMessages = 1 }.RunAsync(stop.Token) : UnaryHandlerAsync(handler, uffd, stop.Token);
-            var samples = new double[iterations];
-            for (var i = -warmup; i < iterations; i++)
+            var n = Math.Min(block, iterations - done);
+            // Alternate which server goes first, so neither always follows the other's block.
+            var (first, second, lf, ls) = (done / block) % 2 == 0 ? (sa, sb, la, lb) : (sb, sa, lb, la);
+            await first.MeasureAsync(n, lf, ct).ConfigureAwait(false);
+            await second.MeasureAsync(n, ls, ct).ConfigureAwait(false);
+        }
+        var ra = la.ToArray();
+        var rb = lb.ToArray();
+        Array.Sort(ra);
+        Array.Sort(rb);
+        return (ra, rb);
+    }
+
+    /// <summary>
+    /// One guest and one handler on a server (each its own connection, as two processes would
+    /// have): a machine with one page registered for WP, a thread that writes it and a handler
+    /// (a ReadEvents stream with a unary UFFDIO_WRITEPROTECT, or Serve one fault at a time)
+    /// that un-protects each fault. A round trip re-protects the page (untimed), then times the
+    /// write's Access call: fault, event, un-protect, wake, the access's reply.
+    /// </summary>
+    private sealed class RoundTripSession : IAsyncDisposable
+    {
+        private readonly UffdClient _guest, _handler;
+        private readonly CancellationTokenSource _stop = new();
+        private long _machine, _tid, _uffd;
+        private Task _serving = Task.CompletedTask;
+        private int _value;
+
+        private RoundTripSession(string url)
+        {
+            _guest = CliCommands.Connect(url);
+            _handler = CliCommands.Connect(url);
+        }
+
+        public static async Task<RoundTripSession> OpenAsync(string url, bool serve, CancellationToken ct)
+        {
+            var s = new RoundTripSession(url);
+            try
             {
-                (await guest.WriteprotectAsync(uffd, A, Page, 1, ct).ConfigureAwait(false)).Expect("UFFDIO_WRITEPROTECT");
+                var g = s._guest;
+                s._machine = (await g.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
+                var mm = await g.CreateMmAsync(s._machine, ct).ConfigureAwait(false);
+                (await g.MmapAsync(mm, A, Page, 3, ct: ct).ConfigureAwait(false)).Expect("mmap");
+                s._tid = (await g.CreateThreadAsync(mm, ct).ConfigureAwait(false)).ThreadId;
+                await g.WriteAsync(s._tid, A, 1, ct: ct).ConfigureAwait(false);
+                s._uffd = await OpenUffdAsync(g, mm, Page, ct).ConfigureAwait(false);
+                s._serving = serve ? new FaultHandlerLoop(s._handler, s._uffd) { MaxMessages = 1 }.RunAsync(s._stop.Token) : UnaryHandlerAsync(s._handler, s._uffd, s._stop.Token);
+                return s;
+            }
+            catch
+            {
+                await s.DisposeAsync().ConfigureAwait(false);
+                throw;
+            }
+        }
+
+        /// <summary><paramref name="n"/> round trips; their latencies (µs) go to <paramref name="samples"/> unless it is null (warm-up).</summary>
+        public async Task MeasureAsync(int n, List<double>? samples, CancellationToken ct)
+        {
+            for (var i = 0; i < n; i++)
+            {
+                (await _guest.WriteprotectAsync(_uffd, A, Page, 1, ct).ConfigureAwait(false)).Expect("UFFDIO_WRITEPROTECT");
                 var s = Stopwatch.GetTimestamp();
-                var r = await guest.WriteAsync(tid, A, (byte)i, ct: ct).ConfigureAwait(false);
+                var r = await _guest.WriteAsync(_tid, A, (byte)++_value, ct: ct).ConfigureAwait(false);
                 var e = Stopwatch.GetElapsedTime(s);
                 if (r.Signal != SignalCode.Unspecified || !r.Errno.IsOk())
                     throw new InvalidOperationException($"write failed: {r}");
-                if (i >= 0)
-                    samples[i] = e.TotalMicroseconds;
+                samples?.Add(e.TotalMicroseconds);
             }
-            await StopAsync(stop, serving).ConfigureAwait(false);
-            Array.Sort(samples);
-            return samples;
         }
-        finally
+
+        public async ValueTask DisposeAsync()
         {
-            await stop.CancelAsync().ConfigureAwait(false);
-            await guest.DestroyMachineAsync(machine, CancellationToken.None).ConfigureAwait(false);
+            await StopAsync(_stop, _serving).ConfigureAwait(false);
+            if (_machine != 0)
+                await _guest.DestroyMachineAsync(_machine, CancellationToken.None).ConfigureAwait(false);
+            _stop.Dispose();
+            _guest.Dispose();
+            _handler.Dispose();
         }
     }
 

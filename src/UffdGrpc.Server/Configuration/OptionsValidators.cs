@@ -38,6 +38,7 @@ internal sealed class OptionsValidators :
         Positive(nameof(o.JournalEntriesPerMachine), o.JournalEntriesPerMachine);
         Positive(nameof(o.JournalBytesPerMachine), o.JournalBytesPerMachine);
         Positive(nameof(o.WorkloadsPerMachine), o.WorkloadsPerMachine);
+        Positive(nameof(o.RetiredIdsPerMachine), o.RetiredIdsPerMachine);
         Positive(nameof(o.ThreadsPerWorkload), o.ThreadsPerWorkload);
         Positive(nameof(o.WorkloadWritesRecorded), o.WorkloadWritesRecorded);
         Positive(nameof(o.KernelHelpersPerServer), o.KernelHelpersPerServer);

@@ -6,14 +6,23 @@ namespace UffdGrpc.Server.Hosting;
 /// <summary>An object the API names by id; every object belongs to one machine.</summary>
 public abstract class Entry(long id, MachineHost host)
 {
+    private static long s_born;
+
     public long Id { get; } = id;
     public MachineHost Host { get; } = host;
+    /// <summary>Creation order across the server (ids are random): which retired entries are the oldest.</summary>
+    internal long Born { get; } = Interlocked.Increment(ref s_born);
+
+    /// <summary>Whether the object is gone for the kernel (a closed uffd, an exited thread or process), so its id may be forgotten. Caller holds the kernel lock.</summary>
+    internal virtual bool Retired => false;
 }
 
 /// <summary>An address space (a process).</summary>
 public sealed class MmEntry(long id, MachineHost host, Model.Mm mm) : Entry(id, host)
 {
     public Model.Mm Mm { get; } = mm;
+
+    internal override bool Retired => Mm.Exited;
 }
 
 /// <summary>A simulated thread.</summary>
@@ -25,6 +34,8 @@ public sealed class ThreadEntry(long id, MachineHost host, Model.SimThread threa
     public long OpId { get; set; }
     /// <summary>The guest workload that runs this thread (0: none); only it starts operations on it.</summary>
     public long WorkloadId { get; set; }
+
+    internal override bool Retired => Thread.State == Model.ThreadState.Exited && OpId == 0;
 }
 
 /// <summary>A memfd or regular file.</summary>
@@ -52,6 +63,8 @@ public sealed class UffdEntry : Entry
         Ctx = ctx;
         ctx.FdWqhWake = WakeAll;
     }
+
+    internal override bool Retired => Ctx.Released;
 
     public Model.UserfaultfdCtx Ctx { get; }
     /// <summary>Event and Serve streams currently reading this uffd.</summary>

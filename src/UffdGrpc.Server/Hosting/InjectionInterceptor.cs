@@ -14,16 +14,31 @@ namespace UffdGrpc.Server.Hosting;
 /// </summary>
 public sealed class InjectionInterceptor(MachineRegistry registry) : Interceptor
 {
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
-        await BeforeAsync(request, context).ConfigureAwait(false);
-        return await continuation(request, context).ConfigureAwait(false);
+        // No wire rule anywhere (the usual case): the call goes straight on, with no async frame.
+        if (!Model.Kernel.WireRulesAnywhere)
+            return continuation(request, context);
+        return Delayed(request, context, continuation);
+
+        async Task<TResponse> Delayed(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+        {
+            await BeforeAsync(request, context).ConfigureAwait(false);
+            return await continuation(request, context).ConfigureAwait(false);
+        }
     }
 
-    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    public override Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
     {
-        await BeforeAsync(request, context).ConfigureAwait(false);
-        await continuation(request, responseStream, context).ConfigureAwait(false);
+        if (!Model.Kernel.WireRulesAnywhere)
+            return continuation(request, responseStream, context);
+        return Delayed(request, responseStream, context, continuation);
+
+        async Task Delayed(TRequest request, IServerStreamWriter<TResponse> responseStream, ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+        {
+            await BeforeAsync(request, context).ConfigureAwait(false);
+            await continuation(request, responseStream, context).ConfigureAwait(false);
+        }
     }
 
     private async Task BeforeAsync(object request, ServerCallContext context)

@@ -18,12 +18,22 @@ public sealed class JournalInterceptor(MachineRegistry registry) : Interceptor
     /// <summary>The response header with the call's journal step.</summary>
     public const string StepHeader = "uffd-journal-step";
 
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
+        // No journaled machine anywhere (the usual case), or not one this call changes: the
+        // call goes straight on, with no async frame.
+        if (!registry.AnyJournal || request is not IMessage m)
+            return continuation(request, context);
         var method = context.Method.TrimStart('/');
-        if (!registry.AnyJournal || request is not IMessage m || MachineJournal.IsReadOnly(method) || registry.HostNamedBy(m, out _) is not { Journal: not null })
-            return await continuation(request, context).ConfigureAwait(false);
-        var call = new JournalCall(method, m);
+        if (MachineJournal.IsReadOnly(method) || registry.HostNamedBy(m, out _) is not { Journal: not null })
+            return continuation(request, context);
+        return JournaledAsync(new JournalCall(method, m), request, context, continuation);
+    }
+
+    private static async Task<TResponse> JournaledAsync<TRequest, TResponse>(JournalCall call, TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+        where TRequest : class
+        where TResponse : class
+    {
         JournalCall.Current = call;
         var run = continuation(request, context);
         JournalCall.Current = null;

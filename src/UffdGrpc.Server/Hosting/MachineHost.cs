@@ -77,6 +77,8 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     internal Dictionary<Model.UserfaultfdCtx, long> UffdIds { get; } = [];
     internal Dictionary<Model.MemFile, long> FileIds { get; } = [];
     internal List<UffdEntry> Uffds { get; } = [];
+    /// <summary>Entries registered since the registry last forgot retired ones (<see cref="MachineRegistry"/>). Caller holds the kernel lock.</summary>
+    internal int RegisteredSinceSweep { get; set; }
     /// <summary>Operations started and not yet completed (their callers may be waiting).</summary>
     internal HashSet<OpEntry> PendingOps { get; } = [];
     /// <summary>Threads of the machine that have not exited. Caller holds the kernel lock.</summary>

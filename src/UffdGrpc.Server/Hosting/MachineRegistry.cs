@@ -195,7 +195,51 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
         var e = make(NextId());
         ids[obj] = e.Id;
         _objects[e.Id] = e;
+        // Once per RetiredIdsPerMachine registrations (amortised O(1) each), forget what
+        // retired longest ago: the machine holds its live objects plus at most twice that many.
+        if (++e.Host.RegisteredSinceSweep >= Quotas.Limits.RetiredIdsPerMachine)
+        {
+            e.Host.RegisteredSinceSweep = 0;
+            ForgetRetired(e.Host, Quotas.Limits.RetiredIdsPerMachine);
+        }
         return e.Id;
+    }
+
+    /// <summary>
+    /// Forgets the retired entries of <paramref name="host"/> (closed uffds, exited threads and
+    /// processes) but the newest <paramref name="keep"/>: their ids become unknown (NOT_FOUND),
+    /// and a forgotten uffd's context is freed in the model (the last userfaultfd_ctx_put).
+    /// Caller holds the kernel lock.
+    /// </summary>
+    internal void ForgetRetired(MachineHost host, int keep)
+    {
+        var retired = new List<Entry>();
+        foreach (var id in host.MmIds.Values.Concat(host.ThreadIds.Values).Concat(host.UffdIds.Values))
+        {
+            if (_objects.TryGetValue(id, out var o) && o is Entry { Retired: true } e)
+                retired.Add(e);
+        }
+        if (retired.Count <= keep)
+            return;
+        retired.Sort((a, b) => a.Born.CompareTo(b.Born));
+        foreach (var e in retired.Take(retired.Count - keep))
+        {
+            _objects.TryRemove(e.Id, out _);
+            switch (e)
+            {
+                case MmEntry m:
+                    host.MmIds.Remove(m.Mm);
+                    break;
+                case ThreadEntry t:
+                    host.ThreadIds.Remove(t.Thread);
+                    break;
+                case UffdEntry u:
+                    host.UffdIds.Remove(u.Ctx);
+                    host.Uffds.Remove(u);
+                    host.Kernel.FreeReleasedCtx(u.Ctx);
+                    break;
+            }
+        }
     }
 
     /// <summary>

@@ -67,8 +67,8 @@ internal static class MmImages
         var fi = new FileImage { Name = file.Name, Shmem = file.IsShmem, Size = file.Size };
         foreach (var index in file.IndexesWithData())
         {
-            if (file.PeekPage(index, out var data) != Model.PageContentState.BeyondEof && data is not null && data.AsSpan().ContainsAnyExcept((byte)0))
-                fi.Pages.Add(new PageImage { Index = index, Data = ByteString.CopyFrom(data) });
+            if (file.PeekPage(index, out var data) != Model.PageContentState.BeyondEof && data.Span.ContainsAnyExcept((byte)0))
+                fi.Pages.Add(new PageImage { Index = index, Data = ByteString.CopyFrom(data.Span) });
         }
         return fi;
     }

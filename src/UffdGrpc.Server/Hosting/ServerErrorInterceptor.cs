@@ -49,11 +49,27 @@ public sealed partial class ServerErrorInterceptor(ILogger<ServerErrorIntercepto
         _ => Internal(context, ex),
     };
 
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        // Most unary calls finish before they return (the model call is synchronous): those
+        // need no async frame here, only a check of what they threw.
+        Task<TResponse> task;
+        try
+        {
+            task = continuation(request, context);
+        }
+        catch (Exception ex) when (Converts(ex, context))
+        {
+            throw StatusOf(ex, context);
+        }
+        return task.IsCompletedSuccessfully ? task : AwaitedAsync(task, context);
+    }
+
+    private async Task<TResponse> AwaitedAsync<TResponse>(Task<TResponse> task, ServerCallContext context)
     {
         try
         {
-            return await continuation(request, context).ConfigureAwait(false);
+            return await task.ConfigureAwait(false);
         }
         catch (Exception ex) when (Converts(ex, context))
         {

@@ -31,6 +31,14 @@ public sealed class LimitOptions
     public long JournalBytesPerMachine { get; set; } = 256L << 20;
     /// <summary>Running guest workloads of one machine (as many ended ones are kept for GetWorkload, the oldest forgotten first).</summary>
     public int WorkloadsPerMachine { get; set; } = 64;
+    /// <summary>
+    /// Ids of retired objects (closed uffds, exited threads, exited processes) one machine
+    /// keeps answering for: a call naming one of the newest this many gets what the kernel
+    /// says of a stale object (EBADF for a closed uffd, an exited thread or process); an older
+    /// one is forgotten and is NOT_FOUND, so a machine that opens and closes uffds or forks and
+    /// reaps processes for ever holds what is live plus this many.
+    /// </summary>
+    public int RetiredIdsPerMachine { get; set; } = 4096;
     /// <summary>Threads one guest workload may start.</summary>
     public int ThreadsPerWorkload { get; set; } = 64;
     /// <summary>Writes one guest workload's write record holds (24 bytes each); later writes are counted, not recorded.</summary>

@@ -19,18 +19,37 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
     private static readonly (string Field, string Tag)[] s_ids =
         [("machine_id", "uffd.machine_id"), ("mm_id", "uffd.mm_id"), ("uffd_id", "uffd.uffd_id"), ("thread_id", "uffd.thread_id"), ("file_id", "uffd.file_id")];
 
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context, UnaryServerMethod<TRequest, TResponse> continuation)
     {
-        using var call = Begin(context, request, stream: false);
+        var call = Begin(context, request, stream: false);
+        Task<TResponse> task;
         try
         {
-            var r = await continuation(request, context).ConfigureAwait(false);
-            call.Status = StatusCode.OK;
+            task = continuation(request, context);
+        }
+        catch (Exception ex)
+        {
+            call.End(StatusOf(ex));
+            throw;
+        }
+        // Most unary calls finish before they return: those need no async frame here.
+        if (!task.IsCompletedSuccessfully)
+            return AwaitedAsync(task, call);
+        call.End(StatusCode.OK);
+        return task;
+    }
+
+    private static async Task<TResponse> AwaitedAsync<TResponse>(Task<TResponse> task, Call call)
+    {
+        try
+        {
+            var r = await task.ConfigureAwait(false);
+            call.End(StatusCode.OK);
             return r;
         }
         catch (Exception ex)
         {
-            call.Status = StatusOf(ex);
+            call.End(StatusOf(ex));
             throw;
         }
     }
@@ -140,6 +159,13 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
     private sealed class Call(ServerMetrics metrics, Activity? activity, TagList tags, bool stream) : IDisposable
     {
         public StatusCode Status { get; set; } = StatusCode.Unknown;
+
+        /// <summary>Records the call's final status and ends it.</summary>
+        public void End(StatusCode status)
+        {
+            Status = status;
+            Dispose();
+        }
 
         public void Dispose()
         {

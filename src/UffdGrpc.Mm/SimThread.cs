@@ -85,6 +85,8 @@ public sealed partial class SimThread
         _waiter = null;
         var op = Op;
         Op = null;
+        if (State != ThreadState.Exited)
+            Mm.LiveThreads--;
         State = ThreadState.Exited;
         Kernel.BlocktimeThreadsChanged(Mm);
         Group?.ThreadExited();

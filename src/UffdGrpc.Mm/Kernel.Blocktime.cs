@@ -63,7 +63,7 @@ public sealed partial class Kernel
 
     private static void BlocktimeCheckAll(Mm mm, long now)
     {
-        if (mm.AllBlockedSince == 0 && mm.UserfaultSleepers > 0 && mm.UserfaultSleepers == mm.Threads.Count(x => x.State != ThreadState.Exited))
+        if (mm.AllBlockedSince == 0 && mm.UserfaultSleepers > 0 && mm.UserfaultSleepers == mm.LiveThreads)
             mm.AllBlockedSince = now;
     }
 
@@ -79,6 +79,8 @@ public sealed partial class Kernel
 public sealed partial class Mm
 {
     internal int UserfaultSleepers;
+    /// <summary>Threads of <see cref="Threads"/> that have not exited (kept by CreateThread and SimThread.Exit; the invariant checker recounts it), so a fault's all-asleep check is O(1).</summary>
+    internal int LiveThreads;
     internal long AllBlockedSince;
     internal long BlocktimeTicks;
 

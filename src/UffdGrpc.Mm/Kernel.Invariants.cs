@@ -298,6 +298,9 @@ public sealed partial class Kernel
                 if (t.Mm != mm)
                     Add($"thread {t.Tid}: listed in mm {mm.Id} but belongs to mm {t.Mm.Id}");
             }
+            var live = mm.Threads.Count(x => x.State != ThreadState.Exited);
+            if (mm.LiveThreads != live)
+                Add($"mm {mm.Id}: counts {mm.LiveThreads} live threads, but {live} have not exited");
         }
         foreach (var ctx in _ctxs)
         {

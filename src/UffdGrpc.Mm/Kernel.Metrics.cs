@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Numerics;
+using System.Runtime.InteropServices;
 
 namespace UffdGrpc.Mm;
 
@@ -53,10 +54,12 @@ public sealed class MigrationStats
     {
         var micros = Math.Max(0, ticks) * 1e6 / Stopwatch.Frequency;
         var key = (((int)c * 64) + (int)o) * 8 + (int)p;
-        if (!_histograms.TryGetValue(key, out var h))
+        // One lookup: the entry is updated in place (nothing is added or removed meanwhile).
+        ref var h = ref CollectionsMarshal.GetValueRefOrAddDefault(_histograms, key, out var exists);
+        if (!exists)
             h = (new long[Buckets], 0);
         h.Counts[BucketOf(micros)]++;
-        _histograms[key] = (h.Counts, h.Sum + micros);
+        h.Sum += micros;
     }
 
     /// <summary>The non-empty distributions ordered by class, outcome and phase (copies). Caller holds the kernel lock.</summary>

@@ -179,6 +179,8 @@ public sealed partial class Kernel
         using var _ = Enter();
         var t = new SimThread(this, mm, _nextTid++);
         mm.Threads.Add(t);
+        t.Listed = true;
+        mm.LiveThreads++;
         BlocktimeThreadsChanged(mm);
         return t;
     }

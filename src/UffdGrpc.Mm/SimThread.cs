@@ -38,6 +38,8 @@ public sealed partial class SimThread
     /// <summary>The context the thread sleeps on, while blocked.</summary>
     public UserfaultfdCtx? BlockedOn { get; private set; }
     internal bool Queued;
+    /// <summary>The thread is in its process's <see cref="Mm.Threads"/> (created by <see cref="Kernel.CreateThread(Mm)"/>; populate's transient fault context is not), so it counts in <see cref="Mm.LiveThreads"/>.</summary>
+    internal bool Listed;
     private UffdWaiter? _waiter;
 
     public bool IsBlocked => State is ThreadState.BlockedInUserfault or ThreadState.BlockedOnEvent;
@@ -85,6 +87,8 @@ public sealed partial class SimThread
         _waiter = null;
         var op = Op;
         Op = null;
+        if (State != ThreadState.Exited && Listed)
+            Mm.LiveThreads--;
         State = ThreadState.Exited;
         Kernel.BlocktimeThreadsChanged(Mm);
         Group?.ThreadExited();

@@ -58,6 +58,8 @@ internal sealed class UffdWaiter(SimThread thread, UffdMsg msg, AccessOrigin ori
     public long RaisedAt { get; } = thread.Kernel.Now;
     public SimThread Thread { get; } = thread;
     public UffdMsg Msg { get; } = msg;
+    /// <summary>The page of the faulting address (a wake compares it against its range for every sleeper, so it is kept here rather than read through the message).</summary>
+    public ulong PageAddress { get; } = msg.RealAddress & ~(Kernel.PageSize - 1);
     /// <summary>A page fault's origin: a user access sleeps TASK_INTERRUPTIBLE and restarts after a signal.</summary>
     public AccessOrigin Origin { get; } = origin;
     /// <summary>The event was read (event waiters) or the waiter was woken.</summary>
@@ -171,7 +173,7 @@ public sealed partial class UserfaultfdCtx
         for (var i = 0; i < list.Count; i++)
         {
             var w = list[i];
-            var a = w.Msg.RealAddress & ~(Kernel.PageSize - 1);
+            var a = w.PageAddress;
             if (a < start || a - start >= len)
                 continue;
             list.RemoveAt(i--);

@@ -229,6 +229,14 @@ internal static class ModelThroughput
     private const ulong A = 0x7e00_0000_0000;
     private const ulong Pg = Kernel.PageSize;
 
+    /// <summary>Warms the JIT for <see cref="Measure"/> as the other in-process rows are warmed: small runs for <see cref="ModelRows.WarmupSeconds"/> (one run of 4,096 faults left most of the path in tier 0).</summary>
+    public static void Warm()
+    {
+        var w = Stopwatch.StartNew();
+        while (w.Elapsed.TotalSeconds < ModelRows.WarmupSeconds)
+            Measure(64, 64, 64);
+    }
+
     /// <summary>Resolved faults per second with <paramref name="threads"/> threads each touching <paramref name="perThread"/> protected pages, resolved in batches of up to <paramref name="batch"/>.</summary>
     public static double Measure(int threads, int perThread, int batch)
     {

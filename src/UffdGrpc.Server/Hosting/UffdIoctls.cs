@@ -59,7 +59,8 @@ internal static class UffdIoctls
     /// <summary>Validates one Serve resolution; <paramref name="stream"/> is the stream's uffd.</summary>
     public static Prepared Prepare(MachineRegistry registry, UffdEntry stream, Resolution r, int index)
     {
-        var field = $"resolutions[{index}]";
+        // The field name is formatted only for an error (a batch validates every resolution).
+        string Field(string suffix) => $"resolutions[{index}]{suffix}";
         long id = r.OpCase switch
         {
             Resolution.OpOneofCase.UffdioCopy => r.UffdioCopy.UffdId,
@@ -68,18 +69,18 @@ internal static class UffdIoctls
             Resolution.OpOneofCase.UffdioContinue => r.UffdioContinue.UffdId,
             Resolution.OpOneofCase.UffdioMove => r.UffdioMove.UffdId,
             Resolution.OpOneofCase.UffdioWake => r.UffdioWake.UffdId,
-            _ => throw RequestErrors.Invalid(field + ".op", "one of uffdio_copy, uffdio_zeropage, uffdio_writeprotect, uffdio_continue, uffdio_move, uffdio_wake is required"),
+            _ => throw RequestErrors.Invalid(Field(".op"), "one of uffdio_copy, uffdio_zeropage, uffdio_writeprotect, uffdio_continue, uffdio_move, uffdio_wake is required"),
         };
         var u = stream;
         if (id != 0 && id != stream.Id)
         {
-            u = registry.Get<UffdEntry>(id, field + ".uffd_id");
+            u = registry.Get<UffdEntry>(id, Field(".uffd_id"));
             if (u.Host != stream.Host)
-                throw RequestErrors.Invalid(field + ".uffd_id", "the uffd belongs to another machine");
+                throw RequestErrors.Invalid(Field(".uffd_id"), "the uffd belongs to another machine");
         }
         if (r.OpCase == Resolution.OpOneofCase.UffdioCopy)
-            ValidateCopy(r.UffdioCopy, u.Host.Kernel.Config.MaxCopyBytes, field + ".uffdio_copy");
-        var caller = r.OpCase == Resolution.OpOneofCase.UffdioMove ? MoveCaller(registry, u, r.UffdioMove.CallerMmId, field + ".uffdio_move.caller_mm_id") : null;
+            ValidateCopy(r.UffdioCopy, u.Host.Kernel.Config.MaxCopyBytes, Field(".uffdio_copy"));
+        var caller = r.OpCase == Resolution.OpOneofCase.UffdioMove ? MoveCaller(registry, u, r.UffdioMove.CallerMmId, Field(".uffdio_move.caller_mm_id")) : null;
         return new Prepared(r.Tag, u, r, caller);
     }
 

@@ -134,7 +134,7 @@ public sealed partial class UserfaultfdService
         long sent = 0;
         // Headers first: the handler knows its stream is open before any message, and a
         // deadline or cancellation then ends the call with a status rather than a reset.
-        await context.WriteResponseHeadersAsync([]).ConfigureAwait(false);
+        await StreamHeaders.SendAsync(context).ConfigureAwait(false);
         u.AddReader();
         Log.EventStreamOpened(logger, u.Id);
         try

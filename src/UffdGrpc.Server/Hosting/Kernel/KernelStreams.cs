@@ -25,7 +25,7 @@ public sealed partial class KernelBackend
         var u = Get<KernelUffdEntry>(request.UffdId, "uffd_id");
         using var lease = _registry.Quotas.OpenStream();
         var ct = context.CancellationToken;
-        await context.WriteResponseHeadersAsync([]).ConfigureAwait(false);
+        await StreamHeaders.SendAsync(context).ConfigureAwait(false);
         while (true)
         {
             ct.ThrowIfCancellationRequested();

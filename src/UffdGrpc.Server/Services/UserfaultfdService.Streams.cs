@@ -190,7 +190,6 @@ public sealed partial class UserfaultfdService
         RequestErrors.Require(first.MaxMessages <= MaxBatch, "max_messages", $"0 (the default, {DefaultBatch}) to {MaxBatch}");
         var max = first.MaxMessages == 0 ? DefaultBatch : (int)first.MaxMessages;
         using var writeGate = new SemaphoreSlim(1, 1);
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
 
         async Task WriteAsync(ServeResponse r)
         {
@@ -218,9 +217,8 @@ public sealed partial class UserfaultfdService
             await WriteAsync(response).ConfigureAwait(false);
         }
 
-        async Task ReadLoopAsync()
+        async Task ReadLoopAsync(CancellationToken token)
         {
-            var token = stop.Token;
             long delivered = 0;
             while (!token.IsCancellationRequested && !ct.IsCancellationRequested)
             {
@@ -243,51 +241,12 @@ public sealed partial class UserfaultfdService
 
         u.AddReader();
         Log.EventStreamOpened(logger, u.Id);
-        var reader = ReadLoopAsync();
-        // The request reader is cancelled when the call returns, so no read of the request
-        // stream is left pending behind it (the reader may end first: the uffd was closed).
-        using var requests = CancellationTokenSource.CreateLinkedTokenSource(ct);
         try
         {
-            await ResolveAsync(first).ConfigureAwait(false);
-            while (true)
-            {
-                var next = requestStream.MoveNext(requests.Token);
-                // The stream ends when the client half-closes, or when the reader stops (the
-                // uffd was closed, the machine destroyed, the server is stopping).
-                var done = await Task.WhenAny(next, reader).ConfigureAwait(false);
-                if (done == reader)
-                {
-                    await requests.CancelAsync().ConfigureAwait(false);
-                    try
-                    {
-                        await next.ConfigureAwait(false);
-                    }
-                    catch (OperationCanceledException)
-                    {
-                        // The pending read ended with the call.
-                    }
-                    await reader.ConfigureAwait(false);
-                    return;
-                }
-                if (!await next.ConfigureAwait(false))
-                    break;
-                await ResolveAsync(requestStream.Current).ConfigureAwait(false);
-            }
-            // Half-closed: keep delivering messages until the uffd closes or the call ends.
-            await reader.ConfigureAwait(false);
+            await ServeStream.RunAsync(first, requestStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
         }
         finally
         {
-            await stop.CancelAsync().ConfigureAwait(false);
-            try
-            {
-                await reader.ConfigureAwait(false);
-            }
-            catch (Exception) when (stop.IsCancellationRequested)
-            {
-                // The reader ended with the call.
-            }
             u.RemoveReader();
             Log.EventStreamClosed(logger, u.Id, 0);
         }

@@ -53,7 +53,6 @@ public sealed partial class KernelBackend
         RequestErrors.Require(first.MaxMessages <= 1024, "max_messages", "0 (the default, 64) to 1024");
         var max = first.MaxMessages == 0 ? 64 : (int)first.MaxMessages;
         using var writeGate = new SemaphoreSlim(1, 1);
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
 
         async Task WriteAsync(ServeResponse r)
         {
@@ -79,9 +78,8 @@ public sealed partial class KernelBackend
             await WriteAsync(response).ConfigureAwait(false);
         }
 
-        async Task ReadLoopAsync()
+        async Task ReadLoopAsync(CancellationToken token)
         {
-            var token = stop.Token;
             while (!token.IsCancellationRequested)
             {
                 var (msgs, wait) = Take(u, max);
@@ -98,47 +96,7 @@ public sealed partial class KernelBackend
             }
         }
 
-        var reader = ReadLoopAsync();
-        using var requests = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        try
-        {
-            await ResolveAsync(first).ConfigureAwait(false);
-            while (true)
-            {
-                var next = requestStream.MoveNext(requests.Token);
-                var done = await Task.WhenAny(next, reader).ConfigureAwait(false);
-                if (done == reader)
-                {
-                    await requests.CancelAsync().ConfigureAwait(false);
-                    try
-                    {
-                        await next.ConfigureAwait(false);
-                    }
-                    catch (OperationCanceledException)
-                    {
-                        // The pending read ended with the call.
-                    }
-                    await reader.ConfigureAwait(false);
-                    return;
-                }
-                if (!await next.ConfigureAwait(false))
-                    break;
-                await ResolveAsync(requestStream.Current).ConfigureAwait(false);
-            }
-            await reader.ConfigureAwait(false);
-        }
-        finally
-        {
-            await stop.CancelAsync().ConfigureAwait(false);
-            try
-            {
-                await reader.ConfigureAwait(false);
-            }
-            catch (Exception) when (stop.IsCancellationRequested)
-            {
-                // The reader ended with the call.
-            }
-        }
+        await ServeStream.RunAsync(first, requestStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
     }
 
     /// <summary>ListMms of a machine that holds kernel-backed address spaces: the model's and the kernel's, in id order.</summary>

@@ -191,7 +191,7 @@ public sealed partial class Kernel
 
     internal void RegisterCtx(UserfaultfdCtx ctx) => _ctxs.Add(ctx);
 
-    /// <summary>Every context created on this machine and not yet freed (released ones included until <see cref="FreeReleasedCtx"/>).</summary>
+    /// <summary>Every context created on this machine and not yet freed (released ones included until <see cref="UserfaultfdCtxPut"/>).</summary>
     public IReadOnlyList<UserfaultfdCtx> Contexts => _ctxs;
 
     /// <summary>
@@ -200,7 +200,7 @@ public sealed partial class Kernel
     /// names it any more; the host calls this when it forgets the context's id. A context that
     /// is not released stays.
     /// </summary>
-    public void FreeReleasedCtx(UserfaultfdCtx ctx)
+    public void UserfaultfdCtxPut(UserfaultfdCtx ctx)
     {
         using var _ = Enter();
         if (ctx.Released)

@@ -236,7 +236,7 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
                 case UffdEntry u:
                     host.UffdIds.Remove(u.Ctx);
                     host.Uffds.Remove(u);
-                    host.Kernel.FreeReleasedCtx(u.Ctx);
+                    host.Kernel.UserfaultfdCtxPut(u.Ctx);
                     break;
             }
         }

@@ -62,27 +62,6 @@ public sealed partial class UserfaultfdService
     }
 
     /// <summary>
-    /// Writes one response, or ends the stream with the call. Once the call has ended (the
-    /// client left, its deadline passed) the framework may already have completed the
-    /// response — sometimes before the call's token shows it — and the writer throws an
-    /// InvalidOperationException ("the request is complete", "writing is not allowed after
-    /// writer was completed") or the transport's IOException. The writes of a stream are
-    /// serialized here, so those mean only that: the stream ends CANCELLED (a status nobody
-    /// reads any more), not as a server bug.
-    /// </summary>
-    private static async Task WriteOrEndAsync<T>(IServerStreamWriter<T> stream, T message, CancellationToken ct)
-    {
-        try
-        {
-            await stream.WriteAsync(message, ct).ConfigureAwait(false);
-        }
-        catch (Exception ex) when (ex is InvalidOperationException or IOException || (ct.IsCancellationRequested && ex is not OperationCanceledException))
-        {
-            throw new RpcException(new Status(StatusCode.Cancelled, "the call ended while a message was being written", ex));
-        }
-    }
-
-    /// <summary>
     /// The stream wire sites before the next message is read (so a cut or a stall leaves it
     /// unread, and its thread asleep, as a handler that stopped reading does): STREAM_CUT
     /// ends the stream (UNAVAILABLE) once it delivered the rule's count; STREAM_STALL
@@ -134,7 +113,7 @@ public sealed partial class UserfaultfdService
         long sent = 0;
         // Headers first: the handler knows its stream is open before any message, and a
         // deadline or cancellation then ends the call with a status rather than a reset.
-        await StreamHeaders.SendAsync(context).ConfigureAwait(false);
+        await EventStream.SendHeadersAsync(context).ConfigureAwait(false);
         u.AddReader();
         Log.EventStreamOpened(logger, u.Id);
         try
@@ -151,7 +130,7 @@ public sealed partial class UserfaultfdService
                     await BeforeDeliverAsync(u, "uffd.v1.UserfaultfdService/ReadEvents", ct).ConfigureAwait(false);
                     try
                     {
-                        await WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
+                        await EventStream.WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msg }, ct).ConfigureAwait(false);
                     }
                     catch (Exception ex) when (ex is OperationCanceledException or RpcException { StatusCode: StatusCode.Cancelled })
                     {
@@ -196,7 +175,7 @@ public sealed partial class UserfaultfdService
             await writeGate.WaitAsync(ct).ConfigureAwait(false);
             try
             {
-                await WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
+                await EventStream.WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
             }
             finally
             {

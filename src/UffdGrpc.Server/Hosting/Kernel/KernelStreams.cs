@@ -7,32 +7,20 @@ namespace UffdGrpc.Server.Hosting.Kernel;
 /// <summary>The handler streams on a kernel-backed uffd: ReadEvents and Serve carry the real uffd_msgs the helper read.</summary>
 public sealed partial class KernelBackend
 {
-    private static async Task WriteOrEndAsync<T>(IServerStreamWriter<T> stream, T message, CancellationToken ct)
-    {
-        try
-        {
-            await stream.WriteAsync(message, ct).ConfigureAwait(false);
-        }
-        catch (Exception ex) when (ex is InvalidOperationException or IOException || (ct.IsCancellationRequested && ex is not OperationCanceledException))
-        {
-            throw new RpcException(new Status(StatusCode.Cancelled, "the call ended while a message was being written", ex));
-        }
-    }
-
     /// <summary>One message per response, as the kernel queued them; the stream ends when the uffd is closed or its address space destroyed.</summary>
     internal async Task ReadEvents(ReadEventsRequest request, IServerStreamWriter<ReadEventsResponse> responseStream, ServerCallContext context)
     {
         var u = Get<KernelUffdEntry>(request.UffdId, "uffd_id");
         using var lease = _registry.Quotas.OpenStream();
         var ct = context.CancellationToken;
-        await StreamHeaders.SendAsync(context).ConfigureAwait(false);
+        await EventStream.SendHeadersAsync(context).ConfigureAwait(false);
         while (true)
         {
             ct.ThrowIfCancellationRequested();
             var (msgs, wait) = Take(u, 1);
             if (msgs is not null)
             {
-                await WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msgs[0] }, ct).ConfigureAwait(false);
+                await EventStream.WriteOrEndAsync(responseStream, new ReadEventsResponse { Msg = msgs[0] }, ct).ConfigureAwait(false);
                 continue;
             }
             if (wait is null)
@@ -59,7 +47,7 @@ public sealed partial class KernelBackend
             await writeGate.WaitAsync(ct).ConfigureAwait(false);
             try
             {
-                await WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
+                await EventStream.WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
             }
             finally
             {

@@ -47,6 +47,7 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         }
         // one MISSING fault resolved by UFFDIO_ZEROPAGE before any handler read it,
         var unread = await SleepInUserfaultAsync(c, s.Thread, () => c.ReadAsync(s.Thread, A + 2 * Page));
+        var asleep = await ScrapeAsync();
         Assert.Equal(Errno.Unspecified, (await c.ZeropageAsync(s.Uffd, A + 2 * Page, Page)).Errno);
         Assert.Equal("ok", (await unread).Errno.Name());
         // one WP fault read and resolved by un-protecting,
@@ -70,16 +71,20 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         Assert.Equal(1, Delta("uffdgrpc_userfaults_ended_total", ("class", "wp"), ("outcome", "writeprotect")));
         Assert.Equal(4, Delta("uffdgrpc_userfaults_ended_total"));
         Assert.Equal(0, Delta("uffdgrpc_userfaults_sleeping"));
-        // The histogram: one observation per ended fault, in its class × outcome; the phases
-        // only for the three faults a handler read (queued and handled each).
-        Assert.Equal(2, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "missing"), ("outcome", "copy")));
-        Assert.Equal(1, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "missing"), ("outcome", "zeropage")));
-        Assert.Equal(1, Delta("uffdgrpc_userfault_duration_seconds_count", ("class", "wp"), ("outcome", "writeprotect")));
-        Assert.Equal(2, Delta("uffdgrpc_userfault_duration_seconds_bucket", ("class", "missing"), ("outcome", "copy"), ("le", "+Inf")));
-        Assert.Equal(2, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "missing"), ("phase", "queued")));
-        Assert.Equal(2, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "missing"), ("phase", "handled")));
-        Assert.Equal(1, Delta("uffdgrpc_userfault_phase_duration_seconds_count", ("class", "wp"), ("phase", "queued")));
-        Assert.True(Delta("uffdgrpc_userfault_duration_seconds_sum") > 0);
+        Assert.Equal(1, asleep.Sum("uffdgrpc_userfaults_sleeping") - before.Sum("uffdgrpc_userfaults_sleeping"));
+        // The histogram: a total per ended fault, in its class × outcome; waking for every
+        // fault; queued and handling only for the three faults a handler read.
+        const string L = "uffdgrpc_userfault_latency_seconds_count";
+        Assert.Equal(2, Delta(L, ("class", "missing"), ("outcome", "copy"), ("phase", "total")));
+        Assert.Equal(1, Delta(L, ("class", "missing"), ("outcome", "zeropage"), ("phase", "total")));
+        Assert.Equal(1, Delta(L, ("class", "wp"), ("outcome", "writeprotect"), ("phase", "total")));
+        Assert.Equal(2, Delta("uffdgrpc_userfault_latency_seconds_bucket", ("class", "missing"), ("outcome", "copy"), ("phase", "total"), ("le", "+Inf")));
+        Assert.Equal(3, Delta(L, ("class", "missing"), ("phase", "waking")));
+        Assert.Equal(2, Delta(L, ("class", "missing"), ("phase", "queued")));
+        Assert.Equal(2, Delta(L, ("class", "missing"), ("phase", "handling")));
+        Assert.Equal(1, Delta(L, ("class", "wp"), ("phase", "queued")));
+        Assert.Equal(4, Delta(L, ("phase", "total")));
+        Assert.True(Delta("uffdgrpc_userfault_latency_seconds_sum", ("phase", "total")) > 0);
         // RPCs by method and status, and the injection site.
         Assert.Equal(2, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioCopy"), ("rpc_grpc_status", "OK")));
         Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioZeropage"), ("rpc_grpc_status", "OK")));

@@ -22,6 +22,16 @@ internal sealed class ChildServer : IAsyncDisposable
 
     public string Url { get; }
 
+    /// <summary>CPU time (user + system, all threads) the server process has used so far, in seconds.</summary>
+    public double CpuSeconds
+    {
+        get
+        {
+            _process.Refresh();
+            return _process.TotalProcessorTime.TotalSeconds;
+        }
+    }
+
     public static async Task<ChildServer> StartAsync(string what, CancellationToken ct)
     {
         var port = FreePort();

@@ -165,7 +165,7 @@ internal static class Transport
     /// request per batch. Counted from the first 10 % of the faults (or 0.3 s) until all are
     /// resolved or <paramref name="seconds"/> more have passed.
     /// </summary>
-    public static async Task<(double Rate, double MeanBatch)> ThroughputAsync(string url, int threads, int streams, int mms, int totalPages, double seconds, CancellationToken ct)
+    public static async Task<Throughput> ThroughputAsync(string url, int threads, int streams, int mms, int totalPages, double seconds, CancellationToken ct, Func<double>? serverCpu = null)
     {
         using var guest = CliCommands.Connect(url);
         var machine = (await guest.CreateMachineAsync(ct: ct).ConfigureAwait(false)).MachineId;
@@ -213,6 +213,7 @@ internal static class Transport
                 await Task.Delay(1, ct).ConfigureAwait(false);
             var h0 = Handled();
             var t0 = clock.Elapsed.TotalSeconds;
+            var cpu0 = serverCpu?.Invoke() ?? double.NaN;
             while (Handled() < total && clock.Elapsed.TotalSeconds - t0 < seconds)
             {
                 await Task.Delay(2, ct).ConfigureAwait(false);
@@ -222,8 +223,10 @@ internal static class Transport
                         await s.ConfigureAwait(false);
                 }
             }
-            var rate = (Handled() - h0) / (clock.Elapsed.TotalSeconds - t0);
-            return (rate, (double)Handled() / Math.Max(1, loops.Sum(l => l.Batches)));
+            var counted = Handled() - h0;
+            var rate = counted / (clock.Elapsed.TotalSeconds - t0);
+            var cpuPerFault = serverCpu is null ? double.NaN : (serverCpu() - cpu0) / Math.Max(1, counted);
+            return new Throughput(rate, (double)Handled() / Math.Max(1, loops.Sum(l => l.Batches)), cpuPerFault);
         }
         finally
         {
@@ -242,6 +245,27 @@ internal static class Transport
             foreach (var c in clients)
                 c.Dispose();
         }
+    }
+
+    /// <summary>A throughput run: resolved faults per second, faults per resolving request, and the server's CPU seconds per counted fault (NaN unless probed).</summary>
+    public readonly record struct Throughput(double Rate, double MeanBatch, double ServerCpuPerFault);
+
+    /// <summary>
+    /// The batched row, product beside floor: <paramref name="rounds"/> pairs of runs, floor
+    /// then product, back to back (as the round trips alternate in blocks), so a machine that
+    /// slows down or speeds up mid-run moves both. Returns the median run of each (by rate).
+    /// </summary>
+    public static async Task<(Throughput Product, Throughput Floor)> InterleavedThroughputAsync(string product, Func<double>? productCpu, string floor, Func<double>? floorCpu, int rounds, int totalPages, double seconds, CancellationToken ct)
+    {
+        var p = new List<Throughput>();
+        var f = new List<Throughput>();
+        for (var i = 0; i < rounds; i++)
+        {
+            f.Add(await ThroughputAsync(floor, 64, 1, 1, totalPages, seconds, ct, floorCpu).ConfigureAwait(false));
+            p.Add(await ThroughputAsync(product, 64, 1, 1, totalPages, seconds, ct, productCpu).ConfigureAwait(false));
+        }
+        static Throughput Median(List<Throughput> runs) => runs.OrderBy(r => r.Rate).ElementAt(runs.Count / 2);
+        return (Median(p), Median(f));
     }
 
     /// <summary>A Serve handler that un-protects every WP fault received since its last request in one request (what <see cref="FaultHandlerLoop"/> does), counting faults and requests.</summary>

@@ -28,8 +28,7 @@ public static class TelemetryServiceCollectionExtensions
         {
             b.AddMeter(ServerMetrics.MeterName, "Microsoft.AspNetCore.Hosting", "Microsoft.AspNetCore.Server.Kestrel");
             // Advice carries the same bounds; the view makes them explicit for every exporter.
-            b.AddView("uffdgrpc.userfault.duration", new ExplicitBucketHistogramConfiguration { Boundaries = ServerMetrics.LatencyBuckets });
-            b.AddView("uffdgrpc.userfault.phase.duration", new ExplicitBucketHistogramConfiguration { Boundaries = ServerMetrics.LatencyBuckets });
+            b.AddView("uffdgrpc.userfault.latency", new ExplicitBucketHistogramConfiguration { Boundaries = ServerMetrics.LatencyBuckets });
             if (prometheus)
                 b.AddPrometheusExporter(o => o.ScrapeResponseCacheDurationMilliseconds = 0);
             if (otlp is not null)

@@ -34,6 +34,9 @@ internal static class BenchSuite
     private const double WarmupSeconds = 1.5;
     // Pairs of batched runs (floor, product); the row prints the median of each.
     private const int BatchRounds = 3;
+    // Issue 12's batched target, 500k faults/s against its reference floor's 0.95 M/s, as the
+    // ratio to the floor it binds (the floor measured in the same run stands in for 0.95 M/s).
+    private const string BatchTarget = ">= 0.53 (500k/s at a 950k/s floor)";
 
     /// <summary>The parts of the run, in order (<c>--only</c> picks some).</summary>
     public static readonly string[] Sections = ["kernel", "roundtrip", "batch", "scaling", "memory"];
@@ -125,7 +128,7 @@ internal static class BenchSuite
                 {
                     const string B = "batched resolution: 64 threads faulting server-side (StartOp touches writing 0), one Serve handler, batches of <= 64";
                     var (pb, fb) = await Transport.InterleavedThroughputAsync(url, product is null ? null : () => product.CpuSeconds, floor.Url, () => floor.CpuSeconds, BatchRounds, 262_144, secs, ct).ConfigureAwait(false);
-                    rows.Add((B, new Row(string.Create(inv, $"resolved faults/s, median of {BatchRounds} runs alternating with the floor's (faults per request: {pb.MeanBatch:F1}; floor {fb.MeanBatch:F1})"), pb.Rate, "1/s", fb.Rate, "floor", ">= 500k/s")));
+                    rows.Add((B, new Row(string.Create(inv, $"resolved faults/s, median of {BatchRounds} runs alternating with the floor's (faults per request: {pb.MeanBatch:F1}; floor {fb.MeanBatch:F1})"), pb.Rate, "1/s", fb.Rate, "floor", BatchTarget)));
                     if (product is not null)
                         rows.Add((B, new Row("server CPU per resolved fault, all threads (in the same runs)", pb.ServerCpuPerFault * 1e6, "us", fb.ServerCpuPerFault * 1e6, "floor", "")));
                     ModelThroughput.Warm();

@@ -113,9 +113,13 @@ internal static class BenchSuite
                     var T = string.Create(inv, $"fault round trip over loopback (WP write -> handler -> un-protect -> access returns), one thread; product and floor alternate in blocks of {RoundTripBlock}");
                     foreach (var (serve, label) in new[] { (false, "ReadEvents + unary WRITEPROTECT"), (true, "Serve, one fault at a time") })
                     {
+                        var (pc0, fc0) = (product?.CpuSeconds ?? double.NaN, floor.CpuSeconds);
                         var (p, f) = await Transport.InterleavedRoundTripsAsync(url, floor.Url, serve, iters, warm, RoundTripBlock, ct).ConfigureAwait(false);
+                        var (pc, fc) = (((product?.CpuSeconds ?? double.NaN) - pc0) / (iters + warm), (floor.CpuSeconds - fc0) / (iters + warm));
                         rows.Add((T, new Row($"{label} p50", Transport.Percentile(p, 0.5), "us", Transport.Percentile(f, 0.5), "floor", "<= 1.25")));
                         rows.Add((T, new Row($"{label} p99", Transport.Percentile(p, 0.99), "us", Transport.Percentile(f, 0.99), "floor", "<= 1.25")));
+                        if (product is not null)
+                            rows.Add((T, new Row($"{label}: server CPU per round trip, all threads (the untimed re-protect call included)", pc * 1e6, "us", fc * 1e6, "floor", "")));
                     }
                     if (why is null)
                     {

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Xunit.Abstractions;
 
 namespace UffdGrpc.RecipeTests;
@@ -10,31 +9,11 @@ namespace UffdGrpc.RecipeTests;
 /// </summary>
 public sealed class SnapshotRestoreNodeTests(ITestOutputHelper output)
 {
-    private static string RepoRoot()
-    {
-        var d = new DirectoryInfo(AppContext.BaseDirectory);
-        while (d is not null && !File.Exists(Path.Combine(d.FullName, "UffdGrpc.sln")))
-            d = d.Parent;
-        return d?.FullName ?? throw new InvalidOperationException("no UffdGrpc.sln above the test directory");
-    }
-
     private static string? OnPath(string name) =>
         (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator).Select(dir => Path.Combine(dir, name)).FirstOrDefault(File.Exists);
 
-    private async Task<(int Rc, string Output)> RunAsync(string file, IEnumerable<string> args, string cwd)
-    {
-        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = cwd };
-        foreach (var a in args)
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(180));
-        await p.WaitForExitAsync(cts.Token);
-        var text = await stdout + await stderr;
-        output.WriteLine(text);
-        return (p.ExitCode, text);
-    }
+    private Task<(int Rc, string Output)> RunAsync(string file, IEnumerable<string> args, string cwd) =>
+        BuiltCli.RunProcessAsync(output, file, args, cwd, TimeSpan.FromSeconds(180));
 
     [SkippableFact]
     public async Task NodeHandlerPassesTheSnapshotRestoreCheckAndItsInOrderModeFailsIt()
@@ -42,7 +21,7 @@ public sealed class SnapshotRestoreNodeTests(ITestOutputHelper output)
         // Arrange: node, and the pinned packages (npm ci from package-lock.json when missing).
         var node = OnPath("node");
         Skip.If(node is null, "node is not installed (the Node handler test needs node >= 18 and npm)");
-        var dir = Path.Combine(RepoRoot(), "clients", "node");
+        var dir = Path.Combine(BuiltCli.RepoRoot, "clients", "node");
         if (!Directory.Exists(Path.Combine(dir, "node_modules", "@grpc", "grpc-js")))
         {
             var npm = OnPath("npm");
@@ -50,12 +29,12 @@ public sealed class SnapshotRestoreNodeTests(ITestOutputHelper output)
             var (npmRc, npmText) = await RunAsync(npm!, ["ci", "--no-audit", "--no-fund"], dir);
             Skip.If(npmRc != 0, "npm ci in clients/node failed (offline?): " + npmText.Split('\n').LastOrDefault(l => l.Length > 0));
         }
-        var cli = Path.Combine(RepoRoot(), "src", "UffdGrpc.Cli", "bin", "Release", "net10.0", "UffdGrpc.Cli.dll");
+        var cli = BuiltCli.Dll;
         string[] Args(params string[] extra) => [cli, "recipe", "snapshot-restore", "--processes", "--role-command", $"handler={node} {Path.Combine(dir, "snapshot_handler.js")}", .. extra];
 
         // Act
-        var (rc, text) = await RunAsync("dotnet", Args(), RepoRoot());
-        var (wrongRc, wrongText) = await RunAsync("dotnet", Args("--wrong-handler", "in-order"), RepoRoot());
+        var (rc, text) = await RunAsync("dotnet", Args(), BuiltCli.RepoRoot);
+        var (wrongRc, wrongText) = await RunAsync("dotnet", Args("--wrong-handler", "in-order"), BuiltCli.RepoRoot);
 
         // Assert
         Assert.True(rc == 0, text);

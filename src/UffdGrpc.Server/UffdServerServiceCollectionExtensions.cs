@@ -22,19 +22,14 @@ public static class UffdServerServiceCollectionExtensions
         {
             o.MaxReceiveMessageSize = MaxReceiveMessageSize;
             o.EnableDetailedErrors = false;
-            o.Interceptors.Add<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
-            o.Interceptors.Add<ServerErrorInterceptor>();
-            o.Interceptors.Add<UffdGrpc.Server.Security.AuthInterceptor>();
-            // Routes calls on kernel-backed address spaces (which are never journaled) to their backend.
-            o.Interceptors.Add<UffdGrpc.Server.Hosting.Kernel.KernelBackendInterceptor>();
-            // Outside the injection interceptor: a wire rule's decision is a journaled step.
-            o.Interceptors.Add<JournalInterceptor>();
-            o.Interceptors.Add<InjectionInterceptor>();
+            // Telemetry, errors, auth, the kernel backend, the journal and injection, in that
+            // order, as one interceptor (CallPipeline says why and what each stage does).
+            o.Interceptors.Add<CallPipeline>();
         });
         // A stopping server ends its streams and waits itself (MachineRegistry.Shutdown); the
         // host then has 5 s for everything else.
         services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(5));
-        // The interceptors hold no per-call state: one instance each for the server's life
+        // The interceptor stages hold no per-call state: one instance each for the server's life
         // (grpc-dotnet resolves a registered interceptor from DI; an unregistered one is
         // constructed and disposed on every call).
         services.TryAddSingleton<UffdGrpc.Server.Telemetry.TelemetryInterceptor>();
@@ -43,6 +38,7 @@ public static class UffdServerServiceCollectionExtensions
         services.TryAddSingleton<UffdGrpc.Server.Hosting.Kernel.KernelBackendInterceptor>();
         services.TryAddSingleton<JournalInterceptor>();
         services.TryAddSingleton<InjectionInterceptor>();
+        services.TryAddSingleton<CallPipeline>();
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();

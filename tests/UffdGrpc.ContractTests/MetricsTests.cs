@@ -60,6 +60,10 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         await c.Injection.AddRuleAsync(new AddRuleRequest { MachineId = s.Machine, Rule = new InjectRule { Site = InjectSite.MmapChanging, UffdId = s.Uffd, MaxFirings = 1 } });
         Assert.Equal(Errno.Eagain, await c.WriteprotectAsync(s.Uffd, A, Page, 1));
         await Assert.ThrowsAsync<RpcException>(() => c.GetThreadAsync(long.MaxValue));
+        // and one call with a token this server does not know (the telemetry stage runs
+        // outside authentication, so the refusal is counted with the status its client got).
+        using (var stranger = new UffdClient(fx.CreateChannel("not-a-token-of-this-server")))
+            Assert.Equal(StatusCode.Unauthenticated, (await Assert.ThrowsAsync<RpcException>(() => stranger.CreateMachineAsync())).StatusCode);
         var after = await ScrapeAsync();
 
         // Assert
@@ -90,6 +94,7 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioZeropage"), ("rpc_grpc_status", "OK")));
         Assert.Equal(3, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "UffdioWriteprotect"), ("rpc_grpc_status", "OK")));
         Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "GetThread"), ("rpc_grpc_status", "NotFound")));
+        Assert.Equal(1, Delta("uffdgrpc_rpc_calls_total", ("rpc_method", "CreateMachine"), ("rpc_grpc_status", "Unauthenticated")));
         Assert.Equal(1, Delta("uffdgrpc_injections_fired_total", ("site", "mmap_changing")));
         // Gauges (over every machine of the process): at least this machine's two copied pages (the zero page is free), its VMA and its process.
         Assert.True(after.Sum("uffdgrpc_resident_pages") >= 2);

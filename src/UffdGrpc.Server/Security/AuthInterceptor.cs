@@ -31,7 +31,9 @@ public sealed class AuthInterceptor : Interceptor
         // Health probes (orchestrators, load balancers) carry no credentials and see no machine.
         if (context.Method.StartsWith("/grpc.health.v1.Health/", StringComparison.Ordinal))
             return AuthOptions.AnonymousPrincipal;
-        var header = context.RequestHeaders.GetValue("authorization");
+        // Straight from the HTTP request: ServerCallContext.RequestHeaders would copy every
+        // header of every call into a Metadata collection first.
+        var header = AuthorizationHeader(context);
         if (header is not null)
         {
             const string scheme = "Bearer ";
@@ -52,6 +54,13 @@ public sealed class AuthInterceptor : Interceptor
             _ => false,
         };
         return allowed ? AuthOptions.AnonymousPrincipal : throw Unauthenticated("a bearer token is required (Auth:Anonymous is " + _anonymous + ")");
+    }
+
+    /// <summary>The call's authorization header, or null (the last one, as Metadata.GetValue would give).</summary>
+    private static string? AuthorizationHeader(ServerCallContext context)
+    {
+        var values = context.GetHttpContext().Request.Headers.Authorization;
+        return values.Count == 0 ? null : values[values.Count - 1];
     }
 
     /// <summary>The peer is this machine (or an in-process test server, which has no socket).</summary>

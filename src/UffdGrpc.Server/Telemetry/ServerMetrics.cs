@@ -18,7 +18,7 @@ namespace UffdGrpc.Server.Telemetry;
 /// faults a second), and an OpenTelemetry measurement with tags costs a tag-set lookup each.
 /// So a fault adds to plain totals (one interlocked add when raised, one when it ends) that
 /// the raised, ended and sleeping instruments observe at collection time, and records its
-/// phases into the one latency histogram: four measurements per fault, not twelve.
+/// phases into the one latency histogram: at most four measurements per fault, not twelve.
 /// </remarks>
 public sealed class ServerMetrics : IDisposable
 {

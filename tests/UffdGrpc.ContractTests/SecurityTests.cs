@@ -36,6 +36,15 @@ public sealed class SecurityTests(TokenServerFixture fx) : IClassFixture<TokenSe
         Assert.Equal(StatusCode.Unauthenticated, await StatusOf(() => anonymous.CreateMachineAsync()));
         using var wrong = new UffdClient(fx.CreateChannel("not-a-token-of-this-server"));
         Assert.Equal(StatusCode.Unauthenticated, await StatusOf(() => wrong.CreateMachineAsync()));
+        // Every call shape, the client stream (ImportMm) included: an image sent without a
+        // valid token lands in nobody's machine.
+        using var alice = As(TokenServerFixture.Alice);
+        await using var s = await Sandbox.CreateAsync(alice, pages: 1, registerMode: 2);
+        var image = await alice.ExportMmAsync(s.Mm);
+        var mms = (await alice.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine })).Mms.Count;
+        Assert.Equal(StatusCode.Unauthenticated, await StatusOf(() => anonymous.ImportMmAsync(s.Machine, image)));
+        Assert.Equal(StatusCode.Unauthenticated, await StatusOf(() => wrong.ImportMmAsync(s.Machine, image)));
+        Assert.Equal(mms, (await alice.Mm.ListMmsAsync(new ListMmsRequest { MachineId = s.Machine })).Mms.Count);
         var health = new Grpc.Health.V1.Health.HealthClient(fx.CreateChannel());
         Assert.Equal(Grpc.Health.V1.HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new Grpc.Health.V1.HealthCheckRequest())).Status);
     }

@@ -89,4 +89,11 @@ public sealed class AuthInterceptor : Interceptor
         Caller.Principal = Authenticate(context);
         return continuation(requestStream, responseStream, context);
     }
+
+    /// <summary>Client streams (ImportMm) are authenticated as every other call shape: the base interceptor would pass them on with no principal, which the registry reads as in-process use.</summary>
+    public override Task<TResponse> ClientStreamingServerHandler<TRequest, TResponse>(IAsyncStreamReader<TRequest> requestStream, ServerCallContext context, ClientStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        Caller.Principal = Authenticate(context);
+        return continuation(requestStream, context);
+    }
 }

@@ -22,7 +22,7 @@ internal static class BuiltCli
     public static Task<(int Rc, string Output)> RunAsync(ITestOutputHelper output, TimeSpan timeout, params string[] args) =>
         RunProcessAsync(output, "dotnet", [Dll, .. args], RepoRoot, timeout);
 
-    /// <summary>Runs <paramref name="file"/> to its end (or <paramref name="timeout"/>): its exit status and its stdout then stderr, also written to the test output.</summary>
+    /// <summary>Runs <paramref name="file"/> to its end: its exit status and its stdout then stderr, also written to the test output. Past <paramref name="timeout"/> the process and everything it started are killed and the wait throws.</summary>
     public static async Task<(int Rc, string Output)> RunProcessAsync(ITestOutputHelper output, string file, IEnumerable<string> args, string cwd, TimeSpan timeout)
     {
         var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = cwd };
@@ -32,7 +32,16 @@ internal static class BuiltCli
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         using var cts = new CancellationTokenSource(timeout);
-        await p.WaitForExitAsync(cts.Token);
+        try
+        {
+            await p.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            // Out of time: nothing it started (the bench's servers, a recipe's roles) outlives the test.
+            p.Kill(entireProcessTree: true);
+            throw;
+        }
         var text = await stdout + await stderr;
         output.WriteLine(text);
         return (p.ExitCode, text);

@@ -10,9 +10,6 @@ namespace UffdGrpc.Server.Services;
 /// <summary>The handler streams: ReadEvents (messages out) and Serve (messages out, resolutions in).</summary>
 public sealed partial class UserfaultfdService
 {
-    private const int DefaultBatch = 64;
-    private const int MaxBatch = 1024;
-
     /// <summary>
     /// Reads up to <paramref name="max"/> messages under the machine lock (they leave the
     /// queue now: a read FORK installs the child uffd, a read event completes and its syscall
@@ -153,10 +150,9 @@ public sealed partial class UserfaultfdService
     }
 
     /// <summary>
-    /// The batched handler stream. One loop reads messages for this stream (as ReadEvents
-    /// does, many per response); the request loop runs each request's resolutions in order
-    /// under one machine lock and answers them in one response. Responses are written one at
-    /// a time (the stream writer is not concurrent).
+    /// The batched handler stream (<see cref="ServeStream"/>). One loop reads messages for
+    /// this stream (as ReadEvents does, many per response); each request's resolutions run in
+    /// order under one machine lock and are answered in one response.
     /// </summary>
     public override async Task Serve(IAsyncStreamReader<ServeRequest> requestStream, IServerStreamWriter<ServeResponse> responseStream, ServerCallContext context)
     {
@@ -166,37 +162,16 @@ public sealed partial class UserfaultfdService
         var first = requestStream.Current;
         var u = registry.Uffd(first.UffdId);
         using var lease = registry.Quotas.OpenStream();
-        RequestErrors.Require(first.MaxMessages <= MaxBatch, "max_messages", $"0 (the default, {DefaultBatch}) to {MaxBatch}");
-        var max = first.MaxMessages == 0 ? DefaultBatch : (int)first.MaxMessages;
-        using var writeGate = new SemaphoreSlim(1, 1);
+        var max = ServeStream.MaxMessages(first);
 
-        async Task WriteAsync(ServeResponse r)
+        Task<IEnumerable<ResolutionResult>> ResolveAsync(ServeRequest req)
         {
-            await writeGate.WaitAsync(ct).ConfigureAwait(false);
-            try
-            {
-                await EventStream.WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
-            }
-            finally
-            {
-                writeGate.Release();
-            }
-        }
-
-        async Task ResolveAsync(ServeRequest req)
-        {
-            if (req.UffdId != 0 && req.UffdId != u.Id)
-                throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
-            if (req.Resolutions.Count == 0)
-                return;
             // This message is the resolving call: the metrics' handling phase ends here.
             CallClock.ReceivedAt = System.Diagnostics.Stopwatch.GetTimestamp();
-            var response = new ServeResponse();
-            response.Results.AddRange(RunResolutions(u, req.Resolutions, journaledAsResolve: true).Results);
-            await WriteAsync(response).ConfigureAwait(false);
+            return Task.FromResult<IEnumerable<ResolutionResult>>(RunResolutions(u, req.Resolutions, journaledAsResolve: true).Results);
         }
 
-        async Task ReadLoopAsync(CancellationToken token)
+        async Task ReadLoopAsync(Func<ServeResponse, Task> write, CancellationToken token)
         {
             long delivered = 0;
             while (!token.IsCancellationRequested && !ct.IsCancellationRequested)
@@ -208,7 +183,7 @@ public sealed partial class UserfaultfdService
                     await BeforeDeliverAsync(u, "uffd.v1.UserfaultfdService/Serve", token).ConfigureAwait(false);
                     var r = new ServeResponse();
                     r.Messages.AddRange(msgs);
-                    await WriteAsync(r).ConfigureAwait(false);
+                    await write(r).ConfigureAwait(false);
                     delivered += msgs.Count;
                     continue;
                 }
@@ -222,7 +197,7 @@ public sealed partial class UserfaultfdService
         Log.EventStreamOpened(logger, u.Id);
         try
         {
-            await ServeStream.RunAsync(first, requestStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
+            await ServeStream.RunAsync(first, u.Id, requestStream, responseStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
         }
         finally
         {

@@ -178,7 +178,7 @@ public sealed partial class UserfaultfdService(MachineRegistry registry, ILogger
     public override Task<ResolveResponse> Resolve(ResolveRequest request, ServerCallContext context)
     {
         var u = registry.Uffd(request.UffdId);
-        RequestErrors.Require(request.Resolutions.Count <= MaxBatch, "resolutions", $"at most {MaxBatch}");
+        RequestErrors.Require(request.Resolutions.Count <= ServeStream.MaxBatch, "resolutions", $"at most {ServeStream.MaxBatch}");
         return Task.FromResult(RunResolutions(u, request.Resolutions, journaledAsResolve: false));
     }
 

@@ -38,35 +38,11 @@ public sealed partial class KernelBackend
         var ct = context.CancellationToken;
         var u = Get<KernelUffdEntry>(first.UffdId, "uffd_id");
         using var lease = _registry.Quotas.OpenStream();
-        RequestErrors.Require(first.MaxMessages <= 1024, "max_messages", "0 (the default, 64) to 1024");
-        var max = first.MaxMessages == 0 ? 64 : (int)first.MaxMessages;
-        using var writeGate = new SemaphoreSlim(1, 1);
+        var max = ServeStream.MaxMessages(first);
 
-        async Task WriteAsync(ServeResponse r)
-        {
-            await writeGate.WaitAsync(ct).ConfigureAwait(false);
-            try
-            {
-                await EventStream.WriteOrEndAsync(responseStream, r, ct).ConfigureAwait(false);
-            }
-            finally
-            {
-                writeGate.Release();
-            }
-        }
+        async Task<IEnumerable<ResolutionResult>> ResolveAsync(ServeRequest req) => (await RunBatchAsync(u, req.Resolutions).ConfigureAwait(false)).Results;
 
-        async Task ResolveAsync(ServeRequest req)
-        {
-            if (req.UffdId != 0 && req.UffdId != u.Id)
-                throw RequestErrors.Invalid("uffd_id", "0 or the stream's uffd after the first message");
-            if (req.Resolutions.Count == 0)
-                return;
-            var response = new ServeResponse();
-            response.Results.AddRange((await RunBatchAsync(u, req.Resolutions).ConfigureAwait(false)).Results);
-            await WriteAsync(response).ConfigureAwait(false);
-        }
-
-        async Task ReadLoopAsync(CancellationToken token)
+        async Task ReadLoopAsync(Func<ServeResponse, Task> write, CancellationToken token)
         {
             while (!token.IsCancellationRequested)
             {
@@ -75,7 +51,7 @@ public sealed partial class KernelBackend
                 {
                     var r = new ServeResponse();
                     r.Messages.AddRange(msgs);
-                    await WriteAsync(r).ConfigureAwait(false);
+                    await write(r).ConfigureAwait(false);
                     continue;
                 }
                 if (wait is null)
@@ -84,7 +60,7 @@ public sealed partial class KernelBackend
             }
         }
 
-        await ServeStream.RunAsync(first, requestStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
+        await ServeStream.RunAsync(first, u.Id, requestStream, responseStream, ResolveAsync, ReadLoopAsync, ct).ConfigureAwait(false);
     }
 
     /// <summary>ListMms of a machine that holds kernel-backed address spaces: the model's and the kernel's, in id order.</summary>

@@ -58,6 +58,11 @@ public sealed class LifecycleTests(GrpcTestFixture fx) : IClassFixture<GrpcTestF
         const ulong len = 1UL << 30;
         await using var s = await Sandbox.CreateAsync(c);
         Assert.True((await c.MmapAsync(s.Mm, A, len, 3)).IsOk());
+        // The other client's channel is open and its calls' paths warm before the populate
+        // starts: under a loaded suite its first call (connection set-up, JIT) could otherwise
+        // arrive after the whole populate.
+        Assert.Equal(ThreadState.Idle, (await other.GetThreadAsync(s.Thread)).State);
+        Assert.Single(await other.PagemapAsync(s.Mm, A + len - Page, 1));
         var start = await c.StartOpAsync(s.Thread, new ThreadOp { Populate = new PopulateOp { Start = A, Len = len, Write = true } });
         var worst = TimeSpan.Zero;
         var sawRunning = 0;

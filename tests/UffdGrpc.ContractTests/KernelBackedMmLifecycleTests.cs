@@ -1,5 +1,3 @@
-using UffdGrpc.Server.Hosting.Kernel;
-
 namespace UffdGrpc.ContractTests;
 
 /// <summary>A server with the kernel backend on but its helper missing (as on a host that cannot build or run it).</summary>
@@ -18,27 +16,19 @@ public sealed class KernelBackendOffTests(KernelBackendOffFixture fx, KernelBack
     [Fact]
     public async Task A_host_that_cannot_run_the_backend_refuses_it_with_the_reason()
     {
-        var c = noHelper.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await noHelper.InMachineAsync(async (c, m) =>
         {
             var ex = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, MmBackend.Kernel));
             Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
             Assert.Contains("cannot run the kernel backend", ex.Status.Detail, StringComparison.Ordinal);
             Assert.Empty((await c.GetMachineAsync(m)).MmIds);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
+        });
     }
 
     [Fact]
     public async Task A_kernel_backed_address_space_is_refused_unless_the_server_enables_the_backend()
     {
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var ex = await Assert.ThrowsAsync<RpcException>(() => c.CreateMmAsync(m, MmBackend.Kernel));
             Assert.Equal(StatusCode.FailedPrecondition, ex.StatusCode);
@@ -49,11 +39,7 @@ public sealed class KernelBackendOffTests(KernelBackendOffFixture fx, KernelBack
             // The model's backend, named or not, is what it always was.
             var mm = await c.CreateMmAsync(m, MmBackend.Model);
             Assert.Equal(MmBackend.Model, (await c.Mm.GetMmAsync(new GetMmRequest { MmId = mm })).Mm.Backend);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
+        });
     }
 }
 
@@ -68,13 +54,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
     private const ulong X = 0x1000_0000_0000;
     private static readonly TimeSpan s_wait = TimeSpan.FromSeconds(20);
 
-    private void SkipUnlessHostCanRun()
-    {
-        var why = KernelBackend.HostUnavailable();
-        if (why is not null)
-            output.WriteLine("skipped: " + why);
-        Skip.If(why is not null, why);
-    }
+    private void SkipUnlessHostCanRun() => KernelBackendFixture.SkipUnlessHostCanRun(output);
 
     /// <summary>The pids of the uffd-helper children of <paramref name="parent"/> (this process by default).</summary>
     private static HashSet<int> HelperPids(int parent = 0)
@@ -135,9 +115,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
     public async Task Calls_the_kernel_backend_does_not_serve_are_refused_by_name_and_change_nothing()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             var t = (await c.CreateThreadAsync(mm)).ThreadId;
@@ -160,21 +138,14 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             var threads = await c.Threads.ListThreadsAsync(new ListThreadsRequest { MmId = mm });
             Assert.Equal(t, Assert.Single(threads.Threads).ThreadId);
             Assert.Equal(ThreadState.Idle, threads.Threads[0].State);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
-        Assert.Empty(fx.Errors);
+        });
     }
 
     [SkippableFact]
     public async Task Mapped_bytes_per_address_space_and_helpers_per_server_are_limited()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             Assert.True((await c.MmapAsync(mm, X, 1 << 20, 3)).IsOk());
@@ -192,11 +163,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             Assert.Contains("KernelHelpersPerServer", limit.Status.Detail, StringComparison.Ordinal);
             await c.DestroyMmAsync(third);
             await c.CreateMmAsync(m, MmBackend.Kernel);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
+        });
     }
 
     [SkippableFact]
@@ -237,9 +204,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
     public async Task A_helper_that_dies_breaks_its_address_space_and_fails_its_waiters()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var (mm, pid) = await CreateKernelMmAsync(c, m);
             var access = await BlockedAccessAsync(c, mm);
@@ -253,11 +218,7 @@ public sealed class KernelBackedMmLifecycleTests(KernelBackendFixture fx, Xunit.
             using var cts = new CancellationTokenSource(s_wait);
             while (Directory.Exists($"/proc/{pid}"))
                 await Task.Delay(10, cts.Token);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
+        });
     }
 
     [SkippableFact]

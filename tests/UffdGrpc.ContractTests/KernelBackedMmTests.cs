@@ -12,6 +12,15 @@ public sealed class KernelBackendFixture : GrpcTestFixture
         ["Limits:KernelHelpersPerServer"] = "3",
         ["Limits:KernelMmBytes"] = (1 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture),
     };
+
+    /// <summary>Skips the test, printing the reason, where this host cannot run the kernel backend.</summary>
+    public static void SkipUnlessHostCanRun(ITestOutputHelper output)
+    {
+        var why = KernelBackend.HostUnavailable();
+        if (why is not null)
+            output.WriteLine("skipped: " + why);
+        Skip.If(why is not null, why);
+    }
 }
 
 /// <summary>A server as configured by default: the kernel backend is off.</summary>
@@ -33,13 +42,7 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
     private const uint Rw = 3;
     private static readonly TimeSpan s_wait = TimeSpan.FromSeconds(20);
 
-    private void SkipUnlessHostCanRun()
-    {
-        var why = KernelBackend.HostUnavailable();
-        if (why is not null)
-            output.WriteLine("skipped: " + why);
-        Skip.If(why is not null, why);
-    }
+    private void SkipUnlessHostCanRun() => KernelBackendFixture.SkipUnlessHostCanRun(output);
 
     private static Task<AccessResponse> AccessCall(UffdClient c, long thread, AccessOp op, CancellationToken ct = default) =>
         c.Threads.AccessAsync(new AccessRequest { ThreadId = thread, Access = op }, cancellationToken: ct).ResponseAsync;
@@ -48,9 +51,7 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
     public async Task A_write_to_a_write_protected_page_sleeps_in_the_kernel_until_a_ReadEvents_handler_unprotects_it()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             Assert.Equal(MmBackend.Kernel, (await c.Mm.GetMmAsync(new GetMmRequest { MmId = mm })).Mm.Backend);
@@ -86,21 +87,14 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
             Assert.Equal(1u, r.Done);
             Assert.Equal(0x22, (await c.ReadAsync(t.ThreadId, X)).Values[0]);
             Assert.False((await c.PagemapAsync(mm, X, 1))[0].UffdWp);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
-        Assert.Empty(fx.Errors);
+        });
     }
 
     [SkippableFact]
     public async Task A_missing_fault_is_resolved_by_UFFDIO_COPY_through_Serve_with_the_kernel_s_copy_field()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             Assert.True((await c.MmapAsync(mm, X, 2 * Page, Rw)).IsOk());
@@ -127,21 +121,14 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
             var again = await c.CopyAsync(u, X + Page, data);
             Assert.Equal(Errno.Eexist, again.Errno);
             Assert.Equal(-17, again.Field);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
-        Assert.Empty(fx.Errors);
+        });
     }
 
     [SkippableFact]
     public async Task StartOp_results_come_from_WaitOp_or_TakeCompletions()
     {
         SkipUnlessHostCanRun();
-        var c = fx.NewClient();
-        var m = (await c.CreateMachineAsync()).MachineId;
-        try
+        await fx.InMachineAsync(async (c, m) =>
         {
             var mm = await c.CreateMmAsync(m, MmBackend.Kernel);
             Assert.True((await c.MmapAsync(mm, X, 2 * Page, Rw)).IsOk());
@@ -175,12 +162,7 @@ public sealed class KernelBackedMmTests(KernelBackendFixture fx, ITestOutputHelp
             Assert.Equal(1u, r.Done);
             var gone = await Assert.ThrowsAsync<RpcException>(() => c.WaitOpAsync(second.OpId));
             Assert.Equal(StatusCode.NotFound, gone.StatusCode);
-        }
-        finally
-        {
-            await c.DestroyMachineAsync(m);
-        }
-        Assert.Empty(fx.Errors);
+        });
     }
 
     /// <summary>One sequence of calls, printed one line per outcome (errnos, result fields, pagemap bits, event fields).</summary>

@@ -18,6 +18,25 @@ public class GrpcTestFixture : WebApplicationFactory<Program>
 
     public IReadOnlyCollection<string> Errors => _errors;
 
+    /// <summary>
+    /// Runs <paramref name="body"/> with a new client and a machine of its own, destroys the
+    /// machine whatever the body did, then asserts the server logged no error.
+    /// </summary>
+    public async Task InMachineAsync(Func<UffdClient, long, Task> body)
+    {
+        var c = NewClient();
+        var m = (await c.CreateMachineAsync()).MachineId;
+        try
+        {
+            await body(c, m);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(m);
+        }
+        Assert.Empty(Errors);
+    }
+
     public GrpcChannel Channel => _channel ??= CreateChannel();
 
     public GrpcChannel CreateChannel(string? bearerToken = null)

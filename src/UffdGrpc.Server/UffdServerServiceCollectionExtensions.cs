@@ -39,6 +39,15 @@ public static class UffdServerServiceCollectionExtensions
         services.TryAddSingleton<JournalInterceptor>();
         services.TryAddSingleton<InjectionInterceptor>();
         services.TryAddSingleton<CallPipeline>();
+        // The services hold no per-call state either: registered, they are resolved, not
+        // constructed with their dependencies on every call.
+        services.TryAddSingleton<UffdGrpc.Server.Services.MachineService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.MmService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.ThreadService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.UserfaultfdService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.FaultInjectionService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.WorkloadService>();
+        services.TryAddSingleton<UffdGrpc.Server.Services.MigrationMetricsService>();
         services.AddGrpcReflection();
         services.AddGrpcHealthChecks().AddCheck("model", () => HealthCheckResult.Healthy("in-memory model"));
         services.AddSingleton<MachineRegistry>();

@@ -98,21 +98,25 @@ internal static class BenchSuite
             {
                 var url = server ?? product!.Url;
                 var secs = quick ? 1.0 : 2.0;
-                // Warm-up, untimed: every RPC shape and the fault path on both servers until
-                // tiered JIT has compiled them (it otherwise takes a CPU of the two mid-run).
-                foreach (var u in new[] { floor.Url, url })
-                {
-                    await Transport.RoundTripAsync(u, false, 1, WarmupTrips, ct).ConfigureAwait(false);
-                    await Transport.RoundTripAsync(u, true, 1, WarmupTrips, ct).ConfigureAwait(false);
-                    await Transport.ThroughputAsync(u, 64, 1, 1, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
-                    await Transport.ThroughputAsync(u, 256, 4, 8, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
-                }
+                // Warm-up, untimed, on both servers until tiered JIT has compiled the path (it
+                // otherwise takes a CPU of the two mid-run): each section's own shapes, right
+                // before its rows. The round trips come first, warmed by round trips only: after
+                // the throughput runs' hundreds of thousands of faults the product's unary round
+                // trips cost more CPU for a while (its row read 1.3-1.9x the floor's CPU, against
+                // 1.1-1.5x warmed by round trips alone), which is a row about heavy load, not
+                // about one fault.
                 if (Want("roundtrip"))
                 {
+                    foreach (var u in new[] { floor.Url, url })
+                    {
+                        await Transport.RoundTripAsync(u, false, 1, WarmupTrips, ct).ConfigureAwait(false);
+                        await Transport.RoundTripAsync(u, true, 1, WarmupTrips, ct).ConfigureAwait(false);
+                    }
                     var (iters, warm) = quick ? (500, 500) : (3000, 1000);
                     var T = string.Create(inv, $"fault round trip over loopback (WP write -> handler -> un-protect -> access returns), one thread; product and floor alternate in blocks of {RoundTripBlock}");
                     foreach (var (serve, label) in new[] { (false, "ReadEvents + unary WRITEPROTECT"), (true, "Serve, one fault at a time") })
                     {
+                        await ChildServer.SettleAsync(ct, product, floor).ConfigureAwait(false);
                         var (pc0, fc0) = (product?.CpuSeconds ?? double.NaN, floor.CpuSeconds);
                         var (p, f) = await Transport.InterleavedRoundTripsAsync(url, floor.Url, serve, iters, warm, RoundTripBlock, ct).ConfigureAwait(false);
                         var (pc, fc) = (((product?.CpuSeconds ?? double.NaN) - pc0) / (iters + warm), (floor.CpuSeconds - fc0) / (iters + warm));
@@ -128,10 +132,18 @@ internal static class BenchSuite
                         rows.Add((T, new Row("(the kernel's, handler on the other vCPU, p99)", x99, "us", double.NaN, "none", "")));
                     }
                 }
+                if (Want("batch") || Want("scaling"))
+                {
+                    foreach (var u in new[] { floor.Url, url })
+                    {
+                        await Transport.ThroughputAsync(u, 64, 1, 1, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
+                        await Transport.ThroughputAsync(u, 256, 4, 8, 65_536, WarmupSeconds, ct).ConfigureAwait(false);
+                    }
+                }
                 if (Want("batch"))
                 {
                     const string B = "batched resolution: 64 threads faulting server-side (StartOp touches writing 0), one Serve handler, batches of <= 64";
-                    var (pb, fb) = await Transport.InterleavedThroughputAsync(url, product is null ? null : () => product.CpuSeconds, floor.Url, () => floor.CpuSeconds, BatchRounds, 262_144, secs, ct).ConfigureAwait(false);
+                    var (pb, fb) = await Transport.InterleavedThroughputAsync(url, product is null ? null : () => product.CpuSeconds, floor.Url, () => floor.CpuSeconds, () => ChildServer.SettleAsync(ct, product, floor), BatchRounds, 262_144, secs, ct).ConfigureAwait(false);
                     rows.Add((B, new Row(string.Create(inv, $"resolved faults/s, median of {BatchRounds} runs alternating with the floor's (faults per request: {pb.MeanBatch:F1}; floor {fb.MeanBatch:F1})"), pb.Rate, "1/s", fb.Rate, "floor", BatchTarget)));
                     if (product is not null)
                         rows.Add((B, new Row("server CPU per resolved fault, all threads (in the same runs)", pb.ServerCpuPerFault * 1e6, "us", fb.ServerCpuPerFault * 1e6, "floor", "")));
@@ -146,6 +158,7 @@ internal static class BenchSuite
                         double one = 0;
                         foreach (var threads in new[] { 1, 8, 64, 256 })
                         {
+                            await ChildServer.SettleAsync(ct, product).ConfigureAwait(false);
                             var (rate, perRequest, _) = await Transport.ThroughputAsync(url, threads, streams, mms, 65_536, secs * 0.75, ct).ConfigureAwait(false);
                             if (threads == 1)
                                 one = rate;
@@ -180,7 +193,7 @@ internal static class BenchSuite
         o.WriteLine(why is null
             ? "kernel anchors: measured live on this host (root, userfaultfd) with the same operations and sizes; ref = the reference machine (issue 12)"
             : $"kernel anchors: the reference machine's figures (Linux 6.18, 2 vCPUs): this host cannot be measured ({why})");
-        o.WriteLine(string.Create(inv, $"JIT warm-up: {ModelRows.WarmupSeconds:F1} s per in-process operation before timing; servers run with DOTNET_TC_CallCountingDelayMs=0 and first serve {WarmupTrips} untimed round trips of each shape and {WarmupSeconds:F1} s of untimed faults in two layouts; each round-trip row then warms up with {(quick ? 500 : 1000)} more; throughput counts after the first 10 % of faults (or 0.3 s)"));
+        o.WriteLine(string.Create(inv, $"JIT warm-up: {ModelRows.WarmupSeconds:F1} s per in-process operation before timing; servers run with DOTNET_TC_CallCountingDelayMs=0 and serve {WarmupTrips} untimed round trips of each shape before the round-trip rows and {WarmupSeconds:F1} s of untimed faults in two layouts before the throughput rows; each round-trip row then warms up with {(quick ? 500 : 1000)} more; every measured row starts once the servers are quiet (at most 10 ms of CPU in 200 ms, or {ChildServer.SettleLimit.TotalSeconds:F0} s); throughput counts after the first 10 % of faults (or 0.3 s)"));
         o.WriteLine(server is null ? "servers: the product (UffdGrpc.Server) and the floor (bench-floor), each its own process on a loopback port this run picked" : $"servers: the product at {server}, the floor (bench-floor) its own process on a loopback port this run picked");
         string? section = null;
         foreach (var (sec, r) in rows)

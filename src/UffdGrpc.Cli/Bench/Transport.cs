@@ -253,15 +253,18 @@ internal static class Transport
     /// <summary>
     /// The batched row, product beside floor: <paramref name="rounds"/> pairs of runs, floor
     /// then product, back to back (as the round trips alternate in blocks), so a machine that
-    /// slows down or speeds up mid-run moves both. Returns the median run of each (by rate).
+    /// slows down or speeds up mid-run moves both; each run starts once <paramref name="settle"/>
+    /// says the servers are quiet. Returns the median run of each (by rate).
     /// </summary>
-    public static async Task<(Throughput Product, Throughput Floor)> InterleavedThroughputAsync(string product, Func<double>? productCpu, string floor, Func<double>? floorCpu, int rounds, int totalPages, double seconds, CancellationToken ct)
+    public static async Task<(Throughput Product, Throughput Floor)> InterleavedThroughputAsync(string product, Func<double>? productCpu, string floor, Func<double>? floorCpu, Func<Task> settle, int rounds, int totalPages, double seconds, CancellationToken ct)
     {
         var p = new List<Throughput>();
         var f = new List<Throughput>();
         for (var i = 0; i < rounds; i++)
         {
+            await settle().ConfigureAwait(false);
             f.Add(await ThroughputAsync(floor, 64, 1, 1, totalPages, seconds, ct, floorCpu).ConfigureAwait(false));
+            await settle().ConfigureAwait(false);
             p.Add(await ThroughputAsync(product, 64, 1, 1, totalPages, seconds, ct, productCpu).ConfigureAwait(false));
         }
         static Throughput Median(List<Throughput> runs) => runs.OrderBy(r => r.Rate).ElementAt(runs.Count / 2);

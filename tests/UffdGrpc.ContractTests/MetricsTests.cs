@@ -1,4 +1,6 @@
 using System.Diagnostics;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.Extensions.Logging;
 
 namespace UffdGrpc.ContractTests;
 
@@ -153,5 +155,60 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         var missing = Assert.Single(seen, a => a.DisplayName == "uffd.v1.MachineService/GetMachine" && Equals(a.GetTagItem("uffd.machine_id"), long.MaxValue));
         Assert.Equal(ActivityStatusCode.Error, missing.Status);
         Assert.Equal((int)StatusCode.NotFound, missing.GetTagItem("rpc.grpc.status_code"));
+    }
+
+    [Fact]
+    public async Task An_rpc_activity_continues_the_callers_trace_from_its_traceparent_header()
+    {
+        // The server makes no ASP.NET Core request activity (its Hosting.Diagnostics logger is
+        // off), so the RPC's own activity must read the caller's trace context itself. This
+        // class's fixture logs every category to the console, which brings the request activity
+        // back; a host logging as the server is configured to does not.
+        using var host = new ServerLoggingFixture();
+        var c = host.NewClient();
+        var seen = new System.Collections.Concurrent.ConcurrentQueue<Activity>();
+        using var listener = new ActivityListener
+        {
+            ShouldListenTo = source => source.Name == "UffdGrpc.Server",
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = seen.Enqueue,
+        };
+        ActivitySource.AddActivityListener(listener);
+        var traceId = ActivityTraceId.CreateRandom();
+        var parentSpan = ActivitySpanId.CreateRandom();
+        var headers = new Metadata
+        {
+            { "traceparent", $"00-{traceId.ToHexString()}-{parentSpan.ToHexString()}-01" },
+            { "tracestate", "vendor=uffd" },
+        };
+
+        var created = await c.Machines.CreateMachineAsync(new CreateMachineRequest(), headers);
+        try
+        {
+            var a = Assert.Single(seen, a => a.DisplayName == "uffd.v1.MachineService/CreateMachine" && a.TraceId == traceId);
+            Assert.Equal(parentSpan, a.ParentSpanId);
+            Assert.True(a.HasRemoteParent);
+            Assert.Equal("vendor=uffd", a.TraceStateString);
+
+            // Without the header the activity starts a trace of its own.
+            await c.GetMachineAsync(created.Machine.MachineId);
+            var root = Assert.Single(seen, a => a.DisplayName == "uffd.v1.MachineService/GetMachine" && Equals(a.GetTagItem("uffd.machine_id"), created.Machine.MachineId));
+            Assert.Equal(default, root.ParentSpanId);
+            Assert.NotEqual(traceId, root.TraceId);
+        }
+        finally
+        {
+            await c.DestroyMachineAsync(created.Machine.MachineId);
+        }
+    }
+
+    /// <summary>A test server whose console logger leaves ASP.NET Core's request diagnostics off, as the server's configuration does.</summary>
+    private sealed class ServerLoggingFixture : GrpcTestFixture
+    {
+        protected override void ConfigureWebHost(IWebHostBuilder builder)
+        {
+            base.ConfigureWebHost(builder);
+            builder.ConfigureLogging(l => l.AddFilter<Microsoft.Extensions.Logging.Console.ConsoleLoggerProvider>("Microsoft.AspNetCore.Hosting.Diagnostics", LogLevel.None));
+        }
     }
 }

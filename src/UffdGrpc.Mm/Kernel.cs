@@ -602,6 +602,16 @@ public sealed partial class Kernel
         return fn();
     }
 
+    /// <summary>
+    /// Runs <paramref name="fn"/> on <paramref name="state"/> under the machine lock (woken
+    /// threads run afterwards): with a static lambda, a call allocates no closure.
+    /// </summary>
+    public T Locked<TState, T>(TState state, Func<TState, T> fn)
+    {
+        using var _ = Enter();
+        return fn(state);
+    }
+
     /// <summary>Runs <paramref name="fn"/> under the machine lock (woken threads run afterwards).</summary>
     public void Locked(Action fn)
     {

@@ -109,17 +109,39 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
     /// request error) leaves the lock released but the state untrustworthy: the machine is
     /// marked broken, every waiter is failed, and the call fails with INTERNAL.
     /// </summary>
-    public T Run<T>(Func<T> fn)
+    public T Run<T>(Func<T> fn) => RunCore(fn, static f => f());
+
+    /// <summary>Runs <paramref name="fn"/> under the machine lock (see <see cref="Run{T}"/>).</summary>
+    public void Run(Action fn) => RunCore(fn, static f =>
+    {
+        f();
+        return 0;
+    });
+
+    /// <summary>
+    /// <see cref="Run{T}"/> for a function of <paramref name="state"/>: the lock, the journal
+    /// step and the call clock go through one state value, so a call allocates no closure of
+    /// its own around the caller's (one per call on the fault path, with the Action form's).
+    /// </summary>
+    private T RunCore<TState, T>(TState state, Func<TState, T> fn)
     {
         try
         {
-            var received = CallClock.ReceivedAt;
-            if (Journal is not { } journal || JournalCall.Current is not { } call)
-                return Kernel.Locked(() => Stamped(received, fn));
-            return Kernel.Locked(() =>
+            var journaled = Journal is { } journal && JournalCall.Current is { } call ? (journal, call) : default;
+            return Kernel.Locked((Host: this, Received: CallClock.ReceivedAt, Journaled: journaled, State: state, Fn: fn), static s =>
             {
-                journal.Stamp(this, call);
-                return Stamped(received, fn);
+                s.Journaled.journal?.Stamp(s.Host, s.Journaled.call!);
+                var kernel = s.Host.Kernel;
+                var previous = kernel.CallReceivedAt;
+                kernel.CallReceivedAt = s.Received;
+                try
+                {
+                    return s.Fn(s.State);
+                }
+                finally
+                {
+                    kernel.CallReceivedAt = previous;
+                }
             });
         }
         catch (Exception ex) when (ex is not RpcException)
@@ -128,28 +150,6 @@ public sealed class MachineHost(long id, Model.Kernel kernel, string owner)
             throw new RpcException(new Status(StatusCode.Internal, $"model error on machine {Id}: {ex.GetType().Name}: {ex.Message}"));
         }
     }
-
-    /// <summary>Runs <paramref name="fn"/> with the model told when the current call arrived (<see cref="Model.Kernel.CallReceivedAt"/>). Caller holds the kernel lock.</summary>
-    private T Stamped<T>(long received, Func<T> fn)
-    {
-        var previous = Kernel.CallReceivedAt;
-        Kernel.CallReceivedAt = received;
-        try
-        {
-            return fn();
-        }
-        finally
-        {
-            Kernel.CallReceivedAt = previous;
-        }
-    }
-
-    /// <summary>Runs <paramref name="fn"/> under the machine lock (see <see cref="Run{T}"/>).</summary>
-    public void Run(Action fn) => Run(() =>
-    {
-        fn();
-        return 0;
-    });
 
     /// <summary>Runs the next chunk of the operations that yielded (a model error breaks the machine, as in any call).</summary>
     internal void ContinueYielded()

@@ -131,10 +131,9 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
             if (request is IMessage m)
                 TagIds(activity, m);
         }
-        var tags = new TagList { { "rpc.service", service }, { "rpc.method", method } };
         if (stream)
-            metrics.OpenStreams.Add(1, tags);
-        return new Call(metrics, activity, tags, stream);
+            metrics.OpenStreams.Add(1, new KeyValuePair<string, object?>("rpc.service", service), new KeyValuePair<string, object?>("rpc.method", method));
+        return new Call(metrics, activity, service, method, stream);
     }
 
     /// <summary>
@@ -179,7 +178,8 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
         }
     }
 
-    private sealed class Call(ServerMetrics metrics, Activity? activity, TagList tags, bool stream) : IDisposable
+    /// <summary>One call in progress: what its end records (the tags are made then, not kept: a TagList is 150 bytes).</summary>
+    private sealed class Call(ServerMetrics metrics, Activity? activity, string service, string method, bool stream) : IDisposable
     {
         public StatusCode Status { get; set; } = StatusCode.Unknown;
 
@@ -192,11 +192,11 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
 
         public void Dispose()
         {
+            var rpcService = new KeyValuePair<string, object?>("rpc.service", service);
+            var rpcMethod = new KeyValuePair<string, object?>("rpc.method", method);
             if (stream)
-                metrics.OpenStreams.Add(-1, tags);
-            var all = tags;
-            all.Add("rpc.grpc.status", Status.ToString());
-            metrics.Rpcs.Add(1, all);
+                metrics.OpenStreams.Add(-1, rpcService, rpcMethod);
+            metrics.Rpcs.Add(1, rpcService, rpcMethod, new KeyValuePair<string, object?>("rpc.grpc.status", Status.ToString()));
             if (activity is not null)
             {
                 activity.SetTag("rpc.grpc.status_code", (int)Status);

@@ -23,6 +23,19 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         return new PrometheusText(await r.Content.ReadAsStringAsync());
     }
 
+    /// <summary>Records every activity of the server's source, all data requested, as it stops.</summary>
+    private static ActivityListener ListenToServerActivities(System.Collections.Concurrent.ConcurrentQueue<Activity> seen)
+    {
+        var listener = new ActivityListener
+        {
+            ShouldListenTo = source => source.Name == "UffdGrpc.Server",
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = seen.Enqueue,
+        };
+        ActivitySource.AddActivityListener(listener);
+        return listener;
+    }
+
     /// <summary>Starts an access that sleeps in a userfault and waits until it does.</summary>
     private static async Task<Task<ThreadOpResult>> SleepInUserfaultAsync(UffdClient c, long thread, Func<Task<ThreadOpResult>> access)
     {
@@ -134,13 +147,7 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         var c = fx.NewClient();
         await using var s = await Sandbox.CreateAsync(c, pages: 1, registerMode: 1);
         var seen = new System.Collections.Concurrent.ConcurrentQueue<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = source => source.Name == "UffdGrpc.Server",
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = seen.Enqueue,
-        };
-        ActivitySource.AddActivityListener(listener);
+        using var listener = ListenToServerActivities(seen);
 
         await c.MmapAsync(s.Mm, B, Page, 3);
         await c.WakeAsync(s.Uffd, A, Page);
@@ -167,13 +174,7 @@ public sealed class MetricsTests(GrpcTestFixture fx) : IClassFixture<GrpcTestFix
         using var host = new ServerLoggingFixture();
         var c = host.NewClient();
         var seen = new System.Collections.Concurrent.ConcurrentQueue<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = source => source.Name == "UffdGrpc.Server",
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = seen.Enqueue,
-        };
-        ActivitySource.AddActivityListener(listener);
+        using var listener = ListenToServerActivities(seen);
         var traceId = ActivityTraceId.CreateRandom();
         var parentSpan = ActivitySpanId.CreateRandom();
         var headers = new Metadata

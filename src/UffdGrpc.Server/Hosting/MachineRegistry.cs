@@ -44,13 +44,13 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     {
         while (true)
         {
-            var block = t_ids ??= new ulong[IdBlock];
-            if (t_left == 0)
+            var block = s_ids ??= new ulong[IdBlock];
+            if (s_idsLeft == 0)
             {
                 System.Security.Cryptography.RandomNumberGenerator.Fill(System.Runtime.InteropServices.MemoryMarshal.AsBytes(block.AsSpan()));
-                t_left = block.Length;
+                s_idsLeft = block.Length;
             }
-            var id = (long)(block[--t_left] >> 1);
+            var id = (long)(block[--s_idsLeft] >> 1);
             if (id != 0 && !_objects.ContainsKey(id))
                 return id;
         }
@@ -58,9 +58,9 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
 
     private const int IdBlock = 64;
     [ThreadStatic]
-    private static ulong[]? t_ids;
+    private static ulong[]? s_ids;
     [ThreadStatic]
-    private static int t_left;
+    private static int s_idsLeft;
 
     /// <summary>Every live machine, whoever owns it (persistence, shutdown).</summary>
     internal IEnumerable<MachineHost> AllMachines() => _machines.Values.OrderBy(m => m.Id);

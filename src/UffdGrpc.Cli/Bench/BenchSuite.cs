@@ -92,6 +92,13 @@ internal static class BenchSuite
         // 2. The transport: the product beside the floor, interleaved, in one run.
         if (Want("roundtrip") || Want("batch") || Want("scaling"))
         {
+            // This process is the client of every transport row: what the model rows left on
+            // its heap (1 GiB address spaces) is collected now, not by a background collection
+            // that descheduled the client in the middle of whichever server's block (the
+            // Serve p99 read 1.9x the floor in a full run, never above 1.12x without the model rows).
+            GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+            GC.WaitForPendingFinalizers();
+            GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
             var product = server is null ? await ChildServer.StartAsync("product", ct).ConfigureAwait(false) : null;
             var floor = await ChildServer.StartAsync("floor", ct).ConfigureAwait(false);
             try
@@ -112,8 +119,11 @@ internal static class BenchSuite
                         await Transport.RoundTripAsync(u, false, 1, WarmupTrips, ct).ConfigureAwait(false);
                         await Transport.RoundTripAsync(u, true, 1, WarmupTrips, ct).ConfigureAwait(false);
                     }
-                    var (iters, warm) = quick ? (500, 500) : (3000, 1000);
-                    var T = string.Create(inv, $"fault round trip over loopback (WP write -> handler -> un-protect -> access returns), one thread; product and floor alternate in blocks of {RoundTripBlock}");
+                    // 6000, not 3000: a p99 of 3000 trips is their 30th slowest, and one stall of the shared
+                    // machine landing in one server's block moved it by up to 2x (the Serve p99 read
+                    // 0.67-1.90x over eleven runs with 3000, two above 1.25; 0.62-1.10x over four with 6000).
+                    var (iters, warm) = quick ? (500, 500) : (6000, 1000);
+                    var T = string.Create(inv, $"fault round trip over loopback (WP write -> handler -> un-protect -> access returns), one thread; {iters} timed trips each, product and floor alternating in blocks of {RoundTripBlock}");
                     foreach (var (serve, label) in new[] { (false, "ReadEvents + unary WRITEPROTECT"), (true, "Serve, one fault at a time") })
                     {
                         await ChildServer.SettleAsync(ct, product, floor).ConfigureAwait(false);

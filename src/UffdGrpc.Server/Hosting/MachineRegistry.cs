@@ -44,13 +44,13 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
     {
         while (true)
         {
-            var block = s_ids ??= new ulong[IdBlock];
-            if (s_idsLeft == 0)
+            var block = s_randomIds ??= new ulong[IdBlock];
+            if (s_randomIdsLeft == 0)
             {
                 System.Security.Cryptography.RandomNumberGenerator.Fill(System.Runtime.InteropServices.MemoryMarshal.AsBytes(block.AsSpan()));
-                s_idsLeft = block.Length;
+                s_randomIdsLeft = block.Length;
             }
-            var id = (long)(block[--s_idsLeft] >> 1);
+            var id = (long)(block[--s_randomIdsLeft] >> 1);
             if (id != 0 && !_objects.ContainsKey(id))
                 return id;
         }
@@ -58,9 +58,9 @@ public sealed class MachineRegistry(Security.Quotas quotas, Microsoft.Extensions
 
     private const int IdBlock = 64;
     [ThreadStatic]
-    private static ulong[]? s_ids;
+    private static ulong[]? s_randomIds;
     [ThreadStatic]
-    private static int s_idsLeft;
+    private static int s_randomIdsLeft;
 
     /// <summary>Every live machine, whoever owns it (persistence, shutdown).</summary>
     internal IEnumerable<MachineHost> AllMachines() => _machines.Values.OrderBy(m => m.Id);

@@ -146,9 +146,9 @@ public sealed class TelemetryInterceptor(ServerMetrics metrics, MachineRegistry 
     /// </summary>
     private static Activity? StartActivity(ServerCallContext context, string name)
     {
-        if (Activity.Current is not null || context.GetHttpContext() is not { } http)
+        if (Activity.Current is not null)
             return Source.StartActivity(name, ActivityKind.Server);
-        DistributedContextPropagator.Current.ExtractTraceIdAndState(http.Request.Headers, static (object? carrier, string field, out string? value, out IEnumerable<string>? values) =>
+        DistributedContextPropagator.Current.ExtractTraceIdAndState(context.GetHttpContext().Request.Headers, static (object? carrier, string field, out string? value, out IEnumerable<string>? values) =>
         {
             values = null;
             var v = ((Microsoft.AspNetCore.Http.IHeaderDictionary)carrier!)[field];
